@@ -1,0 +1,19 @@
+"""`Scan`: one labelled head CT as every dataset adapter yields it and training consumes it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from worker.geometry import Volume
+
+
+@dataclass
+class Scan:
+    scan_id: str
+    patient_id: str  # split by this, never by slice
+    volume: Volume
+    labels: dict[str, int] | dict[str, float]  # worker.detector.LABELS -> scan-level 0/1 (or soft)
+    slice_labels: np.ndarray | None = None  # (slices, len(LABELS)) 0/1, in volume order, when known
+    masks: dict[str, np.ndarray] | None = None  # subtype -> (slices, rows, columns) bool, when known
+    report: str | None = None  # free-text radiology report, when known
