@@ -1,0 +1,260 @@
+"""`Store`: the node's durable state in one SQLite database under data_dir.
+
+Studies, series (with their state machine), instances, results and the delivery outbox. One
+connection guarded by a lock: pynetdicom runs each association in its own thread, and SQLite in
+WAL mode with short transactions is far faster than the network in front of it.
+
+Series states: receiving -> queued -> analysing -> done | failed | skipped. A late instance puts a
+done/queued/analysing series back to receiving, and its next dispatch bumps `generation`, so a
+result from an older generation is recognised as superseded.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+SERIES_STATES = ("receiving", "queued", "analysing", "done", "failed", "skipped")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    patient_id TEXT, patient_name TEXT, accession_number TEXT,
+    study_date TEXT, study_description TEXT,
+    received_at REAL NOT NULL,
+    acknowledged_at REAL, acknowledged_by TEXT
+);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL REFERENCES studies(study_uid),
+    state TEXT NOT NULL,
+    reason TEXT,
+    modality TEXT, body_part TEXT, description TEXT, protocol TEXT, kernel TEXT,
+    images_in_acquisition INTEGER,
+    instance_count INTEGER NOT NULL DEFAULT 0,
+    received_at REAL NOT NULL, last_received_at REAL NOT NULL,
+    completed_at REAL, queued_at REAL, started_at REAL, analysed_at REAL,
+    generation INTEGER NOT NULL DEFAULT 0,
+    task_id TEXT,
+    findings TEXT
+);
+CREATE INDEX IF NOT EXISTS series_by_study ON series(study_uid);
+CREATE INDEX IF NOT EXISTS series_by_state ON series(state);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL REFERENCES series(series_uid),
+    sop_class_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    header TEXT NOT NULL,
+    calling_aet TEXT,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_uid);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_uid TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    channel TEXT NOT NULL,
+    target TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    sent_at REAL,
+    UNIQUE(series_uid, generation, channel, target, payload)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
+"""
+
+
+class Store:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(row) for row in self._db.execute(sql, args).fetchall()]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- receiving -------------------------------------------------------------------------
+    def record_instance(self, header: dict[str, Any], path: str, calling_aet: str) -> bool:
+        """Record a stored instance; returns False when the SOP Instance UID was already known.
+
+        A new instance for a series that was already dispatched puts it back to receiving.
+        """
+        now = time.time()
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM instances WHERE sop_uid=?", (header["sop_instance_uid"],)).fetchone():
+                return False
+            db.execute(
+                """INSERT INTO studies(study_uid, patient_id, patient_name, accession_number, study_date,
+                   study_description, received_at) VALUES(?,?,?,?,?,?,?)
+                   ON CONFLICT(study_uid) DO NOTHING""",
+                (header["study_instance_uid"], header.get("patient_id"), header.get("patient_name"),
+                 header.get("accession_number"), header.get("study_date"), header.get("study_description"), now),
+            )
+            row = db.execute("SELECT state FROM series WHERE series_uid=?", (header["series_instance_uid"],)).fetchone()
+            if row is None:
+                db.execute(
+                    """INSERT INTO series(series_uid, study_uid, state, modality, body_part, description, protocol,
+                       kernel, images_in_acquisition, received_at, last_received_at)
+                       VALUES(?,?,?,?,?,?,?,?,?,?,?)""",
+                    (header["series_instance_uid"], header["study_instance_uid"], "receiving", header.get("modality"),
+                     header.get("body_part"), header.get("series_description"), header.get("protocol_name"),
+                     header.get("kernel"), header.get("images_in_acquisition"), now, now),
+                )
+            else:
+                # late or continuing instance: the series is (again) being received
+                db.execute(
+                    "UPDATE series SET state='receiving', reason=NULL, last_received_at=? WHERE series_uid=?",
+                    (now, header["series_instance_uid"]),
+                )
+            db.execute(
+                """INSERT INTO instances(sop_uid, series_uid, sop_class_uid, path, header, calling_aet, received_at)
+                   VALUES(?,?,?,?,?,?,?)""",
+                (header["sop_instance_uid"], header["series_instance_uid"], header["sop_class_uid"], path,
+                 json.dumps(header), calling_aet, now),
+            )
+            db.execute(
+                "UPDATE series SET instance_count=instance_count+1 WHERE series_uid=?",
+                (header["series_instance_uid"],),
+            )
+            return True
+
+    def instance_headers(self, series_uid: str) -> list[dict[str, Any]]:
+        rows = self._query("SELECT header, path FROM instances WHERE series_uid=?", (series_uid,))
+        return [dict(json.loads(r["header"]), path=r["path"]) for r in rows]
+
+    # --- series state ----------------------------------------------------------------------
+    def series(self, series_uid: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM series WHERE series_uid=?", (series_uid,))
+        return _decode_series(rows[0]) if rows else None
+
+    def series_in_state(self, *states: str) -> list[dict[str, Any]]:
+        marks = ",".join("?" * len(states))
+        return [_decode_series(r) for r in self._query(
+            f"SELECT * FROM series WHERE state IN ({marks}) ORDER BY received_at", states)]
+
+    def study_series(self, study_uid: str) -> list[dict[str, Any]]:
+        return [_decode_series(r) for r in self._query(
+            "SELECT * FROM series WHERE study_uid=? ORDER BY received_at", (study_uid,))]
+
+    def mark_complete(self, series_uid: str, last_received_at: float) -> bool:
+        """Completion seen by the assembler; False when an instance arrived meanwhile."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE series SET completed_at=? WHERE series_uid=? AND state='receiving' AND last_received_at=?",
+                (time.time(), series_uid, last_received_at),
+            )
+            return cur.rowcount == 1
+
+    def mark_skipped(self, series_uid: str, reason: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE series SET state='skipped', reason=? WHERE series_uid=?", (reason, series_uid))
+
+    def mark_queued(self, series_uid: str, task_id: str, last_received_at: float | None = None) -> int | None:
+        """Dispatch: bumps the generation. With last_received_at, only if nothing arrived since."""
+        with self.transaction() as db:
+            sql = "UPDATE series SET state='queued', reason=NULL, generation=generation+1, task_id=?, queued_at=?, started_at=NULL WHERE series_uid=?"
+            args: tuple = (task_id, time.time(), series_uid)
+            if last_received_at is not None:
+                sql += " AND last_received_at=?"
+                args += (last_received_at,)
+            if db.execute(sql, args).rowcount != 1:
+                return None
+            return db.execute("SELECT generation FROM series WHERE series_uid=?", (series_uid,)).fetchone()[0]
+
+    def mark_analysing(self, series_uid: str, generation: int, started_at: float) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE series SET state='analysing', started_at=? WHERE series_uid=? AND generation=? AND state='queued'",
+                (started_at, series_uid, generation),
+            )
+
+    def mark_result(self, series_uid: str, generation: int, state: str, findings: dict | None,
+                    reason: str | None) -> bool:
+        """Store a finished task's outcome; False when the series moved on (superseded result)."""
+        with self.transaction() as db:
+            cur = db.execute(
+                """UPDATE series SET state=?, reason=?, findings=?, analysed_at=?
+                   WHERE series_uid=? AND generation=? AND state IN ('queued','analysing')""",
+                (state, reason, json.dumps(findings) if findings is not None else None, time.time(),
+                 series_uid, generation),
+            )
+            return cur.rowcount == 1
+
+    # --- studies ---------------------------------------------------------------------------
+    def study(self, study_uid: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM studies WHERE study_uid=?", (study_uid,))
+        return rows[0] if rows else None
+
+    def studies(self) -> list[dict[str, Any]]:
+        return self._query("SELECT * FROM studies ORDER BY received_at DESC")
+
+    def acknowledge(self, study_uid: str, by: str) -> bool:
+        with self.transaction() as db:
+            cur = db.execute("UPDATE studies SET acknowledged_at=?, acknowledged_by=? WHERE study_uid=?",
+                             (time.time(), by, study_uid))
+            return cur.rowcount == 1
+
+    # --- outbox ----------------------------------------------------------------------------
+    def enqueue_delivery(self, series_uid: str, generation: int, channel: str, target: str, payload: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                """INSERT INTO outbox(series_uid, generation, channel, target, payload, next_attempt_at, created_at)
+                   VALUES(?,?,?,?,?,?,?) ON CONFLICT DO NOTHING""",
+                (series_uid, generation, channel, target, payload, time.time(), time.time()),
+            )
+
+    def due_deliveries(self, now: float, limit: int = 200) -> list[dict[str, Any]]:
+        return self._query(
+            "SELECT * FROM outbox WHERE state='pending' AND next_attempt_at<=? ORDER BY id LIMIT ?", (now, limit))
+
+    def deliveries(self, series_uid: str | None = None) -> list[dict[str, Any]]:
+        if series_uid:
+            return self._query("SELECT * FROM outbox WHERE series_uid=? ORDER BY id", (series_uid,))
+        return self._query("SELECT * FROM outbox ORDER BY id")
+
+    def delivery_sent(self, item_id: int) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE outbox SET state='sent', sent_at=?, attempts=attempts+1, last_error=NULL WHERE id=?",
+                       (time.time(), item_id))
+
+    def delivery_failed(self, item_id: int, error: str, next_attempt_at: float) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE outbox SET attempts=attempts+1, last_error=?, next_attempt_at=? WHERE id=?",
+                       (error[:500], next_attempt_at, item_id))
+
+
+def _decode_series(row: dict[str, Any]) -> dict[str, Any]:
+    if row.get("findings"):
+        row["findings"] = json.loads(row["findings"])
+    return row
