@@ -1,0 +1,66 @@
+"""`instance_header`: the few attributes of a received instance the node keeps in its store.
+
+Series assembly and selection run on these summaries, so the node never re-reads the spool.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or value.__class__.__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _floats(ds: Dataset, keyword: str, count: int) -> list[float] | None:
+    value = ds.get(keyword)
+    try:
+        values = [float(v) for v in value] if value is not None else None
+    except (TypeError, ValueError):
+        return None
+    return values if values is not None and len(values) == count else None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def instance_header(ds: Dataset) -> dict[str, Any]:
+    """Summary of one instance. Enhanced (multi-frame) CT keeps its shared geometry only."""
+    image_type = ds.get("ImageType")
+    return {
+        "sop_instance_uid": str(ds.SOPInstanceUID),
+        "sop_class_uid": str(ds.SOPClassUID),
+        "study_instance_uid": str(ds.StudyInstanceUID),
+        "series_instance_uid": str(ds.SeriesInstanceUID),
+        "modality": _text(ds, "Modality"),
+        "body_part": _text(ds, "BodyPartExamined"),
+        "series_description": _text(ds, "SeriesDescription"),
+        "protocol_name": _text(ds, "ProtocolName"),
+        "kernel": _text(ds, "ConvolutionKernel"),
+        "image_type": [str(v).upper() for v in image_type] if image_type else [],
+        "contrast_agent": _text(ds, "ContrastBolusAgent"),
+        "images_in_acquisition": _int(ds, "ImagesInAcquisition"),
+        "instance_number": _int(ds, "InstanceNumber"),
+        "image_position": _floats(ds, "ImagePositionPatient", 3),
+        "image_orientation": _floats(ds, "ImageOrientationPatient", 6),
+        "slice_thickness": _floats(ds, "SliceThickness", 1)[0] if _floats(ds, "SliceThickness", 1) else None,
+        "rows": _int(ds, "Rows"),
+        "columns": _int(ds, "Columns"),
+        "number_of_frames": _int(ds, "NumberOfFrames") or 1,
+        "patient_id": _text(ds, "PatientID"),
+        "patient_name": _text(ds, "PatientName"),
+        "accession_number": _text(ds, "AccessionNumber"),
+        "study_date": _text(ds, "StudyDate"),
+        "study_description": _text(ds, "StudyDescription"),
+    }
