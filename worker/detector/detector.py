@@ -1,0 +1,89 @@
+"""`EnsembleDetector`: the :class:`worker.detector.Detector` the node runs."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from worker.detector import LABELS, SUBTYPES, DetectorOutput
+from worker.detector.ensemble import (
+    DIFFICULT_RANGE,
+    SCAN_MEMBERS,
+    Ensemble,
+    describe_windows,
+    heatmap,
+    subtype_maps,
+    to_numpy,
+)
+from worker.detector.preprocess import prepare
+from worker.geometry import Volume
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+    return torch.device(device)
+
+
+class EnsembleDetector:
+    """Holds the weights (loaded once) and turns a Volume into a DetectorOutput."""
+
+    def __init__(self, ensemble: Ensemble, manifest: dict, device: torch.device) -> None:
+        self.ensemble = ensemble
+        self.manifest = manifest
+        self.device = device
+        self.name = str(manifest["name"])
+        self.version = str(manifest["version"])
+
+    def detect(self, volume: Volume) -> DetectorOutput:
+        cfg = self.ensemble.cfg
+        prepared = prepare(volume.hu, cfg.working_size)
+        out = self.ensemble.run_members(prepared.images.to(self.device))
+        member_logits = self.ensemble.scan_member_logits(out)
+        probs = to_numpy(self.ensemble.combiner(member_logits))
+        slice_probs = self.ensemble.slice_probabilities(out)
+        crop = prepared.crop
+
+        heat = crop.to_volume(heatmap(out, slice_probs[:, 0]).cpu()).clamp(0.0, 1.0)
+        masks: dict[str, np.ndarray] = {}
+        for name, soft in zip(SUBTYPES, subtype_maps(out)):
+            masks[name] = to_numpy(crop.to_volume(soft.cpu())) >= cfg.mask_threshold
+        any_mask = np.logical_or.reduce(list(masks.values()))
+        voxel_ml = volume.voxel_volume_ml
+        volumes = {"any": float(any_mask.sum() * voxel_ml)}
+        volumes.update({name: float(m.sum() * voxel_ml) for name, m in masks.items()})
+
+        member_probs = torch.sigmoid(member_logits)  # (6, members)
+        member_outputs = {
+            member: {label: float(member_probs[k, j]) for k, label in enumerate(LABELS)}
+            for j, member in enumerate(SCAN_MEMBERS)
+        }
+        member_outputs["slice_cnn"] = {
+            label: float(p) for label, p in zip(LABELS, to_numpy(torch.sigmoid(out.cnn_logits).amax(dim=0)))
+        }
+        member_outputs["attention_mil"]["top_attention_slice"] = float(out.attention.argmax())
+        p_any = float(probs[0])
+        return DetectorOutput(
+            probabilities={label: float(p) for label, p in zip(LABELS, probs)},
+            slice_scores=to_numpy(slice_probs[:, 0]),
+            slice_probabilities=to_numpy(slice_probs),
+            heatmaps=to_numpy(heat).astype(np.float32),
+            masks=masks,
+            volumes_ml=volumes,
+            difficult=DIFFICULT_RANGE[0] <= p_any <= DIFFICULT_RANGE[1],
+            model_name=self.name,
+            model_version=self.version,
+            member_outputs=member_outputs,
+            parameters={
+                "windows_hu": describe_windows(),
+                "working_size": str(cfg.working_size),
+                "head_crop": f"top={crop.top},left={crop.left},side={crop.side}",
+                "members": "slice ResNeXt CNN + PCA/BiLSTM; attention MIL; U-Nets "
+                "(all-ICH, SDH, SAH, small lesion) + pixel weight fusion",
+                "combiner": "per-label logistic calibration over " + ", ".join(SCAN_MEMBERS),
+                "mask_threshold": f"{cfg.mask_threshold:g}",
+                "difficult_range": f"{DIFFICULT_RANGE[0]:g}-{DIFFICULT_RANGE[1]:g}",
+                "device": self.device.type,
+            },
+        )

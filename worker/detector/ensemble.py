@@ -1,0 +1,181 @@
+"""The ensemble: members run on one prepared volume, then fused into a :class:`DetectorOutput`.
+
+Choices worth knowing:
+- Scan probabilities: a per-label logistic (Platt) combiner over three members' scan logits,
+  fit on a validation split: CNN+BiLSTM (max over slices), attention MIL, and the fused U-Net map
+  (max of the 3x3-smoothed voxel probability; for a subtype, of voxel probability x subtype share).
+- Per-slice scores are the CNN+BiLSTM's per-slice probabilities (the only member trained per slice).
+- The subtype of a segmented voxel comes from the multi-class head of the all-ICH U-Net (softmax over
+  the five subtypes), so subtype masks are disjoint and their union is the "any" mask.
+- Heatmap = max(fused U-Net voxel probability, Grad-CAM of the slice CNN x that slice's p(any)).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from worker.detector.members import (
+    AttentionMIL,
+    Combiner,
+    PixelWeightFusion,
+    ResNeXtConfig,
+    SliceCNN,
+    SliceSequenceModel,
+    UNet,
+)
+from worker.detector.preprocess import WINDOWS
+
+UNET_MEMBERS: tuple[str, ...] = ("all", "sdh", "sah", "small")  # all-ICH + specialists (paper 003)
+SCAN_MEMBERS: tuple[str, ...] = ("cnn_lstm", "attention_mil", "unet_ensemble")  # combiner inputs
+DIFFICULT_RANGE = (0.4, 0.6)
+_EPS = 1e-4
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """Sizes of every member; the defaults are the tiny CPU demo."""
+
+    working_size: int = 128
+    cnn: ResNeXtConfig = field(default_factory=ResNeXtConfig)
+    cnn_dropout: float = 0.2
+    pca_components: int = 24
+    lstm_hidden: int = 32
+    lstm_layers: int = 1
+    lstm_dropout: float = 0.3
+    mil: ResNeXtConfig = field(default_factory=lambda: ResNeXtConfig(widths=(16, 32, 48, 64), groups=1))
+    attention_dim: int = 32
+    unet_base: int = 8
+    unet_depth: int = 3
+    fusion_hidden: int = 8
+    mask_threshold: float = 0.5
+    batch_slices: int = 16  # slices per forward pass on CPU; CUDA uses 4x
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EnsembleConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model settings: {sorted(unknown)}")
+        values = dict(d)
+        for key in ("cnn", "mil"):
+            if key in values:
+                values[key] = ResNeXtConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values[key].items()})
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class MemberOutputs:
+    """Everything the members say about one volume, at working size."""
+
+    cnn_logits: torch.Tensor  # (slices, 6)
+    cam: torch.Tensor  # (slices, size, size) 0..1
+    lstm_logits: torch.Tensor  # (slices, 6)
+    mil_logits: torch.Tensor  # (6,)
+    attention: torch.Tensor  # (slices,)
+    unet_probs: torch.Tensor  # (slices, len(UNET_MEMBERS), size, size)
+    subtype_share: torch.Tensor  # (slices, 5, size, size) softmax over subtypes
+    fused: torch.Tensor  # (slices, size, size) voxel probability of ICH
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    return torch.logit(p.float().clamp(_EPS, 1 - _EPS))
+
+
+class Ensemble(nn.Module):
+    def __init__(self, cfg: EnsembleConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.cnn = SliceCNN(cfg.cnn, cfg.cnn_dropout)
+        self.sequence = SliceSequenceModel(
+            self.cnn.feature_dim, cfg.pca_components, cfg.lstm_hidden, cfg.lstm_layers, cfg.lstm_dropout
+        )
+        self.mil = AttentionMIL(cfg.mil, cfg.attention_dim)
+        self.unets = nn.ModuleDict(
+            {name: UNet(cfg.unet_base, cfg.unet_depth, 6 if name == "all" else 1) for name in UNET_MEMBERS}
+        )
+        self.fusion = PixelWeightFusion(len(UNET_MEMBERS), cfg.fusion_hidden)
+        self.combiner = Combiner(len(SCAN_MEMBERS))
+
+    def unet_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 3, s, s) -> member lesion probabilities (n, members, s, s), subtype share (n, 5, s, s)."""
+        probs, share = [], None
+        for name, unet in self.unets.items():
+            logits = unet(images).float()
+            probs.append(torch.sigmoid(logits[:, 0]))
+            if name == "all":
+                share = torch.softmax(logits[:, 1:], dim=1)
+        return torch.stack(probs, dim=1), share
+
+    @torch.no_grad()
+    def run_members(self, images: torch.Tensor, batch_slices: int | None = None) -> MemberOutputs:
+        """All members on one volume's window channels (slices, 3, size, size), slice-batched.
+
+        Uses autocast (float16) on CUDA. The module must be in eval mode.
+        """
+        device = images.device
+        batch = batch_slices or self.cfg.batch_slices * (4 if device.type == "cuda" else 1)
+        cnn_logits, features, cams, embeddings, unet_probs, shares = [], [], [], [], [], []
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            for chunk in torch.split(images, batch):
+                logits, feats, cam = self.cnn.grad_cam(chunk)
+                cnn_logits.append(logits.float())
+                features.append(feats.float())
+                cams.append(cam)
+                embeddings.append(self.mil.embed(chunk).float())
+                probs, share = self.unet_maps(chunk)
+                unet_probs.append(probs)
+                shares.append(share)
+            cnn_logits_t = torch.cat(cnn_logits)
+            lstm_logits = self.sequence(torch.cat(features)[None], torch.sigmoid(cnn_logits_t)[None])[0]
+            mil_logits, attention = self.mil.pool(torch.cat(embeddings))
+            unet_probs_t = torch.cat(unet_probs)
+            fused, _ = self.fusion(unet_probs_t)
+        return MemberOutputs(
+            cnn_logits=cnn_logits_t,
+            cam=torch.cat(cams),
+            lstm_logits=lstm_logits.float(),
+            mil_logits=mil_logits.float(),
+            attention=attention.float(),
+            unet_probs=unet_probs_t.float(),
+            subtype_share=torch.cat(shares).float(),
+            fused=fused.float(),
+        )
+
+    @staticmethod
+    def scan_member_logits(out: MemberOutputs) -> torch.Tensor:
+        """(6, len(SCAN_MEMBERS)) scan-level logits of each member for each label."""
+        smooth = F.avg_pool2d(out.fused[:, None], 3, stride=1, padding=1)[:, 0]
+        sub_maps = F.avg_pool2d(out.fused[:, None] * out.subtype_share, 3, stride=1, padding=1)
+        unet = torch.cat([smooth.amax()[None], sub_maps.amax(dim=(0, 2, 3))])
+        return torch.stack(
+            [out.lstm_logits.amax(dim=0), out.mil_logits, _logit(unet)], dim=-1
+        )
+
+    def slice_probabilities(self, out: MemberOutputs) -> torch.Tensor:
+        return torch.sigmoid(out.lstm_logits)
+
+
+def describe_windows() -> str:
+    return ", ".join(f"{c:g}/{w:g}" for c, w in WINDOWS)
+
+
+def heatmap(out: MemberOutputs, slice_any: torch.Tensor) -> torch.Tensor:
+    """(slices, size, size) in 0..1: see the module docstring."""
+    return torch.maximum(out.fused, out.cam * slice_any[:, None, None]).clamp(0.0, 1.0)
+
+
+def subtype_maps(out: MemberOutputs) -> torch.Tensor:
+    """(5, slices, size, size): fused lesion probability kept only where the subtype head wins."""
+    winner = out.subtype_share.argmax(dim=1)
+    return torch.stack([out.fused * (winner == k) for k in range(out.subtype_share.shape[1])])
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()

@@ -1,0 +1,268 @@
+"""The ensemble's members, in plain torch, sized from tiny (CPU demo) to the papers' own.
+
+- :class:`SliceCNN`: ResNeXt slice classifier (6 outputs + feature vector) with Grad-CAM (paper 004).
+- :class:`SliceSequenceModel`: PCA of the CNN features -> bidirectional LSTM over the slices, CNN
+  probabilities concatenated before the classifier (paper 004).
+- :class:`AttentionMIL`: gated-attention multiple-instance scan classifier (Ilse et al.; paper 000).
+- :class:`UNet` and :class:`PixelWeightFusion`: 2-D U-Nets fused by learned pixel weights (paper 003).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+N_LABELS = 6  # worker.detector.LABELS: any + 5 subtypes
+
+
+@dataclass(frozen=True)
+class ResNeXtConfig:
+    """ResNeXt-101 32x8d is widths (256, 512, 1024, 2048), blocks (3, 4, 23, 3), groups 32,
+    bottleneck 1.0, stem 64, stem_pool True."""
+
+    widths: tuple[int, ...] = (16, 32, 64, 96)
+    blocks: tuple[int, ...] = (1, 1, 1, 1)
+    groups: int = 4
+    bottleneck: float = 0.5  # inner width / output width of each block
+    stem: int = 16
+    stem_pool: bool = False
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, groups: int, bottleneck: float) -> None:
+        super().__init__()
+        inner = max(groups, int(cout * bottleneck) // groups * groups)
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, inner, 1, bias=False),
+            nn.BatchNorm2d(inner),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(inner, inner, 3, stride=stride, padding=1, groups=groups, bias=False),
+            nn.BatchNorm2d(inner),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(inner, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNeXtEncoder(nn.Module):
+    """Images (n, 3, h, w) -> last feature map (n, widths[-1], h/16, w/16) (h/32 with stem_pool)."""
+
+    def __init__(self, cfg: ResNeXtConfig) -> None:
+        super().__init__()
+        stem: list[nn.Module] = [
+            nn.Conv2d(3, cfg.stem, 7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(cfg.stem),
+            nn.ReLU(inplace=True),
+        ]
+        if cfg.stem_pool:
+            stem.append(nn.MaxPool2d(3, stride=2, padding=1))
+        layers, cin = [nn.Sequential(*stem)], cfg.stem
+        for i, (width, n) in enumerate(zip(cfg.widths, cfg.blocks)):
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                layers.append(Bottleneck(cin, width, stride, cfg.groups, cfg.bottleneck))
+                cin = width
+        self.layers = nn.Sequential(*layers)
+        self.out_dim = cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class SliceCNN(nn.Module):
+    """Per-slice any + 5 subtype logits and the pooled feature vector."""
+
+    def __init__(self, cfg: ResNeXtConfig, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.encoder = ResNeXtEncoder(cfg)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self.encoder.out_dim, N_LABELS)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.encoder.out_dim
+
+    def classify(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = fmap.mean(dim=(2, 3))
+        return self.head(self.dropout(features)), features
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.classify(self.encoder(x))
+
+    def grad_cam(self, x: torch.Tensor, label: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, features, cam): cam (n, h, w) in 0..1, each slice scaled by its own maximum.
+
+        Grad-CAM for output `label` (0 = any) on the last feature map, upsampled to the input size.
+        In eval mode each slice's logit depends on that slice only, so one backward pass serves all.
+        """
+        with torch.enable_grad():
+            fmap = self.encoder(x).detach().requires_grad_(True)
+            logits, features = self.classify(fmap)
+            (grads,) = torch.autograd.grad(logits[:, label].float().sum(), fmap)
+        weights = grads.mean(dim=(2, 3), keepdim=True)
+        cam = F.relu((weights * fmap).sum(dim=1, keepdim=True)).float()
+        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        cam = cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(1e-8)
+        return logits.detach(), features.detach(), cam.detach()
+
+
+class SliceSequenceModel(nn.Module):
+    """CNN features of every slice -> PCA -> BiLSTM; its states + CNN probabilities -> 6 logits per slice."""
+
+    def __init__(self, feature_dim: int, components: int, hidden: int, layers: int, dropout: float) -> None:
+        super().__init__()
+        self.register_buffer("pca_mean", torch.zeros(feature_dim))
+        self.register_buffer("pca_basis", torch.eye(components, feature_dim))
+        self.lstm = nn.LSTM(
+            components, hidden, num_layers=layers, batch_first=True, bidirectional=True,
+            dropout=dropout if layers > 1 else 0.0,
+        )
+        self.head = nn.Linear(2 * hidden + N_LABELS, N_LABELS)
+
+    def fit_pca(self, features: np.ndarray) -> float:
+        """Fit the projection on training features (n, feature_dim); returns explained variance."""
+        mean = features.mean(axis=0)
+        _, s, vt = np.linalg.svd(features - mean, full_matrices=False)
+        k = self.pca_basis.shape[0]
+        basis = np.zeros((k, features.shape[1]), dtype=np.float32)
+        basis[: min(k, len(vt))] = vt[:k]
+        # whiten so the LSTM sees unit-variance inputs whatever the CNN's scale
+        scale = s[:k] / np.sqrt(max(len(features) - 1, 1))
+        basis[: len(scale)] /= np.maximum(scale, 1e-6)[:, None]
+        self.pca_mean.copy_(torch.from_numpy(mean.astype(np.float32)))
+        self.pca_basis.copy_(torch.from_numpy(basis))
+        return float((s[:k] ** 2).sum() / max((s**2).sum(), 1e-12))
+
+    def forward(self, features: torch.Tensor, cnn_probs: torch.Tensor) -> torch.Tensor:
+        """features (b, slices, feature_dim), cnn_probs (b, slices, 6) -> logits (b, slices, 6)."""
+        reduced = (features.float() - self.pca_mean) @ self.pca_basis.T
+        states, _ = self.lstm(reduced)
+        return self.head(torch.cat([states, cnn_probs.float()], dim=-1))
+
+
+class AttentionMIL(nn.Module):
+    """A bag of slices -> 6 scan logits and the slice attention weights (gated attention, Ilse et al.)."""
+
+    def __init__(self, cfg: ResNeXtConfig, attention_dim: int) -> None:
+        super().__init__()
+        self.encoder = ResNeXtEncoder(cfg)
+        d = self.encoder.out_dim
+        self.attention_v = nn.Linear(d, attention_dim)
+        self.attention_u = nn.Linear(d, attention_dim)
+        self.attention_w = nn.Linear(attention_dim, 1)
+        self.head = nn.Linear(d, N_LABELS)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x).mean(dim=(2, 3))
+
+    def pool(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slice embeddings (slices, d) -> (logits (6,), attention (slices,) summing to 1)."""
+        h = h.float()
+        scores = self.attention_w(torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h)))
+        attention = torch.softmax(scores[:, 0], dim=0)
+        return self.head(attention @ h), attention
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pool(self.embed(x))
+
+
+def _double_conv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """2-D U-Net: images (n, 3, h, w) -> logits (n, out_channels, h, w); h, w multiples of 2**depth."""
+
+    def __init__(self, base: int, depth: int, out_channels: int) -> None:
+        super().__init__()
+        widths = [base * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList([_double_conv(3, widths[0])])
+        self.down.extend(_double_conv(widths[i], widths[i + 1]) for i in range(depth))
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth))
+        )
+        self.merge = nn.ModuleList(_double_conv(2 * widths[i], widths[i]) for i in reversed(range(depth)))
+        self.out = nn.Conv2d(widths[0], out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        x = skips.pop()
+        for up, merge in zip(self.up, self.merge):
+            x = merge(torch.cat([up(x), skips.pop()], dim=1))
+        return self.out(x)
+
+
+class PixelWeightFusion(nn.Module):
+    """Member probability maps (n, members, h, w) -> per-pixel softmax weights -> fused map (n, h, w)."""
+
+    def __init__(self, members: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(members, hidden, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, members, 3, padding=1),
+        )
+
+    def forward(self, member_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = torch.softmax(self.net(member_probs.float()), dim=1)
+        return (weights * member_probs.float()).sum(dim=1), weights
+
+
+class Combiner(nn.Module):
+    """Per-label Platt/logistic calibration over the members' scan-level logits.
+
+    Starts as the plain average of the member logits; :meth:`fit` turns it into a logistic
+    regression per label on a validation split.
+    """
+
+    def __init__(self, members: int) -> None:
+        super().__init__()
+        self.register_buffer("coef", torch.full((N_LABELS, members), 1.0 / members))
+        self.register_buffer("bias", torch.zeros(N_LABELS))
+
+    def forward(self, member_logits: torch.Tensor) -> torch.Tensor:
+        """member_logits (..., 6, members) -> calibrated probabilities (..., 6)."""
+        return torch.sigmoid((member_logits.float() * self.coef).sum(dim=-1) + self.bias)
+
+    def fit(self, member_logits: torch.Tensor, labels: torch.Tensor, l2: float = 0.01) -> None:
+        """member_logits (n, 6, members), labels (n, 6) 0/1; labels with < 2 of either class keep the average."""
+        for k in range(N_LABELS):
+            y = labels[:, k].float()
+            if min(int(y.sum()), int((1 - y).sum())) < 2:
+                continue
+            x = member_logits[:, k].float()
+            coef = self.coef[k].clone().requires_grad_(True)
+            bias = torch.zeros((), requires_grad=True)
+            opt = torch.optim.LBFGS([coef, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+            def closure() -> torch.Tensor:
+                opt.zero_grad()
+                loss = F.binary_cross_entropy_with_logits(x @ coef + bias, y) + l2 * (coef**2).sum()
+                loss.backward()
+                return loss
+
+            with torch.enable_grad():
+                opt.step(closure)
+            self.coef[k] = coef.detach()
+            self.bias[k] = bias.detach()

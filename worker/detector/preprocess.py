@@ -1,0 +1,103 @@
+"""The one preprocessing path shared by training and inference.
+
+Hounsfield volume -> head crop (one square box for the whole series, so every slice keeps the
+same scale) -> in-plane resampling to a fixed working size -> three window channels scaled 0..1
+(brain 40/80, subdural 80/200, soft tissue 40/380, as in paper 004). :meth:`HeadCrop.to_volume`
+is the inverse mapping: maps at working size go back to the volume's own (rows, columns) grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: (centre, width) in HU of the three input channels.
+WINDOWS: tuple[tuple[float, float], ...] = ((40.0, 80.0), (80.0, 200.0), (40.0, 380.0))
+AIR_HU = -1024.0
+HEAD_THRESHOLD_HU = -300.0  # skin and skull are above, air and most pillow foam below
+CROP_MARGIN = 0.05  # fraction of the head's extent added on each side
+
+
+def window_channels(hu: torch.Tensor) -> torch.Tensor:
+    """(slices, rows, cols) HU -> (slices, 3, rows, cols) float32 in 0..1."""
+    channels = [((hu - (c - w / 2)) / w).clamp(0.0, 1.0) for c, w in WINDOWS]
+    return torch.stack(channels, dim=1).float()
+
+
+@dataclass(frozen=True)
+class HeadCrop:
+    """A square box (top, left, side) in the volume grid; it may extend past the image edges."""
+
+    top: int
+    left: int
+    side: int
+    rows: int
+    cols: int
+
+    @classmethod
+    def find(cls, hu: np.ndarray) -> "HeadCrop":
+        """The square box around everything above the head threshold in any slice."""
+        rows, cols = hu.shape[1:]
+        footprint = (hu > HEAD_THRESHOLD_HU).any(axis=0)
+        r_any, c_any = footprint.any(axis=1), footprint.any(axis=0)
+        if not r_any.any():  # no head: keep the whole frame
+            return cls(0, 0, max(rows, cols), rows, cols)
+        r0, r1 = np.flatnonzero(r_any)[[0, -1]]
+        c0, c1 = np.flatnonzero(c_any)[[0, -1]]
+        extent = max(r1 - r0 + 1, c1 - c0 + 1)
+        side = max(8, int(round(extent * (1 + 2 * CROP_MARGIN))))
+        top = int(round((r0 + r1 + 1) / 2 - side / 2))
+        left = int(round((c0 + c1 + 1) / 2 - side / 2))
+        return cls(top, left, side, rows, cols)
+
+    def _overlap(self) -> tuple[slice, slice, slice, slice]:
+        """(volume rows, volume cols, box rows, box cols) of the part of the box inside the image."""
+        r0, c0 = max(self.top, 0), max(self.left, 0)
+        r1, c1 = min(self.top + self.side, self.rows), min(self.left + self.side, self.cols)
+        return (
+            slice(r0, r1),
+            slice(c0, c1),
+            slice(r0 - self.top, r1 - self.top),
+            slice(c0 - self.left, c1 - self.left),
+        )
+
+    def to_working(self, volume_maps: torch.Tensor, size: int, fill: float = 0.0) -> torch.Tensor:
+        """(slices, rows, cols) in the volume grid -> (slices, size, size) inside the box."""
+        vr, vc, br, bc = self._overlap()
+        boxed = volume_maps.new_full((volume_maps.shape[0], self.side, self.side), fill)
+        boxed[:, br, bc] = volume_maps[:, vr, vc]
+        return F.interpolate(
+            boxed[:, None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )[:, 0]
+
+    def to_volume(self, working_maps: torch.Tensor) -> torch.Tensor:
+        """(slices, size, size) maps -> (slices, rows, cols) in the volume grid, 0 outside the box."""
+        boxed = F.interpolate(
+            working_maps[:, None].float(), size=(self.side, self.side), mode="bilinear", align_corners=False
+        )[:, 0]
+        vr, vc, br, bc = self._overlap()
+        out = boxed.new_zeros((boxed.shape[0], self.rows, self.cols))
+        out[:, vr, vc] = boxed[:, br, bc]
+        return out
+
+
+@dataclass
+class Prepared:
+    """A volume ready for the members: window channels at working size and the crop to go back."""
+
+    images: torch.Tensor  # (slices, 3, size, size) float32 0..1
+    crop: HeadCrop
+
+
+def prepare(hu: np.ndarray, size: int) -> Prepared:
+    """HU volume (slices, rows, cols) -> window channels of the head at size x size."""
+    crop = HeadCrop.find(hu)
+    working_hu = crop.to_working(torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32)), size, AIR_HU)
+    return Prepared(images=window_channels(working_hu), crop=crop)
+
+
+def masks_to_working(masks: np.ndarray, crop: HeadCrop, size: int) -> torch.Tensor:
+    """Boolean masks (slices, rows, cols) in the volume grid -> soft 0..1 masks at working size."""
+    return crop.to_working(torch.from_numpy(masks.astype(np.float32)), size, 0.0)

@@ -1,0 +1,90 @@
+"""Weights on disk: `ensemble.pt` (config + state dict) plus `manifest.json` naming and hashing it.
+
+The manifest (name, version, sha256 of every weight file, training data, metrics) is checked at
+load so that a node with missing or corrupt weights fails at start-up, not on the first study.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from worker.detector import ModelLoadError
+from worker.detector.ensemble import Ensemble, EnsembleConfig
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
+MANIFEST = "manifest.json"
+WEIGHTS_FILE = "ensemble.pt"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_model(ensemble: Ensemble, out_dir: Path, name: str, version: str, training_data: dict, metrics: dict) -> Path:
+    """Write the weights and their manifest into out_dir; returns the manifest path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / WEIGHTS_FILE
+    state = {k: v.detach().cpu() for k, v in ensemble.state_dict().items()}
+    torch.save({"config": ensemble.cfg.to_dict(), "state_dict": state}, weights)
+    manifest = {
+        "name": name,
+        "version": version,
+        "files": {WEIGHTS_FILE: sha256(weights)},
+        "config": ensemble.cfg.to_dict(),
+        "training_data": training_data,
+        "metrics": metrics,
+    }
+    path = out_dir / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def update_metrics(model_dir: Path, metrics: dict) -> None:
+    """Add evaluation results to an existing manifest (the manifest itself is not hashed)."""
+    path = model_dir / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["metrics"].update(metrics)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(model_dir: Path) -> dict:
+    path = model_dir / MANIFEST
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: manifest missing (expected {MANIFEST} next to the weights)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path}: manifest unreadable: {exc}") from exc
+    for key in ("name", "version", "files"):
+        if key not in manifest:
+            raise ModelLoadError(f"{path}: manifest has no '{key}'")
+    return manifest
+
+
+def load_model(model_dir: Path, device: torch.device) -> tuple[Ensemble, dict]:
+    """Check every file against the manifest, then build the ensemble in eval mode on device."""
+    manifest = read_manifest(model_dir)
+    for name, digest in manifest["files"].items():
+        path = model_dir / name
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: weight file missing")
+        actual = sha256(path)
+        if actual != digest:
+            raise ModelLoadError(f"{path}: corrupt weight file (sha256 {actual[:12]}..., manifest says {digest[:12]}...)")
+    weights = model_dir / WEIGHTS_FILE
+    if WEIGHTS_FILE not in manifest["files"]:
+        raise ModelLoadError(f"{model_dir / MANIFEST}: does not list {WEIGHTS_FILE}")
+    try:
+        blob = torch.load(weights, map_location="cpu", weights_only=True)
+        ensemble = Ensemble(EnsembleConfig.from_dict(blob["config"]))
+        ensemble.load_state_dict(blob["state_dict"])
+    except Exception as exc:  # any failure here means the file cannot serve as our model
+        raise ModelLoadError(f"{weights}: cannot load weights: {exc}") from exc
+    return ensemble.to(device).eval(), manifest
