@@ -149,6 +149,9 @@ class Store:
             )
             return True
 
+    def instance_paths(self) -> set[str]:
+        return {r["path"] for r in self._query("SELECT path FROM instances")}
+
     def instance_headers(self, series_uid: str) -> list[dict[str, Any]]:
         rows = self._query("SELECT header, path FROM instances WHERE series_uid=?", (series_uid,))
         return [dict(json.loads(r["header"]), path=r["path"]) for r in rows]

@@ -1,0 +1,186 @@
+"""`ichnode`: the command line of the node, the worker and the training tools."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from node.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("ichnode")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
+
+
+def _settings(args) -> Settings:
+    settings = load_settings(args.config)
+    _setup_logging(settings.log_level)
+    return settings
+
+
+def cmd_serve(args) -> None:
+    from node.service import NodeService
+    from worker.detector import load_detector
+
+    settings = _settings(args)
+    workers = settings.workers if args.workers is None else args.workers
+    if workers:
+        load_detector(settings.model_path, "cpu")  # fail fast on missing or corrupt weights
+    NodeService(settings, workers=workers, config_path=args.config or os.environ.get("ICHNODE_CONFIG")).run()
+
+
+def cmd_node(args) -> None:
+    from node.service import NodeService
+
+    NodeService(_settings(args), workers=0).run()
+
+
+def cmd_worker(args) -> None:
+    from node.service import worker_command
+
+    settings = _settings(args)
+    if args.config:
+        os.environ["ICHNODE_CONFIG"] = str(Path(args.config).resolve())
+    cmd = worker_command(settings)
+    os.execv(cmd[0], cmd)
+
+
+def read_folder(folder: Path) -> dict[str, list[dict]]:
+    """Instance headers of every DICOM file below folder, by Series Instance UID."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from node.headers import instance_header
+
+    by_series: dict[str, list[dict]] = defaultdict(list)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            header = instance_header(dcmread(path, stop_before_pixels=True))
+        except (InvalidDicomError, AttributeError, OSError) as exc:
+            log.info("%s: not a usable DICOM instance (%s)", path, exc)
+            continue
+        by_series[header["series_instance_uid"]].append(dict(header, path=str(path)))
+    return by_series
+
+
+def cmd_analyze(args) -> int:
+    from node.selection import choose_series
+    from worker.detector import load_detector
+    from worker.findings import skipped_json
+    from worker.pipeline import FINDINGS_FILE, analyze_series
+    from worker.priority import PriorityRule
+    from worker.volume import VolumeError
+
+    settings = _settings(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    by_series = read_folder(Path(args.series_dir))
+    chosen, skipped = choose_series(by_series, settings.min_slices, settings.min_coverage_mm)
+    for uid, reason in skipped.items():
+        log.info("series %s skipped: %s", uid, reason)
+    if chosen is None:
+        reason = "; ".join(f"{uid}: {why}" for uid, why in skipped.items()) or "no DICOM instances found"
+        (out / FINDINGS_FILE).write_text(json.dumps(skipped_json(reason), indent=2))
+        print(f"not analysed: {reason}", file=sys.stderr)
+        return 1
+    detector = load_detector(Path(args.model) if args.model else settings.model_path, settings.device)
+    paths = [Path(h["path"]) for h in by_series[chosen]]
+    try:
+        analysis = analyze_series(paths, detector, PriorityRule.from_settings(settings), out)
+    except VolumeError as exc:
+        (out / FINDINGS_FILE).write_text(json.dumps(skipped_json(str(exc)), indent=2))
+        print(f"not analysed: {exc}", file=sys.stderr)
+        return 1
+    findings = analysis.findings
+    print(f"{findings.priority.level} p(any)={findings.probabilities['any']:.3f} "
+          f"({analysis.seconds:.1f} s) -> {out / FINDINGS_FILE}")
+    return 0
+
+
+def cmd_phantom(args) -> None:
+    from training.phantom import phantom_main
+
+    _setup_logging("INFO")
+    phantom_main(Path(args.out), args.studies, args.seed, args.positive_fraction, args.matrix)
+
+
+def cmd_train(args) -> None:
+    from training.train import train_main
+
+    _setup_logging("INFO")
+    train_main(Path(args.config))
+
+
+def cmd_evaluate(args) -> None:
+    from training.evaluate import evaluate_main
+
+    _setup_logging("INFO")
+    evaluate_main(args.data, Path(args.model) if args.model else None, Path(args.out))
+
+
+def cmd_benchmark(args) -> None:
+    from training.benchmark import benchmark_main
+
+    _setup_logging("INFO")
+    benchmark_main(slices=args.slices, matrix=args.matrix)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ichnode", description=(
+        "ICH triage node for head CT. Triage aid: NOT FOR DIAGNOSTIC USE."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        p.add_argument("--config", help="TOML config file (default: $ICHNODE_CONFIG, else built-in defaults)")
+        return p
+
+    p = with_config(sub.add_parser("serve", help="everything on one machine: listener, queue, workers, delivery, HTTP"))
+    p.add_argument("--workers", type=int, help="worker processes to start (default: config key workers)")
+    p.set_defaults(func=cmd_serve)
+    with_config(sub.add_parser("node", help="the node alone (listener, assembly, delivery, HTTP); workers run elsewhere")).set_defaults(func=cmd_node)
+    with_config(sub.add_parser("worker", help="one analysis worker (needs broker_url=redis://… to serve a remote node)")).set_defaults(func=cmd_worker)
+    p = with_config(sub.add_parser("analyze", help="analyse a folder of DICOM files offline"))
+    p.add_argument("series_dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", help="model folder (default: the shipped ensemble)")
+    p.set_defaults(func=cmd_analyze)
+    p = sub.add_parser("phantom", help="write synthetic head CT studies with ground truth")
+    p.add_argument("out")
+    p.add_argument("--studies", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--positive-fraction", type=float, default=0.5)
+    p.add_argument("--matrix", type=int, default=512)
+    p.set_defaults(func=cmd_phantom)
+    p = sub.add_parser("train", help="train the detector from a training config")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("evaluate", help="evaluate a model: AUC with CIs, sensitivity, Dice, volumes")
+    p.add_argument("--data", required=True, help='e.g. "phantom:seed=9999,n=60", "ctich:heldout" or a folder')
+    p.add_argument("--model", help="model folder (default: the shipped ensemble)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("benchmark", help="time the shipped ensemble on a synthetic series")
+    p.add_argument("--slices", type=int, default=40)
+    p.add_argument("--matrix", type=int, default=512)
+    p.set_defaults(func=cmd_benchmark)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ConfigError as exc:
+        print(f"ichnode: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

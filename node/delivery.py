@@ -1,0 +1,127 @@
+"""Delivery: a persistent outbox of results for PACS (C-STORE), the RIS (HL7) and webhooks.
+
+`plan_deliveries` puts one outbox row per result object and destination, per HL7 endpoint and per
+webhook. `Deliverer.run_once` sends what is due; an item stays pending until its destination
+acknowledges it, retried with exponential backoff capped at `delivery_max_backoff_seconds`, so a
+PACS that is down for an hour gets its results when it returns and a restart loses nothing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from node.config import Destination, Settings
+from node.errors import DeliveryError
+from node.hl7 import build_oru, send_mllp
+from node.store import Store
+from node.webhooks import build_webhook_payload, post_webhook, should_notify
+
+log = logging.getLogger("ichnode.delivery")
+
+BACKOFF_BASE_SECONDS = 2.0
+
+
+def plan_deliveries(store: Store, settings: Settings, series: dict, generation: int, findings: dict) -> None:
+    uid = series["series_uid"]
+    study = store.study(series["study_uid"]) or {}
+    for destination in settings.destinations:
+        for path in findings["result_files"]:
+            store.enqueue_delivery(uid, generation, "dicom", str(destination), path)
+    if settings.hl7_endpoints:
+        message = build_oru(findings, study, settings.hl7_sending_facility)
+        for endpoint in settings.hl7_endpoints:
+            store.enqueue_delivery(uid, generation, "hl7", str(endpoint), message)
+    if settings.webhooks and should_notify(findings["priority"]["level"], settings.webhook_min_level):
+        payload = json.dumps(build_webhook_payload(findings, study, settings.webhook_include_patient))
+        for url in settings.webhooks:
+            store.enqueue_delivery(uid, generation, "webhook", url, payload)
+
+
+def send_dicom(ae_title: str, destination: Destination, paths: list[Path]) -> dict[Path, str | None]:
+    """C-STORE the files over one association; returns path -> None (stored) or the error."""
+    datasets = {path: dcmread(path) for path in paths}
+    ae = AE(ae_title=ae_title)
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets.values()}):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        reason = "association rejected" if assoc.is_rejected else "no association (peer down or refused)"
+        return {path: f"{destination}: {reason}" for path in paths}
+    outcome: dict[Path, str | None] = {}
+    try:
+        for path, ds in datasets.items():
+            status = assoc.send_c_store(ds)
+            code = getattr(status, "Status", None)
+            if code is None:
+                outcome[path] = f"{destination}: no C-STORE response (connection lost or timed out)"
+            elif code == 0x0000 or 0xB000 <= code <= 0xBFFF:
+                outcome[path] = None
+            else:
+                comment = status.get("ErrorComment", "")
+                outcome[path] = f"{destination}: C-STORE status 0x{code:04X} {comment}".strip()
+    finally:
+        assoc.release()
+    return outcome
+
+
+class Deliverer:
+    def __init__(self, store: Store, settings: Settings):
+        self.store = store
+        self.settings = settings
+
+    def _backoff(self, attempts: int) -> float:
+        delay = min(self.settings.delivery_max_backoff_seconds, BACKOFF_BASE_SECONDS * 2 ** attempts)
+        return delay * random.uniform(0.8, 1.0)
+
+    def _failed(self, item: dict, error: str, now: float) -> None:
+        delay = self._backoff(item["attempts"])
+        log.warning("delivery %d (%s to %s) failed, attempt %d, next in %.0f s: %s",
+                    item["id"], item["channel"], item["target"], item["attempts"] + 1, delay, error)
+        self.store.delivery_failed(item["id"], error, now + delay)
+
+    def run_once(self, now: float | None = None) -> int:
+        """Send everything due; returns how many items were sent."""
+        now = time.time() if now is None else now
+        due = self.store.due_deliveries(now)
+        sent = 0
+        by_destination: dict[str, list[dict]] = defaultdict(list)
+        for item in due:
+            if item["channel"] == "dicom":
+                by_destination[item["target"]].append(item)
+                continue
+            try:
+                if item["channel"] == "hl7":
+                    send_mllp(item["target"], item["payload"])
+                else:
+                    post_webhook(item["target"], json.loads(item["payload"]))
+            except DeliveryError as exc:
+                self._failed(item, str(exc), now)
+                continue
+            self.store.delivery_sent(item["id"])
+            sent += 1
+        for target, items in by_destination.items():
+            paths = {self.settings.data_dir / item["payload"]: item for item in items}
+            missing = [p for p in paths if not p.exists()]
+            for path in missing:
+                self._failed(paths.pop(path), f"result file {path} is missing", now)
+            try:
+                outcome = send_dicom(self.settings.ae_title, Destination.parse(target), list(paths))
+            except Exception as exc:  # a broken file or socket error: retry later, never drop
+                outcome = {path: f"{target}: {type(exc).__name__}: {exc}" for path in paths}
+            for path, error in outcome.items():
+                if error is None:
+                    self.store.delivery_sent(paths[path]["id"])
+                    sent += 1
+                else:
+                    self._failed(paths[path], error, now)
+        if sent:
+            log.info("delivered %d item(s)", sent)
+        return sent

@@ -1,0 +1,176 @@
+"""`NodeService`: the node's parts in one process, and the worker processes `serve` supervises.
+
+Threads: the pynetdicom listener (one per association), the assembly loop (series completion,
+selection, task state), the delivery loop, and uvicorn for the HTTP API in the main thread.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+from pydicom import dcmread
+
+from node.api import create_app
+from node.assembler import SeriesAssembler
+from node.config import Settings
+from node.delivery import Deliverer, plan_deliveries
+from node.dispatcher import Dispatcher
+from node.headers import instance_header
+from node.scp import start_listener
+from node.spool import Spool
+from node.store import Store
+from worker.celery_app import ANALYZE_QUEUE, make_celery
+
+log = logging.getLogger("ichnode.node")
+
+LOOP_SECONDS = 0.5
+WORKER_RESTART_SECONDS = 5.0
+
+
+def reindex_spool(spool: Spool, store: Store) -> int:
+    """Record spooled files the store does not know (a crash between fsync and the record)."""
+    known = store.instance_paths()
+    added = 0
+    for path in spool.files():
+        relative = spool.relative(path)
+        if relative in known:
+            continue
+        try:
+            header = instance_header(dcmread(path, stop_before_pixels=True))
+        except Exception as exc:
+            log.error("spooled file %s cannot be read, left in place: %s", path, exc)
+            continue
+        added += store.record_instance(header, relative, "(recovered)")
+    if added:
+        log.warning("recovered %d spooled instance(s) missing from the store", added)
+    return added
+
+
+class WorkerPool:
+    """Celery worker processes (solo pool: one task, one model per process), restarted on exit."""
+
+    def __init__(self, settings: Settings, count: int, config_path: str | None):
+        self.settings = settings
+        self.count = count
+        self.env = dict(os.environ)
+        if config_path:
+            self.env["ICHNODE_CONFIG"] = str(Path(config_path).resolve())
+        self.procs: list[subprocess.Popen | None] = [None] * count
+        self.started: list[float] = [0.0] * count
+        self.dead_pids: set[int] = set()
+
+    def _spawn(self, index: int) -> None:
+        cmd = worker_command(self.settings, name=f"worker{index + 1}")
+        self.procs[index] = subprocess.Popen(cmd, env=self.env)
+        self.started[index] = time.time()
+        log.info("worker %d started (pid %d)", index + 1, self.procs[index].pid)
+
+    def start(self) -> None:
+        for index in range(self.count):
+            self._spawn(index)
+
+    def check(self) -> bool:
+        """Restart exited workers; True when all are running."""
+        healthy = True
+        for index, proc in enumerate(self.procs):
+            if proc is None or proc.poll() is None:
+                continue
+            healthy = False
+            self.dead_pids.add(proc.pid)
+            if time.time() - self.started[index] >= WORKER_RESTART_SECONDS:
+                log.error("worker %d (pid %d) exited with %s; restarting", index + 1, proc.pid, proc.returncode)
+                self._spawn(index)
+        return healthy
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc and proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            if proc:
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def worker_command(settings: Settings, name: str = "worker") -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "worker.tasks:app", "worker", "--pool=solo",
+            "-Q", ANALYZE_QUEUE, "-n", f"{name}@%h", f"--loglevel={settings.log_level}"]
+
+
+class NodeService:
+    def __init__(self, settings: Settings, workers: int = 0, config_path: str | None = None):
+        self.settings = settings
+        self.store = Store(settings.database_path)
+        self.spool = Spool(settings.spool_dir)
+        self.celery = make_celery(settings)
+        self.dispatcher = Dispatcher(
+            self.store, settings, self.celery,
+            on_result=lambda series, gen, findings: plan_deliveries(self.store, settings, series, gen, findings),
+        )
+        self.assembler = SeriesAssembler(self.store, settings, self.dispatcher.dispatch)
+        self.deliverer = Deliverer(self.store, settings)
+        self.workers = WorkerPool(settings, workers, config_path) if workers else None
+        self.health: dict[str, object] = {"dicom_listener": "starting"}
+        self.stopping = threading.Event()
+        self.server = None
+        self.threads: list[threading.Thread] = []
+
+    def _loop(self, name: str, step) -> None:
+        while not self.stopping.is_set():
+            try:
+                step()
+                self.health[name] = True
+            except Exception as exc:  # keep running: the next pass retries, the reason is logged
+                log.exception("%s loop: %s", name, exc)
+                self.health[name] = f"error: {exc}"
+            self.stopping.wait(LOOP_SECONDS)
+
+    def _assembly_step(self) -> None:
+        self.assembler.tick()
+        dead = set()
+        if self.workers:
+            self.health["workers"] = self.workers.check() or "a worker exited; restarting"
+            dead = self.workers.dead_pids
+        self.dispatcher.poll(dead_worker_pids=dead)
+
+    def start(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        reindex_spool(self.spool, self.store)
+        self.server = start_listener(self.settings, self.spool, self.store)
+        self.health["dicom_listener"] = True
+        if self.workers:
+            self.workers.start()
+        for name, step in (("assembly", self._assembly_step), ("delivery", self.deliverer.run_once)):
+            thread = threading.Thread(target=self._loop, args=(name, step), name=name, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.server:
+            self.server.shutdown()
+        for thread in self.threads:
+            thread.join(timeout=10)
+        if self.workers:
+            self.workers.stop()
+        self.store.close()
+
+    def run(self) -> None:
+        """Start everything and serve HTTP in this thread until SIGINT/SIGTERM."""
+        self.start()
+        app = create_app(self.store, self.settings, self.health)
+        config = uvicorn.Config(app, host=self.settings.http_bind, port=self.settings.http_port,
+                                log_level=self.settings.log_level.lower(), access_log=False)
+        try:
+            uvicorn.Server(config).run()
+        finally:
+            log.info("shutting down")
+            self.stop()

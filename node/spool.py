@@ -1,0 +1,75 @@
+"""`Spool`: every received instance as a Part 10 file, written atomically and fsynced.
+
+Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. UIDs are checked
+against the DICOM UID grammar before they become path components, so no received value can
+escape the spool. A SOP Instance UID that is already stored is kept as first received.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+class InvalidUID(ValueError):
+    pass
+
+
+def check_uid(uid: str, what: str) -> str:
+    """A valid DICOM UID (digits and dots, no leading zeros, at most 64 characters)."""
+    if not isinstance(uid, str) or len(uid) > 64 or not _UID.match(uid):
+        raise InvalidUID(f"{what} {uid!r} is not a valid DICOM UID")
+    return uid
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        return self.root / check_uid(study_uid, "StudyInstanceUID") / check_uid(series_uid, "SeriesInstanceUID")
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return self.series_dir(study_uid, series_uid) / (check_uid(sop_uid, "SOPInstanceUID") + ".dcm")
+
+    def write(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> tuple[Path, bool]:
+        """Store the bytes durably; returns (path, True) when new, (path, False) for a duplicate."""
+        final = self.path_for(study_uid, series_uid, sop_uid)
+        if final.exists():
+            return final, False
+        created = [p for p in (final.parent.parent, final.parent) if not p.exists()]
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", dir=final.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(tmp_name, final)  # atomic, and refuses to replace a concurrent duplicate
+            except FileExistsError:
+                return final, False
+        finally:
+            os.unlink(tmp_name)
+        _fsync_dir(final.parent)
+        for folder in created:
+            _fsync_dir(folder.parent)
+        return final, True
+
+    def files(self) -> list[Path]:
+        return sorted(self.root.glob("*/*/*.dcm"))
+
+    def relative(self, path: Path) -> str:
+        return str(path.relative_to(self.root))

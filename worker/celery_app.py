@@ -1,0 +1,57 @@
+"""The Celery application shared by the node (which sends) and the workers (which run tasks).
+
+Embedded broker (default, one machine): kombu's filesystem transport and Celery's file result
+backend under data_dir, so `ichnode serve` needs no service. Redis (`broker_url=redis://…`): the
+broker and result backend for workers on other hosts. Either way tasks are acknowledged late, so
+a task whose worker dies is delivered again; the node also re-queues series whose task did not
+finish within `task_timeout_seconds` (the embedded broker cannot see a killed worker).
+"""
+from __future__ import annotations
+
+from celery import Celery
+
+from node.config import Settings
+
+ANALYZE_TASK = "ichnode.analyze_series"
+ANALYZE_QUEUE = "ichnode.analyze"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("ichnode")
+    if settings.broker_url:
+        broker, backend = settings.broker_url, settings.broker_url
+        transport_options = {"visibility_timeout": int(settings.task_timeout_seconds)}
+    else:
+        queue_dir = settings.broker_dir / "queue"
+        processed_dir = settings.broker_dir / "processed"
+        results_dir = settings.broker_dir / "results"
+        for folder in (queue_dir, processed_dir, results_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        broker, backend = "filesystem://", f"file://{results_dir.resolve()}"
+        transport_options = {
+            "data_folder_in": str(queue_dir.resolve()),
+            "data_folder_out": str(queue_dir.resolve()),
+            "processed_folder": str(processed_dir.resolve()),
+            "store_processed": False,
+        }
+    app.conf.update(
+        broker_url=broker,
+        result_backend=backend,
+        broker_transport_options=transport_options,
+        result_backend_transport_options=transport_options if settings.broker_url else {},
+        broker_connection_retry_on_startup=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_track_started=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_extended=True,
+        result_expires=7 * 24 * 3600,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        task_routes={ANALYZE_TASK: {"queue": ANALYZE_QUEUE}},
+        task_default_queue=ANALYZE_QUEUE,
+        include=["worker.tasks"],
+    )
+    return app

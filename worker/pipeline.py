@@ -1,0 +1,77 @@
+"""`analyze_series`: DICOM files of one series -> findings and result objects on disk.
+
+The one analysis path shared by the Celery task and `ichnode analyze`: load the Hounsfield
+volume, run the detector, assign the priority, build the result objects, write them with
+findings.json and PNG thumbnails of the heatmap captures into the output folder.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+
+from worker.detector import Detector
+from worker.findings import Findings
+from worker.priority import PriorityRule, assign_priority
+from worker.results import build_results
+from worker.volume import load_series
+
+log = logging.getLogger("ichnode.worker")
+
+FINDINGS_FILE = "findings.json"
+
+
+@dataclass
+class Analysis:
+    findings: Findings
+    result_files: list[Path]  # DICOM objects to deliver, in sending order
+    warnings: list[str]
+    seconds: float
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _thumbnail(ds, size: int = 256) -> bytes:
+    image = Image.fromarray(ds.pixel_array)
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def analyze_series(paths: Sequence[Path], detector: Detector, rule: PriorityRule, out_dir: Path) -> Analysis:
+    started = time.monotonic()
+    loaded = load_series(paths)
+    for warning in loaded.warnings:
+        log.warning("%s", warning)
+    first = loaded.sources[0]
+    output = detector.detect(loaded.volume)
+    priority = assign_priority(rule, output.probabilities, output.volumes_ml, output.difficult)
+    findings = Findings.from_output(
+        str(first.StudyInstanceUID), str(first.SeriesInstanceUID), loaded.volume, output, priority
+    )
+    objects = build_results(loaded.sources, loaded.volume, output, findings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result_files = []
+    thumbnails = 0
+    for ds in objects:
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        path = out_dir / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"
+        _write_atomic(path, buffer.getvalue())
+        result_files.append(path)
+        if ds.Modality == "OT" or "SECONDARY" in (ds.get("ImageType") or []):
+            _write_atomic(out_dir / f"thumb_{thumbnails}.png", _thumbnail(ds))
+            thumbnails += 1
+    _write_atomic(out_dir / FINDINGS_FILE, json.dumps(findings.as_json(), indent=2).encode())
+    return Analysis(findings, result_files, loaded.warnings, time.monotonic() - started)
