@@ -1,0 +1,178 @@
+"""Comprehensive 3D SR with a TID 1500 Measurement Report of the detector's findings.
+
+Comprehensive 3D SR is the SOP class IHE AIR names for TID 1500 results; it also allows the
+TID 1411 groups that reference the SEG's segments. Content (docs/CONFORMANCE.md has the tree):
+
+* one measurement group per label ("any" ICH and each subtype): finding type, presence
+  (present/absent), probability, volume in mL when segmented, the key slices as the images the
+  probability was derived from, the algorithm (TID 4019); subtypes with a segment use TID 1411
+  and reference it, the others TID 1501;
+* one "Worklist triage" group: priority level, score and rationale, the difficult-case flag
+  and the not-for-diagnostic-use statement.
+
+Every source instance of the series is listed as evidence.
+"""
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from worker.detector import LABELS, DetectorOutput
+from worker.findings import Findings
+from worker.geometry import Volume
+from worker.results import codes as rc
+from worker.results.identity import contributing_equipment, sr_algorithm, software_versions
+from worker.results.seg import segmented_subtypes
+from worker.results.sources import distinct, slice_source
+from worker.results.uids import ResultUIDs
+
+SERIES_NUMBER = 9902
+#: A finding is reported present at or above this probability: the detector's calibrated
+#: operating point, in the middle of its "difficult" band (0.40-0.60).
+PRESENCE_THRESHOLD = 0.5
+
+
+def build_sr(
+    sources: list[Dataset],
+    volume: Volume,
+    output: DetectorOutput,
+    findings: Findings,
+    uids: ResultUIDs,
+    seg: Dataset | None,
+) -> Dataset:
+    algorithm = sr_algorithm(output)
+    segments = {}
+    if seg is not None:
+        segments = {s: n for n, s in enumerate(segmented_subtypes(output), start=1)}
+    groups = [
+        _finding_group(label, sources, volume, output, findings, uids, algorithm, seg, segments.get(label))
+        for label in LABELS
+    ]
+    groups.append(_triage_group(findings, uids, algorithm))
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(output, uids),
+        procedure_reported=codes.SCT.ComputedTomographyOfHead,
+        imaging_measurements=groups,
+        title=codes.DCM.ImagingMeasurementReport,
+    )
+    evidence = distinct(sources) + ([seg] if seg is not None else [])
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=uids.series("sr"),
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=uids.instance("sr"),
+        instance_number=1,
+        manufacturer=rc.MANUFACTURER,
+        manufacturer_model_name=output.model_name,
+        software_versions=software_versions(output),
+        is_complete=True,
+        contributing_equipment=contributing_equipment(output),
+        coding_schemes=rc.CODING_SCHEMES,
+        series_description=f"AI ICH triage report - {rc.DISCLAIMER}"[:64],
+    )
+
+
+def _observation_context(output: DetectorOutput, uids: ResultUIDs) -> hd.sr.ObservationContext:
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=uids.device(),
+        name=output.model_name,
+        manufacturer_name=rc.MANUFACTURER,
+        model_name=f"{output.model_name} {output.model_version}",
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
+
+
+def _key_slices(label: str, output: DetectorOutput, findings: Findings) -> list[int]:
+    """The slices that illustrate a label: the study's key slices for "any", else the
+    subtype's highest-scoring slice when the subtype is present."""
+    if label == "any":
+        return list(findings.key_slice_indices)
+    if findings.probabilities[label] < PRESENCE_THRESHOLD:
+        return []
+    return [int(np.argmax(output.slice_probabilities[:, LABELS.index(label)]))]
+
+
+def _finding_group(
+    label: str,
+    sources: list[Dataset],
+    volume: Volume,
+    output: DetectorOutput,
+    findings: Findings,
+    uids: ResultUIDs,
+    algorithm: hd.sr.AlgorithmIdentification,
+    seg: Dataset | None,
+    segment_number: int | None,
+):
+    finding = rc.FINDINGS[label]
+    probability = float(findings.probabilities[label])
+    images = [
+        hd.sr.SourceImageForMeasurement.from_source_image(*slice_source(sources, volume, i))
+        for i in _key_slices(label, output, findings)
+    ]
+    measurements = [
+        hd.sr.Measurement(
+            name=rc.PROBABILITY,
+            value=probability,
+            unit=rc.UNIT_PROBABILITY,
+            referenced_images=images or None,
+        )
+    ]
+    if label in findings.volumes_ml:
+        measurements.append(
+            hd.sr.Measurement(
+                name=rc.VOLUME, value=float(findings.volumes_ml[label]), unit=rc.UNIT_ML
+            )
+        )
+    presence = rc.PRESENT if probability >= PRESENCE_THRESHOLD else rc.ABSENT
+    common = dict(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=uids.tracking(label), identifier=f"{label} {finding.meaning}"
+        ),
+        finding_type=finding,
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding, value=presence)],
+    )
+    if segment_number is None:
+        return hd.sr.MeasurementsAndQualitativeEvaluations(**common)
+    segment = hd.sr.ReferencedSegment(
+        sop_class_uid=seg.SOPClassUID,
+        sop_instance_uid=seg.SOPInstanceUID,
+        segment_number=segment_number,
+        source_series=hd.sr.SourceSeriesForSegmentation(findings.series_instance_uid),
+    )
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=segment, **common)
+
+
+def _triage_group(
+    findings: Findings, uids: ResultUIDs, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    priority = findings.priority
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=uids.tracking("triage"), identifier="Worklist triage"
+        ),
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(name=rc.PRIORITY_SCORE, value=float(priority.score), unit=rc.UNIT_NONE)
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=rc.PRIORITY, value=rc.PRIORITY_LEVELS[priority.level]),
+            hd.sr.QualitativeEvaluation(name=rc.DIFFICULT, value=rc.YES if findings.difficult else rc.NO),
+        ],
+    )
+    # TID 1501 allows TEXT qualitative evaluations; highdicom builds only coded ones.
+    container = group[0]
+    for name, text in ((rc.PRIORITY_RATIONALE, priority.rationale), (rc.COMMENT, rc.DISCLAIMER)):
+        container.ContentSequence.append(
+            hd.sr.TextContentItem(name=name, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        )
+    return group
+
