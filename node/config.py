@@ -103,8 +103,6 @@ class Settings(BaseModel):
     stat_probability: float = Field(default=0.70, ge=0, le=1)
     urgent_probability: float = Field(default=0.30, ge=0, le=1)
     stat_volume_ml: float = Field(default=30.0, ge=0)
-    difficult_low: float = Field(default=0.40, ge=0, le=1)
-    difficult_high: float = Field(default=0.60, ge=0, le=1)
     # RIS and webhooks
     hl7_endpoints: list[HostPort] = []
     hl7_sending_facility: str = "ICHNODE"
