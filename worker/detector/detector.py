@@ -9,12 +9,14 @@ from worker.detector.ensemble import (
     DIFFICULT_RANGE,
     SCAN_MEMBERS,
     Ensemble,
+    MemberOutputs,
+    Timer,
     describe_windows,
     heatmap,
     subtype_maps,
     to_numpy,
 )
-from worker.detector.preprocess import prepare
+from worker.detector.preprocess import HeadCrop, prepare
 from worker.geometry import Volume
 
 
@@ -36,14 +38,22 @@ class EnsembleDetector:
         self.name = str(manifest["name"])
         self.version = str(manifest["version"])
 
-    def detect(self, volume: Volume) -> DetectorOutput:
+    def detect(self, volume: Volume, timings: dict[str, float] | None = None) -> DetectorOutput:
+        """Analyse one volume; `timings`, when given, receives seconds per step and member."""
         cfg = self.ensemble.cfg
-        prepared = prepare(volume.hu, cfg.working_size)
-        out = self.ensemble.run_members(prepared.images.to(self.device))
+        timer = Timer(timings, self.device)
+        with timer("preprocess"):
+            prepared = prepare(volume.hu, cfg.working_size)
+            images = prepared.images.to(self.device)
+        out = self.ensemble.run_members(images, timings)
+        with timer("fusion_and_mapping"):
+            return self._output(volume, prepared.crop, out)
+
+    def _output(self, volume: Volume, crop: HeadCrop, out: MemberOutputs) -> DetectorOutput:
+        cfg = self.ensemble.cfg
         member_logits = self.ensemble.scan_member_logits(out)
         probs = to_numpy(self.ensemble.combiner(member_logits))
         slice_probs = self.ensemble.slice_probabilities(out)
-        crop = prepared.crop
 
         heat = crop.to_volume(heatmap(out, slice_probs[:, 0]).cpu()).clamp(0.0, 1.0)
         masks: dict[str, np.ndarray] = {}

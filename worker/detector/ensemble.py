@@ -11,6 +11,9 @@ Choices worth knowing:
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -84,6 +87,22 @@ class MemberOutputs:
     fused: torch.Tensor  # (slices, size, size) voxel probability of ICH
 
 
+class Timer:
+    """Context managers adding wall-clock seconds per name into a dict (no-op without one)."""
+
+    def __init__(self, timings: dict[str, float] | None, device: torch.device) -> None:
+        self.timings, self.device = timings, device
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.timings is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
 def _logit(p: torch.Tensor) -> torch.Tensor:
     return torch.logit(p.float().clamp(_EPS, 1 - _EPS))
 
@@ -114,37 +133,34 @@ class Ensemble(nn.Module):
         return torch.stack(probs, dim=1), share
 
     @torch.no_grad()
-    def run_members(self, images: torch.Tensor, batch_slices: int | None = None) -> MemberOutputs:
+    def run_members(self, images: torch.Tensor, timings: dict[str, float] | None = None) -> MemberOutputs:
         """All members on one volume's window channels (slices, 3, size, size), slice-batched.
 
-        Uses autocast (float16) on CUDA. The module must be in eval mode.
+        Uses autocast (float16) on CUDA. The module must be in eval mode. When given, `timings`
+        receives the seconds spent in each member.
         """
         device = images.device
-        batch = batch_slices or self.cfg.batch_slices * (4 if device.type == "cuda" else 1)
-        cnn_logits, features, cams, embeddings, unet_probs, shares = [], [], [], [], [], []
+        chunks = torch.split(images, self.cfg.batch_slices * (4 if device.type == "cuda" else 1))
+        timer = Timer(timings, device)
         with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            for chunk in torch.split(images, batch):
-                logits, feats, cam = self.cnn.grad_cam(chunk)
-                cnn_logits.append(logits.float())
-                features.append(feats.float())
-                cams.append(cam)
-                embeddings.append(self.mil.embed(chunk).float())
-                probs, share = self.unet_maps(chunk)
-                unet_probs.append(probs)
-                shares.append(share)
-            cnn_logits_t = torch.cat(cnn_logits)
-            lstm_logits = self.sequence(torch.cat(features)[None], torch.sigmoid(cnn_logits_t)[None])[0]
-            mil_logits, attention = self.mil.pool(torch.cat(embeddings))
-            unet_probs_t = torch.cat(unet_probs)
-            fused, _ = self.fusion(unet_probs_t)
+            with timer("slice_cnn"):
+                cnn_logits, features, cam = (torch.cat(t).float() for t in zip(*(self.cnn.grad_cam(c) for c in chunks)))
+            with timer("cnn_lstm"):
+                lstm_logits = self.sequence(features[None], torch.sigmoid(cnn_logits)[None])[0].float()
+            with timer("attention_mil"):
+                mil_logits, attention = self.mil.pool(torch.cat([self.mil.embed(c).float() for c in chunks]))
+            with timer("unets"):
+                unet_probs, share = (torch.cat(t).float() for t in zip(*(self.unet_maps(c) for c in chunks)))
+            with timer("pixel_fusion"):
+                fused, _ = self.fusion(unet_probs)
         return MemberOutputs(
-            cnn_logits=cnn_logits_t,
-            cam=torch.cat(cams),
-            lstm_logits=lstm_logits.float(),
+            cnn_logits=cnn_logits,
+            cam=cam,
+            lstm_logits=lstm_logits,
             mil_logits=mil_logits.float(),
             attention=attention.float(),
-            unet_probs=unet_probs_t.float(),
-            subtype_share=torch.cat(shares).float(),
+            unet_probs=unet_probs,
+            subtype_share=share,
             fused=fused.float(),
         )
 

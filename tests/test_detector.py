@@ -1,0 +1,223 @@
+"""Detector library: preprocessing, members, fusion, weights on disk, detect()."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worker.detector import LABELS, SUBTYPES, DetectorOutput, ModelLoadError, load_detector
+from worker.detector.ensemble import UNET_MEMBERS, Ensemble, EnsembleConfig
+from worker.detector.members import (
+    AttentionMIL,
+    Combiner,
+    PixelWeightFusion,
+    ResNeXtConfig,
+    SliceCNN,
+    SliceSequenceModel,
+    UNet,
+)
+from worker.detector.preprocess import HeadCrop, masks_to_working, prepare, window_channels
+from worker.detector.store import MANIFEST, WEIGHTS_FILE, save_model
+from worker.geometry import Volume
+
+torch.set_num_threads(1)
+
+TINY_NET = ResNeXtConfig(widths=(8, 8, 8, 8), blocks=(1, 1, 1, 1), groups=2, stem=8)
+TINY = EnsembleConfig(
+    working_size=32, cnn=TINY_NET, pca_components=4, lstm_hidden=4,
+    mil=ResNeXtConfig(widths=(8, 8, 8, 8), groups=1, stem=8), attention_dim=4,
+    unet_base=4, unet_depth=2, fusion_hidden=2, batch_slices=3,
+)
+
+
+def head(slices: int = 4, rows: int = 48, cols: int = 64, centre=(24, 30), radius: int = 18) -> np.ndarray:
+    """Air with a water disc (the 'head') off centre in a non-square frame."""
+    hu = np.full((slices, rows, cols), -1000.0, np.float32)
+    yy, xx = np.mgrid[:rows, :cols]
+    hu[:, (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 < radius**2] = 35.0
+    return hu
+
+
+# -- preprocessing ----------------------------------------------------------------------------
+
+
+def test_window_channels_scale_each_window_to_0_1():
+    hu = torch.tensor([[[0.0, 40.0, 80.0, -1000.0, 3000.0]]])
+    ch = window_channels(hu)
+    assert ch.shape == (1, 3, 1, 5)
+    brain, subdural, soft = ch[0, :, 0]
+    assert torch.allclose(brain, torch.tensor([0.0, 0.5, 1.0, 0.0, 1.0]))  # 40/80: 0..80 HU
+    assert subdural[2] == pytest.approx(0.5)  # 80/200: centre at 80 HU
+    assert soft[1] == pytest.approx(0.5)  # 40/380: centre at 40 HU
+    assert 0 < soft[0] < 0.5 and subdural[0] > 0
+
+
+def test_head_crop_is_a_square_around_the_head():
+    crop = HeadCrop.find(head())
+    assert crop.rows == 48 and crop.cols == 64
+    assert crop.side >= 36  # the head's diameter plus a margin
+    assert crop.top <= 24 - 18 and crop.top + crop.side >= 24 + 18
+    assert crop.left <= 30 - 18 and crop.left + crop.side >= 30 + 18
+
+
+def test_crop_resample_round_trip_keeps_geometry():
+    hu = head(rows=40, cols=40, centre=(20, 20), radius=19)  # box extends past the image edge
+    lesion = np.zeros(hu.shape, bool)
+    lesion[1, 10:16, 22:30] = True
+    crop = HeadCrop.find(hu)
+    working = masks_to_working(lesion, crop, 64)
+    assert working.shape == (4, 64, 64)
+    back = crop.to_volume(working).numpy() >= 0.5
+    assert back.shape == lesion.shape
+    overlap = 2 * (back & lesion).sum() / (back.sum() + lesion.sum())
+    assert overlap > 0.85
+    assert not back[[0, 2, 3]].any()
+
+
+def test_prepare_gives_window_channels_at_working_size():
+    prepared = prepare(head(slices=3), 32)
+    assert prepared.images.shape == (3, 3, 32, 32)
+    assert 0.0 <= float(prepared.images.min()) and float(prepared.images.max()) <= 1.0
+    centre = prepared.images[0, 0, 16, 16]
+    assert centre == pytest.approx((35 - 0) / 80, abs=0.05)  # brain window at 35 HU
+
+
+# -- members ----------------------------------------------------------------------------------
+
+
+def test_slice_cnn_outputs_and_grad_cam():
+    cnn = SliceCNN(TINY_NET).eval()
+    x = torch.rand(5, 3, 32, 32)
+    logits, features = cnn(x)
+    assert logits.shape == (5, 6) and features.shape == (5, cnn.feature_dim)
+    g_logits, g_features, cam = cnn.grad_cam(x)
+    assert torch.allclose(g_logits, logits, atol=1e-5)
+    assert cam.shape == (5, 32, 32)
+    assert float(cam.min()) >= 0.0 and float(cam.max()) <= 1.0 + 1e-6
+
+
+def test_sequence_model_pca_and_per_slice_logits():
+    seq = SliceSequenceModel(feature_dim=10, components=3, hidden=4, layers=2, dropout=0.3).eval()
+    feats = np.random.default_rng(0).normal(size=(50, 10)).astype(np.float32)
+    explained = seq.fit_pca(feats)
+    assert 0 < explained <= 1
+    reduced = (torch.from_numpy(feats) - seq.pca_mean) @ seq.pca_basis.T
+    assert torch.allclose(reduced.std(dim=0), torch.ones(3), atol=1e-3)  # whitened components
+    out = seq(torch.from_numpy(feats[:7])[None], torch.rand(1, 7, 6))
+    assert out.shape == (1, 7, 6)
+
+
+def test_attention_mil_weights_sum_to_one():
+    mil = AttentionMIL(TINY_NET, attention_dim=4).eval()
+    logits, attention = mil(torch.rand(6, 3, 32, 32))
+    assert logits.shape == (6,) and attention.shape == (6,)
+    assert float(attention.detach().sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_unet_and_pixel_weight_fusion():
+    unet = UNet(base=4, depth=2, out_channels=6).eval()
+    assert unet(torch.rand(2, 3, 32, 32)).shape == (2, 6, 32, 32)
+    fusion = PixelWeightFusion(members=4, hidden=2)
+    maps = torch.rand(2, 4, 16, 16)
+    fused, weights = fusion(maps)
+    assert fused.shape == (2, 16, 16)
+    assert torch.allclose(weights.sum(dim=1), torch.ones(2, 16, 16), atol=1e-5)
+    assert bool((fused >= maps.amin(dim=1) - 1e-6).all() and (fused <= maps.amax(dim=1) + 1e-6).all())
+
+
+def test_combiner_starts_as_average_and_fit_learns_the_informative_member():
+    comb = Combiner(members=2)
+    logits = torch.tensor([[[2.0, -2.0]] * 6])
+    assert torch.allclose(comb(logits), torch.full((1, 6), 0.5))
+    gen = torch.Generator().manual_seed(0)
+    y = (torch.rand(200, 6, generator=gen) < 0.5).float()
+    informative = (y * 2 - 1) * 2 + torch.randn(200, 6, generator=gen)
+    noise = torch.randn(200, 6, generator=gen) * 3
+    comb.fit(torch.stack([informative, noise], dim=-1), y)
+    assert bool((comb.coef[:, 0].abs() > 3 * comb.coef[:, 1].abs()).all())
+    p = comb(torch.stack([informative, noise], dim=-1))
+    assert float(p[y == 1].mean()) > 0.8 and float(p[y == 0].mean()) < 0.2
+
+
+# -- weights on disk and detect() -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("model")
+    save_model(Ensemble(TINY).eval(), out, "tiny", "0.0.1", {"train": []}, {})
+    return out
+
+
+def test_detect_fills_every_field_with_consistent_shapes(tiny_model):
+    detector = load_detector(tiny_model, device="cpu")
+    volume = Volume.from_array(head(slices=5, rows=40, cols=44), spacing_mm=(5.0, 0.5, 0.5))
+    out = detector.detect(volume)
+    assert isinstance(out, DetectorOutput)
+    assert (detector.name, detector.version) == ("tiny", "0.0.1") == (out.model_name, out.model_version)
+    assert set(out.probabilities) == set(LABELS)
+    assert all(0.0 <= p <= 1.0 for p in out.probabilities.values())
+    assert out.slice_scores.shape == (5,) and out.slice_probabilities.shape == (5, 6)
+    assert np.allclose(out.slice_scores, out.slice_probabilities[:, 0])
+    assert out.heatmaps.shape == (5, 40, 44) and out.heatmaps.dtype == np.float32
+    assert out.heatmaps.min() >= 0.0 and out.heatmaps.max() <= 1.0
+    assert set(out.masks) == set(SUBTYPES)
+    assert all(m.shape == (5, 40, 44) and m.dtype == bool for m in out.masks.values())
+    union = np.logical_or.reduce(list(out.masks.values()))
+    assert out.volumes_ml["any"] == pytest.approx(union.sum() * volume.voxel_volume_ml)
+    assert out.difficult == (0.4 <= out.probabilities["any"] <= 0.6)
+    assert {"cnn_lstm", "attention_mil", "unet_ensemble", "slice_cnn"} <= set(out.member_outputs)
+    assert out.parameters["working_size"] == "32"
+
+
+def test_detect_reports_timings_per_member(tiny_model):
+    timings: dict[str, float] = {}
+    load_detector(tiny_model, device="cpu").detect(Volume.from_array(head()), timings)
+    assert {"preprocess", "slice_cnn", "cnn_lstm", "attention_mil", "unets", "pixel_fusion"} <= set(timings)
+
+
+def test_corrupt_weights_raise_model_load_error_naming_the_file(tiny_model, tmp_path):
+    for f in (MANIFEST, WEIGHTS_FILE):
+        (tmp_path / f).write_bytes((tiny_model / f).read_bytes())
+    with (tmp_path / WEIGHTS_FILE).open("r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\x00garbage\x00")
+    with pytest.raises(ModelLoadError, match=f"{WEIGHTS_FILE}.*corrupt"):
+        load_detector(tmp_path)
+
+
+def test_missing_weights_or_manifest_raise_clear_errors(tiny_model, tmp_path):
+    (tmp_path / MANIFEST).write_bytes((tiny_model / MANIFEST).read_bytes())
+    with pytest.raises(ModelLoadError, match=f"{WEIGHTS_FILE}.*missing"):
+        load_detector(tmp_path)
+    with pytest.raises(ModelLoadError, match=f"{MANIFEST}.*missing"):
+        load_detector(tmp_path / "nowhere")
+    (tmp_path / MANIFEST).write_text("{not json")
+    with pytest.raises(ModelLoadError, match="unreadable"):
+        load_detector(tmp_path)
+
+
+def test_shipped_manifest_lists_every_weight_file():
+    from worker.detector.store import SHIPPED_DIR, sha256
+
+    manifest = json.loads((SHIPPED_DIR / MANIFEST).read_text())
+    assert manifest["files"] and all(sha256(SHIPPED_DIR / f) == d for f, d in manifest["files"].items())
+    total = sum((SHIPPED_DIR / f).stat().st_size for f in manifest["files"])
+    assert total <= 50 * 2**20
+
+
+def test_shipped_detector_ranks_positive_phantom_above_negative():
+    from training.phantom import make_study
+
+    detector = load_detector(device="cpu")
+    p = {}
+    for positive in (True, False):
+        study = make_study(31337, positive=positive, matrix=96, n_slices=12)
+        out = detector.detect(Volume.from_array(study.hu))
+        assert out.heatmaps.shape == study.hu.shape
+        p[positive] = out.probabilities["any"]
+    assert p[True] > p[False]
