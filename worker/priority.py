@@ -1,11 +1,20 @@
 """The worklist priority rule: findings -> level, sort score and a short rationale.
 
-Levels: STAT (read now), URGENT (read soon), ROUTINE. Thresholds come from the config
-(`stat_probability`, `urgent_probability`, `stat_volume_ml`); the score sorts the worklist
-(higher first) and is the probability of any ICH lifted by level so STAT always sorts first.
+Levels, checked in this order (thresholds from the config keys of the same name):
+
+* STAT (read now): p(any) >= `stat_probability`, or p(any) >= `urgent_probability` with an
+  estimated blood volume >= `stat_volume_ml` (a large bleed is urgent even at moderate confidence).
+* URGENT (read soon): p(any) >= `urgent_probability`, or the detector flagged the case as
+  difficult (p(any) near its operating point: a human should look closely).
+* ROUTINE: everything else.
+
+The score sorts the worklist (higher first): the level's rank plus p(any), so every STAT sorts
+above every URGENT, and within a level the more probable bleed comes first. The rationale says
+which condition decided the level, the leading subtypes, the volume and the difficult-case flag.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 LEVEL_RANK = {"STAT": 2, "URGENT": 1, "ROUTINE": 0}
@@ -16,6 +25,15 @@ class PriorityRule:
     stat_probability: float = 0.70
     urgent_probability: float = 0.30
     stat_volume_ml: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.urgent_probability <= self.stat_probability <= 1.0:
+            raise ValueError(
+                f"priority thresholds need 0 <= urgent_probability ({self.urgent_probability}) "
+                f"<= stat_probability ({self.stat_probability}) <= 1"
+            )
+        if self.stat_volume_ml < 0:
+            raise ValueError(f"stat_volume_ml must be >= 0, got {self.stat_volume_ml}")
 
     @classmethod
     def from_settings(cls, settings) -> "PriorityRule":
@@ -38,7 +56,10 @@ def assign_priority(
     volumes_ml: dict[str, float],
     difficult: bool,
 ) -> Priority:
-    p_any = float(probabilities.get("any", 0.0))
+    """Raises ValueError when p(any) is missing or not a number: never a silent ROUTINE."""
+    p_any = float(probabilities.get("any", math.nan))
+    if not 0.0 <= p_any <= 1.0:
+        raise ValueError(f"probability of any ICH must be a number in 0..1, got {probabilities.get('any')!r}")
     subtypes = sorted(
         ((k, v) for k, v in probabilities.items() if k != "any"), key=lambda kv: kv[1], reverse=True
     )
@@ -48,17 +69,16 @@ def assign_priority(
         level, why = "STAT", f"ICH probability {p_any:.2f} >= {rule.stat_probability:.2f}"
     elif p_any >= rule.urgent_probability and volume >= rule.stat_volume_ml:
         level, why = "STAT", f"estimated blood volume {volume:.0f} mL >= {rule.stat_volume_ml:.0f} mL"
-    elif p_any >= rule.urgent_probability or difficult:
-        level = "URGENT"
-        why = (
-            f"ICH probability {p_any:.2f} >= {rule.urgent_probability:.2f}"
-            if p_any >= rule.urgent_probability
-            else f"difficult case (probability {p_any:.2f} near the threshold)"
-        )
+    elif p_any >= rule.urgent_probability:
+        level, why = "URGENT", f"ICH probability {p_any:.2f} >= {rule.urgent_probability:.2f}"
+    elif difficult:
+        level, why = "URGENT", f"difficult case (probability {p_any:.2f} near the threshold)"
     else:
         level, why = "ROUTINE", f"ICH probability {p_any:.2f} < {rule.urgent_probability:.2f}"
     if top:
         why += f"; {top}"
     if volume > 0 and level != "ROUTINE":
         why += f"; volume {volume:.1f} mL"
+    if difficult and not why.startswith("difficult"):
+        why += "; difficult case: read closely"
     return Priority(level=level, score=round(LEVEL_RANK[level] + p_any, 4), rationale=why)
