@@ -26,10 +26,10 @@ def _settings(args) -> Settings:
 
 
 def cmd_serve(args) -> None:
+    settings = _settings(args)
     from node.service import NodeService
     from worker.detector import load_detector
 
-    settings = _settings(args)
     workers = settings.workers if args.workers is None else args.workers
     if workers:
         load_detector(settings.model_path, "cpu")  # fail fast on missing or corrupt weights
@@ -37,9 +37,10 @@ def cmd_serve(args) -> None:
 
 
 def cmd_node(args) -> None:
+    settings = _settings(args)
     from node.service import NodeService
 
-    NodeService(_settings(args), workers=0).run()
+    NodeService(settings, workers=0).run()
 
 
 def cmd_worker(args) -> None:

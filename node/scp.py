@@ -59,6 +59,9 @@ TRANSFER_SYNTAXES = [
 ]
 
 
+REQUIRED_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
 def _status(code: int, comment: str) -> Dataset:
     status = Dataset()
     status.Status = code
@@ -79,14 +82,14 @@ class StoreHandler:
         sop_uid = str(event.request.AffectedSOPInstanceUID)
         try:
             ds = event.dataset
-            ds.file_meta = event.file_meta
-            header = instance_header(ds)
-        except AttributeError as exc:
-            log.warning("C-STORE %s from %s refused: required attribute missing (%s)", sop_uid, calling, exc)
-            return _status(0xA900, f"required attribute missing: {exc}")
+            missing = [kw for kw in REQUIRED_ATTRIBUTES if not ds.get(kw)]
+            header = None if missing else instance_header(ds)
         except Exception as exc:  # a malformed stream must not take the listener down
             log.warning("C-STORE %s from %s refused: cannot parse data set (%s)", sop_uid, calling, exc)
             return _status(0xC000, f"cannot parse data set: {exc}")
+        if missing:
+            log.warning("C-STORE %s from %s refused: missing %s", sop_uid, calling, ", ".join(missing))
+            return _status(0xA900, f"missing {', '.join(missing)}")
         if "PixelData" not in ds:
             log.warning("C-STORE %s from %s refused: no Pixel Data", sop_uid, calling)
             return _status(0xA900, "no Pixel Data in the data set")
