@@ -1,0 +1,176 @@
+"""The radiologist's worklist: studies in reading order, acknowledgements, heatmap thumbnails.
+
+One row per study, shown through its *chosen* series: the analysed series with the highest
+priority, otherwise the series furthest along (analysing, queued, receiving, failed, skipped).
+A series being re-received after a late instance keeps its previous findings, so a STAT study
+does not drop down the list while its update arrives.
+
+Order: analysed studies by priority score (highest first), then studies without findings, each
+group oldest arrival first. The node's web page (node/web) renders this list.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from fastapi import APIRouter, FastAPI, HTTPException, Path as PathParam, Query
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from node.config import Settings
+from node.store import Store
+
+WEB_DIR = Path(__file__).parent / "web"
+UID_PATTERN = r"^[0-9.]{1,64}$"
+
+State = Literal["receiving", "queued", "analysing", "done", "failed", "skipped"]
+LevelName = Literal["STAT", "URGENT", "ROUTINE"]
+
+# which series stands for its study when none has findings: the one furthest along
+_STATE_RANK = {"analysing": 5, "queued": 4, "receiving": 3, "done": 2, "failed": 1, "skipped": 0}
+
+
+class PriorityView(BaseModel):
+    level: LevelName
+    score: float
+    rationale: str
+
+
+class Timings(BaseModel):
+    received: str | None = Field(description="first instance of the study received (ISO-8601 UTC)")
+    completed: str | None = Field(description="series complete, ready to dispatch")
+    analysed: str | None = Field(description="analysis finished")
+
+
+class Acknowledgement(BaseModel):
+    by: str
+    at: str
+
+
+class WorklistItem(BaseModel):
+    study_instance_uid: str
+    series_instance_uid: str | None
+    patient_id: str | None
+    patient_name: str | None
+    accession_number: str | None
+    state: State | None = Field(description="state of the chosen series; None for a study without series")
+    reason: str | None = Field(description="why the series was skipped or failed")
+    priority: PriorityView | None = Field(description="None until the study has findings")
+    probabilities: dict[str, float] = Field(description="p(any) and per subtype: EDH, IPH, IVH, SAH, SDH")
+    volumes_ml: dict[str, float]
+    difficult: bool
+    thumbnails: list[str] = Field(description="heatmap thumbnail URLs, one per key slice, most suspicious first")
+    timings: Timings
+    acknowledged: Acknowledgement | None
+
+
+class AckRequest(BaseModel):
+    by: str = Field(min_length=1, max_length=64, pattern=r"\S", description="who read the study")
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat() if ts else None
+
+
+def _chosen_series(series: list[dict]) -> dict | None:
+    analysed = [s for s in series if s.get("findings")]
+    if analysed:
+        return max(analysed, key=lambda s: s["findings"]["priority"]["score"])
+    return max(series, key=lambda s: _STATE_RANK[s["state"]], default=None)
+
+
+def _thumbnail_urls(settings: Settings, series_uid: str, findings: dict) -> list[str]:
+    folder = settings.results_dir / series_uid
+    return [
+        f"/api/series/{series_uid}/thumbnails/{n}.png"
+        for n in range(len(findings.get("key_slices", [])))
+        if (folder / f"thumb_{n}.png").is_file()
+    ]
+
+
+def _item(settings: Settings, study: dict, series: dict | None) -> WorklistItem:
+    findings = (series or {}).get("findings") or {}
+    acknowledged = (
+        Acknowledgement(by=study["acknowledged_by"], at=_iso(study["acknowledged_at"]))
+        if study["acknowledged_at"] else None
+    )
+    return WorklistItem(
+        study_instance_uid=study["study_uid"],
+        series_instance_uid=series["series_uid"] if series else None,
+        patient_id=study["patient_id"],
+        patient_name=study["patient_name"],
+        accession_number=study["accession_number"],
+        state=series["state"] if series else None,
+        reason=series["reason"] if series else None,
+        priority=findings.get("priority"),
+        probabilities=findings.get("probabilities", {}),
+        volumes_ml=findings.get("volumes_ml", {}),
+        difficult=findings.get("difficult", False),
+        thumbnails=_thumbnail_urls(settings, series["series_uid"], findings) if findings else [],
+        timings=Timings(
+            received=_iso(study["received_at"]),
+            completed=_iso(series["completed_at"]) if series else None,
+            analysed=_iso(series["analysed_at"]) if series else None,
+        ),
+        acknowledged=acknowledged,
+    )
+
+
+def _sort_key(item: WorklistItem, received_at: float) -> tuple:
+    if item.priority is None:
+        return (1, 0.0, received_at)
+    return (0, -item.priority.score, received_at)
+
+
+def make_worklist_router(store: Store, settings: Settings) -> APIRouter:
+    router = APIRouter(prefix="/api", tags=["worklist"])
+
+    @router.get("/worklist", response_model=list[WorklistItem], summary="Studies in reading order")
+    def worklist(
+        state: State | None = Query(None, description="only studies whose chosen series is in this state"),
+        level: LevelName | None = Query(None, description="only studies with this priority level"),
+        include_acknowledged: bool = Query(True, description="false: hide studies already acknowledged"),
+    ) -> list[WorklistItem]:
+        rows = []
+        for study in store.studies():
+            item = _item(settings, study, _chosen_series(store.study_series(study["study_uid"])))
+            if state and item.state != state:
+                continue
+            if level and (item.priority is None or item.priority.level != level):
+                continue
+            if not include_acknowledged and item.acknowledged:
+                continue
+            rows.append((_sort_key(item, study["received_at"]), item))
+        return [item for _, item in sorted(rows, key=lambda row: row[0])]
+
+    @router.post("/studies/{study_uid}/ack", response_model=WorklistItem, summary="Acknowledge a study as read")
+    def acknowledge(body: AckRequest, study_uid: str = PathParam(pattern=UID_PATTERN)) -> WorklistItem:
+        if not store.acknowledge(study_uid, body.by.strip()):
+            raise HTTPException(404, f"no study {study_uid}")
+        study = store.study(study_uid)
+        return _item(settings, study, _chosen_series(store.study_series(study_uid)))
+
+    @router.get(
+        "/series/{series_uid}/thumbnails/{n}.png",
+        response_class=FileResponse,
+        responses={200: {"content": {"image/png": {}}}, 404: {"description": "no such thumbnail"}},
+        summary="Heatmap thumbnail of the n-th key slice",
+    )
+    def thumbnail(series_uid: str = PathParam(pattern=UID_PATTERN), n: int = PathParam(ge=0, le=99)):
+        path = settings.results_dir / series_uid / f"thumb_{n}.png"
+        if not path.is_file():
+            raise HTTPException(404, f"no thumbnail {n} for series {series_uid}")
+        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+    return router
+
+
+def mount_web(app: FastAPI) -> None:
+    """Serve the worklist page at / and its script and style sheet under /static."""
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,184 @@
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from node.config import Settings
+from node.store import Store
+from node.worklist import make_worklist_router, mount_web
+from worker.priority import PriorityRule, assign_priority
+
+
+def findings_for(study_uid: str, series_uid: str, p_any: float, volume: float = 0.0) -> dict:
+    """A findings.json as the worker writes it, priority from the real rule."""
+    probabilities = {"any": p_any, "EDH": 0.01, "IPH": round(p_any * 0.9, 4), "IVH": 0.02, "SAH": 0.03, "SDH": 0.04}
+    volumes = {"any": volume, "IPH": volume}
+    priority = assign_priority(PriorityRule(), probabilities, volumes, difficult=0.4 <= p_any <= 0.6)
+    return {
+        "study_instance_uid": study_uid,
+        "series_instance_uid": series_uid,
+        "probabilities": probabilities,
+        "volumes_ml": volumes,
+        "slice_scores": [0.1, p_any, 0.2],
+        "key_slices": [f"{series_uid}.9.1", f"{series_uid}.9.2"],
+        "priority": priority.as_dict(),
+        "difficult": 0.4 <= p_any <= 0.6,
+        "model": {"name": "ich-ensemble", "version": "1.0.0"},
+        "result_uids": {},
+    }
+
+
+class Site:
+    """A real Store with studies put in through the same calls the node makes."""
+
+    def __init__(self, tmp_path):
+        self.settings = Settings(data_dir=tmp_path)
+        self.store = Store(self.settings.database_path)
+        app = FastAPI()
+        app.include_router(make_worklist_router(self.store, self.settings))
+        mount_web(app)
+        self.client = TestClient(app)
+        self._next = 0
+
+    def receive(self, study_uid: str, series_uid: str, *, name: str = "DOE^JANE", accession: str = "A1") -> None:
+        self._next += 1
+        header = {
+            "sop_instance_uid": f"{series_uid}.{self._next}", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+            "study_instance_uid": study_uid, "series_instance_uid": series_uid, "modality": "CT",
+            "patient_id": f"PID-{study_uid}", "patient_name": name, "accession_number": accession,
+        }
+        assert self.store.record_instance(header, f"spool/{self._next}.dcm", "SCANNER")
+
+    def analysed(self, study_uid: str, series_uid: str, p_any: float, volume: float = 0.0, thumbs: int = 0) -> None:
+        self.receive(study_uid, series_uid)
+        generation = self.store.mark_queued(series_uid, f"task-{series_uid}")
+        findings = findings_for(study_uid, series_uid, p_any, volume)
+        assert self.store.mark_result(series_uid, generation, "done", findings, None)
+        folder = self.settings.results_dir / series_uid
+        folder.mkdir(parents=True, exist_ok=True)
+        for n in range(thumbs):
+            (folder / f"thumb_{n}.png").write_bytes(b"\x89PNG fake " + bytes([n]))
+
+    def worklist(self, **params) -> list[dict]:
+        response = self.client.get("/api/worklist", params=params)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+@pytest.fixture
+def site(tmp_path):
+    return Site(tmp_path)
+
+
+def test_order_priority_then_arrival_with_unanalysed_last(site):
+    site.analysed("1.1", "1.1.1", 0.05)  # ROUTINE, earliest
+    site.receive("1.2", "1.2.1")  # still receiving
+    site.analysed("1.3", "1.3.1", 0.50)  # URGENT
+    site.analysed("1.4", "1.4.1", 0.92)  # STAT
+    site.analysed("1.5", "1.5.1", 0.35, volume=45.0)  # STAT by volume, lower score than 1.4
+    site.analysed("1.6", "1.6.1", 0.50)  # URGENT, same score as 1.3, arrived later
+    site.receive("1.7", "1.7.1")
+    generation = site.store.mark_queued("1.7.1", "t")
+    site.store.mark_result("1.7.1", generation, "failed", None, "analysis failed: RuntimeError: out of memory")
+
+    rows = site.worklist()
+    assert [r["study_instance_uid"] for r in rows] == ["1.4", "1.5", "1.3", "1.6", "1.1", "1.2", "1.7"]
+    assert [r["priority"]["level"] if r["priority"] else r["state"] for r in rows] == [
+        "STAT", "STAT", "URGENT", "URGENT", "ROUTINE", "receiving", "failed"]
+    assert rows[-1]["reason"] == "analysis failed: RuntimeError: out of memory"
+    assert rows[5]["probabilities"] == {} and rows[5]["timings"]["analysed"] is None
+
+
+def test_item_carries_what_the_radiologist_needs(site):
+    site.analysed("1.4", "1.4.1", 0.92, volume=12.5, thumbs=2)
+    (item,) = site.worklist()
+    assert item["patient_id"] == "PID-1.4" and item["patient_name"] == "DOE^JANE" and item["accession_number"] == "A1"
+    assert item["state"] == "done" and item["series_instance_uid"] == "1.4.1"
+    assert item["priority"]["level"] == "STAT" and item["priority"]["rationale"].startswith("ICH probability 0.92")
+    assert item["probabilities"]["any"] == 0.92 and item["volumes_ml"]["any"] == 12.5
+    assert item["difficult"] is False
+    assert item["thumbnails"] == ["/api/series/1.4.1/thumbnails/0.png", "/api/series/1.4.1/thumbnails/1.png"]
+    assert item["timings"]["received"].endswith("+00:00") and item["timings"]["analysed"].endswith("+00:00")
+    assert item["acknowledged"] is None
+
+
+def test_study_is_shown_through_its_analysed_series(site):
+    site.receive("1.4", "1.4.2")
+    site.store.mark_skipped("1.4.2", "bone kernel")
+    site.analysed("1.4", "1.4.1", 0.8)
+    (item,) = site.worklist()
+    assert item["series_instance_uid"] == "1.4.1" and item["priority"]["level"] == "STAT"
+
+
+def test_late_instance_keeps_the_previous_priority_while_receiving(site):
+    site.analysed("1.1", "1.1.1", 0.05)
+    site.analysed("1.4", "1.4.1", 0.92)
+    site.receive("1.4", "1.4.1")  # a late slice: the series is being received again
+    rows = site.worklist()
+    assert rows[0]["study_instance_uid"] == "1.4"
+    assert rows[0]["state"] == "receiving" and rows[0]["priority"]["level"] == "STAT"
+
+
+def test_filters(site):
+    site.analysed("1.1", "1.1.1", 0.05)
+    site.analysed("1.4", "1.4.1", 0.92)
+    site.receive("1.2", "1.2.1")
+    assert [r["study_instance_uid"] for r in site.worklist(level="STAT")] == ["1.4"]
+    assert [r["study_instance_uid"] for r in site.worklist(state="receiving")] == ["1.2"]
+    assert site.client.get("/api/worklist", params={"level": "HIGH"}).status_code == 422
+    assert site.client.get("/api/worklist", params={"state": "lost"}).status_code == 422
+
+
+def test_acknowledge(site):
+    site.analysed("1.1", "1.1.1", 0.05)
+    site.analysed("1.4", "1.4.1", 0.92)
+    response = site.client.post("/api/studies/1.4/ack", json={"by": " dr.house "})
+    assert response.status_code == 200
+    assert response.json()["acknowledged"]["by"] == "dr.house"
+    rows = site.worklist()
+    assert rows[0]["acknowledged"]["by"] == "dr.house" and rows[0]["acknowledged"]["at"].endswith("+00:00")
+    assert [r["study_instance_uid"] for r in site.worklist(include_acknowledged="false")] == ["1.1"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/api/studies/9.9/ack", {"by": "dr"}, 404),
+        ("/api/studies/1.4/ack", {}, 422),
+        ("/api/studies/1.4/ack", {"by": "   "}, 422),
+        ("/api/studies/1.4/ack", {"by": "x" * 65}, 422),
+        ("/api/studies/not-a-uid/ack", {"by": "dr"}, 422),
+    ],
+)
+def test_acknowledge_rejects_bad_requests(site, path, body, status):
+    site.analysed("1.4", "1.4.1", 0.92)
+    response = site.client.post(path, json=body)
+    assert response.status_code == status
+    assert response.json()["detail"]
+    assert site.worklist()[0]["acknowledged"] is None
+
+
+def test_thumbnails(site):
+    site.analysed("1.4", "1.4.1", 0.92, thumbs=1)
+    response = site.client.get("/api/series/1.4.1/thumbnails/0.png")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert response.content == b"\x89PNG fake \x00"
+    missing = site.client.get("/api/series/1.4.1/thumbnails/1.png")
+    assert missing.status_code == 404 and missing.json() == {"detail": "no thumbnail 1 for series 1.4.1"}
+    assert site.worklist()[0]["thumbnails"] == ["/api/series/1.4.1/thumbnails/0.png"]  # only those on disk
+    assert site.client.get("/api/series/1.4.x/thumbnails/0.png").status_code == 422
+    assert site.client.get("/api/series/" + "1" * 65 + "/thumbnails/0.png").status_code == 422
+
+
+def test_openapi_documents_the_worklist(site):
+    spec = site.client.get("/openapi.json").json()
+    assert "/api/worklist" in spec["paths"] and "/api/studies/{study_uid}/ack" in spec["paths"]
+    item = spec["components"]["schemas"]["WorklistItem"]
+    assert {"priority", "probabilities", "thumbnails", "acknowledged", "state"} <= set(item["properties"])
+
+
+def test_page_and_assets_are_served(site):
+    page = site.client.get("/")
+    assert page.status_code == 200 and "NOT FOR DIAGNOSTIC USE" in page.text
+    assert '/static/app.js' in page.text and '/static/style.css' in page.text
+    assert site.client.get("/static/app.js").status_code == 200
+    assert site.client.get("/static/style.css").status_code == 200
