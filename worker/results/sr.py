@@ -43,13 +43,14 @@ def build_sr(
     seg: Dataset | None,
 ) -> Dataset:
     algorithm = sr_algorithm(output)
-    segments = {}
-    if seg is not None:
-        segments = {s: n for n, s in enumerate(segmented_subtypes(output), start=1)}
-    groups = [
-        _finding_group(label, sources, volume, output, findings, uids, algorithm, seg, segments.get(label))
-        for label in LABELS
-    ]
+    segments = _referenced_segments(seg, output, findings)
+    groups = []
+    for label in LABELS:
+        images = [
+            hd.sr.SourceImageForMeasurement.from_source_image(*slice_source(sources, volume, index))
+            for index in _key_slices(label, output, findings)
+        ]
+        groups.append(_finding_group(label, findings, uids, algorithm, images, segments.get(label)))
     groups.append(_triage_group(findings, uids, algorithm))
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(output, uids),
@@ -99,23 +100,34 @@ def _key_slices(label: str, output: DetectorOutput, findings: Findings) -> list[
     return [int(np.argmax(output.slice_probabilities[:, LABELS.index(label)]))]
 
 
+def _referenced_segments(
+    seg: Dataset | None, output: DetectorOutput, findings: Findings
+) -> dict[str, hd.sr.ReferencedSegment]:
+    """Subtype -> its segment in the SEG (none when no SEG was made)."""
+    if seg is None:
+        return {}
+    return {
+        subtype: hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=number,
+            source_series=hd.sr.SourceSeriesForSegmentation(findings.series_instance_uid),
+        )
+        for number, subtype in enumerate(segmented_subtypes(output), start=1)
+    }
+
+
 def _finding_group(
     label: str,
-    sources: list[Dataset],
-    volume: Volume,
-    output: DetectorOutput,
     findings: Findings,
     uids: ResultUIDs,
     algorithm: hd.sr.AlgorithmIdentification,
-    seg: Dataset | None,
-    segment_number: int | None,
-):
+    images: list[hd.sr.SourceImageForMeasurement],
+    segment: hd.sr.ReferencedSegment | None,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1501 group for a label, TID 1411 (referencing its segment) when it was segmented."""
     finding = rc.FINDINGS[label]
     probability = float(findings.probabilities[label])
-    images = [
-        hd.sr.SourceImageForMeasurement.from_source_image(*slice_source(sources, volume, i))
-        for i in _key_slices(label, output, findings)
-    ]
     measurements = [
         hd.sr.Measurement(
             name=rc.PROBABILITY,
@@ -125,11 +137,8 @@ def _finding_group(
         )
     ]
     if label in findings.volumes_ml:
-        measurements.append(
-            hd.sr.Measurement(
-                name=rc.VOLUME, value=float(findings.volumes_ml[label]), unit=rc.UNIT_ML
-            )
-        )
+        volume = float(findings.volumes_ml[label])
+        measurements.append(hd.sr.Measurement(name=rc.VOLUME, value=volume, unit=rc.UNIT_ML))
     presence = rc.PRESENT if probability >= PRESENCE_THRESHOLD else rc.ABSENT
     common = dict(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -140,14 +149,8 @@ def _finding_group(
         measurements=measurements,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding, value=presence)],
     )
-    if segment_number is None:
+    if segment is None:
         return hd.sr.MeasurementsAndQualitativeEvaluations(**common)
-    segment = hd.sr.ReferencedSegment(
-        sop_class_uid=seg.SOPClassUID,
-        sop_instance_uid=seg.SOPInstanceUID,
-        segment_number=segment_number,
-        source_series=hd.sr.SourceSeriesForSegmentation(findings.series_instance_uid),
-    )
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=segment, **common)
 
 
