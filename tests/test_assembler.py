@@ -93,7 +93,7 @@ def test_soft_tissue_kernel_chosen_over_bone_and_the_other_skipped_with_reason(n
 def test_selection_waits_for_a_sibling_series_still_arriving(node):
     store, assembler, celery = node
     receive(store, "1.2.3.4", 30, kernel="H70h", hint=30)
-    receive(store, "1.2.3.5", 10, kernel="H30s")
+    receive(store, "1.2.3.5", 30, kernel="H30s")  # no count hint: complete only when quiet
     assembler.tick(time.time() + 1.5)  # bone series complete early, soft series still arriving
     assert celery.sent == []
     assert store.series("1.2.3.4")["completed_at"] is not None

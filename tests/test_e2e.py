@@ -1,0 +1,126 @@
+"""End to end with real processes and peers: storescu -> ichnode -> worker -> storescp."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from tests.conftest import dcmtk, series_uid_of, study_uid_of, wait_for
+
+pytestmark = pytest.mark.integration
+
+SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.22"}
+SC_CLASSES = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"}
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+ANALYSIS_BUDGET = 120  # quiet period + 60 s on this 2-core machine, plus worker start-up
+
+
+def received_classes(pacs, study_uid: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for path in pacs.received():
+        ds = dcmread(path, stop_before_pixels=True)
+        if ds.StudyInstanceUID == study_uid:
+            counts[str(ds.SOPClassUID)] = counts.get(str(ds.SOPClassUID), 0) + 1
+    return counts
+
+
+def has_results(pacs, study_uid: str):
+    classes = received_classes(pacs, study_uid)
+    return classes if (set(classes) & SR_CLASSES and set(classes) & SC_CLASSES) else None
+
+
+def done(node, series_uid: str, generation: int = 1):
+    try:
+        series = node.series(series_uid)
+    except Exception:
+        return None
+    if series["state"] in ("failed", "skipped"):
+        raise AssertionError(f"series {series['state']}: {series['reason']}\n{node.logs()[-3000:]}")
+    return series if series["state"] == "done" and series["generation"] >= generation else None
+
+
+def test_serve_embedded_broker_end_to_end(node_factory, storescp, positive_series, tmp_path):
+    node = node_factory("serve", ICHNODE_DESTINATIONS=storescp.destination, ICHNODE_WORKERS="1").start()
+    echo = subprocess.run([dcmtk("echoscu"), "-aec", "ICHNODE", "127.0.0.1", str(node.port)],
+                          capture_output=True, text=True, timeout=30)
+    assert echo.returncode == 0, echo.stderr
+    sent = node.storescu(positive_series)
+    assert sent.returncode == 0, sent.stderr
+    series_uid, study_uid = series_uid_of(positive_series), study_uid_of(positive_series)
+
+    series = wait_for(lambda: done(node, series_uid), ANALYSIS_BUDGET, what="analysis")
+    findings = series["findings"]
+    assert set(findings["probabilities"]) == {"any", "EDH", "IPH", "IVH", "SAH", "SDH"}
+    assert len(findings["slice_scores"]) == 40 and findings["key_slices"]
+    assert findings["priority"]["level"] in ("STAT", "URGENT", "ROUTINE")
+    classes = wait_for(lambda: has_results(storescp, study_uid), 60, what="SR and SC at the destination")
+    assert SEG_CLASS in classes and KOS_CLASS in classes
+    study = node.get(f"/api/studies/{study_uid}")
+    assert study["series"][0]["timings"]["analysed"]
+
+    # the same instances again are duplicates: no new analysis
+    assert node.storescu(positive_series).returncode == 0
+    assert node.series(series_uid)["instances"] == 40
+
+    # a late instance: analysed again, results keep their UIDs (PACS replaces them)
+    late = tmp_path / "late"
+    late.mkdir()
+    source = dcmread(sorted(positive_series.iterdir())[-1])
+    source.SOPInstanceUID = generate_uid()
+    source.file_meta.MediaStorageSOPInstanceUID = source.SOPInstanceUID
+    source.InstanceNumber = 41
+    source.ImagePositionPatient = [float(v) for v in source.ImagePositionPatient[:2]] + [
+        float(source.ImagePositionPatient[2]) + float(source.get("SpacingBetweenSlices") or source.SliceThickness)]
+    source.save_as(late / "late.dcm", enforce_file_format=True)
+    assert node.storescu(late).returncode == 0
+    again = wait_for(lambda: done(node, series_uid, generation=2), ANALYSIS_BUDGET, what="re-analysis")
+    assert again["instances"] == 41
+    assert again["findings"]["result_uids"] == findings["result_uids"]
+    wait_for(lambda: all(d["state"] == "sent" for d in node.series(series_uid)["deliveries"]), 60,
+             what="generation 2 delivered")
+
+
+def test_redis_node_and_separate_worker(node_factory, storescp, negative_series, redis_url):
+    node = node_factory("node", ICHNODE_DESTINATIONS=storescp.destination, ICHNODE_BROKER_URL=redis_url).start()
+    node.start_worker()
+    assert node.storescu(negative_series).returncode == 0
+    series_uid, study_uid = series_uid_of(negative_series), study_uid_of(negative_series)
+    wait_for(lambda: done(node, series_uid), ANALYSIS_BUDGET, what="analysis over Redis")
+    wait_for(lambda: has_results(storescp, study_uid), 60, what="SR and SC at the destination")
+
+
+def test_worker_killed_mid_task_gets_the_series_analysed(node_factory, storescp, negative_series, redis_url):
+    node = node_factory("node", ICHNODE_DESTINATIONS=storescp.destination, ICHNODE_BROKER_URL=redis_url,
+                        ICHNODE_TASK_TIMEOUT_SECONDS="20").start()
+    worker = node.start_worker()
+    assert node.storescu(negative_series).returncode == 0
+    series_uid = series_uid_of(negative_series)
+    wait_for(lambda: node.series(series_uid)["state"] == "analysing", ANALYSIS_BUDGET, interval=0.05,
+             what="the task to start")
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait(10)
+    node.start_worker()
+    series = wait_for(lambda: done(node, series_uid), ANALYSIS_BUDGET, what="analysis after the worker died")
+    assert series["generation"] >= 1
+
+
+def test_bad_series_are_skipped_with_reasons(node_factory, tmp_path, positive_series):
+    node = node_factory("serve", ICHNODE_WORKERS="1").start()
+    short = tmp_path / "short"
+    short.mkdir()
+    for path in sorted(positive_series.iterdir())[:3]:
+        ds = dcmread(path)
+        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.10.543.3"
+        ds.SOPInstanceUID = ds.SOPInstanceUID + ".3"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(short / path.name, enforce_file_format=True)
+    assert node.storescu(short).returncode == 0
+    series = wait_for(lambda: node.series("1.2.826.0.1.3680043.10.543.3")["state"] == "skipped"
+                      and node.series("1.2.826.0.1.3680043.10.543.3"), 30, what="skip")
+    assert "slice" in series["reason"]
+    assert series["findings"] == {"skipped": series["reason"]}
