@@ -145,8 +145,7 @@ def test_every_object_is_made_and_recorded(case):
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
 @pytest.mark.parametrize("kind", ["seg", "sr", "kos", "sc:1"])
 def test_dciodvfy_finds_no_error(written, kind):
-    run = subprocess.run(["dciodvfy", str(written[kind])], capture_output=True, text=True, timeout=60)
-    errors = [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
+    errors = _dciodvfy_errors(written[kind])
     assert not errors, "\n".join(errors)
 
 
@@ -298,3 +297,38 @@ def test_multiframe_masks_follow_frame_numbers():
     images, framed = in_source_order([source] * 3, volume, array)
     assert images == [source]
     assert framed[:, 0, 0].tolist() == [2, 1, 0, 0]  # frame 3 is not in the volume: empty
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
+
+
+def test_phantom_results_cover_ground_truth(tmp_path):
+    """Through the real loader, a tilted vendor-style phantom: the SEG holds exactly its masks."""
+    phantom = pytest.importorskip("training.phantom")
+    from worker.volume import load_series
+
+    study = phantom.make_study(5, subtypes=["SDH", "IVH"], matrix=128, n_slices=24)
+    paths = []
+    for index, ds in enumerate(study.datasets):
+        paths.append(tmp_path / f"ct{index}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    loaded = load_series(paths)
+    masks = {s: m for s, m in study.masks.items() if m.any()}
+    assert set(masks) == {"SDH", "IVH"}
+    output = detector_output(loaded.volume, masks, {"any": 0.97, "SDH": 0.9, "IVH": 0.8})
+    findings = findings_for(loaded.sources, loaded.volume, output)
+    results = dict(zip(findings.result_uids, build_results(loaded.sources, loaded.volume, output, findings)))
+    for kind, ds in results.items():
+        path = tmp_path / f"{kind.replace(':', '_')}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        if shutil.which("dciodvfy"):
+            assert not _dciodvfy_errors(path), kind
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    numbers = {d.SegmentLabel.split()[0]: d.SegmentNumber for d in seg.SegmentSequence}
+    pixels = seg.get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in loaded.sources], segment_numbers=sorted(numbers.values())
+    )
+    for subtype, number in numbers.items():
+        np.testing.assert_array_equal(pixels[..., number - 1].astype(bool), study.masks[subtype])
