@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from node.config import Settings
+from node.metrics import SERIES
 from node.selection import choose_series
 from node.store import Store
 
@@ -79,3 +80,4 @@ class SeriesAssembler:
                 reason = skipped.get(uid) or f"another series was chosen: {chosen}"
                 log.info("series %s skipped: %s", uid, reason)
                 self.store.mark_skipped(uid, reason)
+                SERIES.labels(state="skipped").inc()

@@ -21,6 +21,7 @@ from pynetdicom import AE
 from node.config import Destination, Settings
 from node.errors import DeliveryError
 from node.hl7 import build_oru, send_mllp
+from node.metrics import DELIVERIES
 from node.store import Store
 from node.webhooks import build_webhook_payload, post_webhook, should_notify
 
@@ -82,10 +83,15 @@ class Deliverer:
         return delay * random.uniform(0.8, 1.0)
 
     def _failed(self, item: dict, error: str, now: float) -> None:
+        DELIVERIES.labels(channel=item["channel"], outcome="failed").inc()
         delay = self._backoff(item["attempts"])
         log.warning("delivery %d (%s to %s) failed, attempt %d, next in %.0f s: %s",
                     item["id"], item["channel"], item["target"], item["attempts"] + 1, delay, error)
         self.store.delivery_failed(item["id"], error, now + delay)
+
+    def _sent(self, item: dict) -> None:
+        DELIVERIES.labels(channel=item["channel"], outcome="sent").inc()
+        self.store.delivery_sent(item["id"])
 
     def run_once(self, now: float | None = None) -> int:
         """Send everything due; returns how many items were sent."""
@@ -105,7 +111,7 @@ class Deliverer:
             except DeliveryError as exc:
                 self._failed(item, str(exc), now)
                 continue
-            self.store.delivery_sent(item["id"])
+            self._sent(item)
             sent += 1
         for target, items in by_destination.items():
             paths = {self.settings.data_dir / item["payload"]: item for item in items}
@@ -118,7 +124,7 @@ class Deliverer:
                 outcome = {path: f"{target}: {type(exc).__name__}: {exc}" for path in paths}
             for path, error in outcome.items():
                 if error is None:
-                    self.store.delivery_sent(paths[path]["id"])
+                    self._sent(paths[path])
                     sent += 1
                 else:
                     self._failed(paths[path], error, now)

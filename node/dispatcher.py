@@ -14,6 +14,7 @@ from typing import Callable
 from celery import Celery
 
 from node.config import Settings
+from node.metrics import ANALYSIS_SECONDS, SERIES
 from node.store import Store
 from worker.celery_app import ANALYZE_TASK
 
@@ -40,6 +41,7 @@ class Dispatcher:
         except Exception as exc:  # broker down: the time-out re-queues it
             log.error("series %s: could not be queued (%s); will retry", series_uid, exc)
             return
+        SERIES.labels(state="queued").inc()
         log.info("series %s queued (generation %d, %d instances)", series_uid, generation, len(paths))
 
     def requeue(self, series_uid: str, why: str) -> None:
@@ -65,7 +67,8 @@ class Dispatcher:
             elif state in ("FAILURE", "REVOKED"):
                 reason = f"analysis failed: {type(result.result).__name__}: {result.result}"
                 log.error("series %s %s", uid, reason)
-                self.store.mark_result(uid, generation, "failed", None, reason)
+                if self.store.mark_result(uid, generation, "failed", None, reason):
+                    SERIES.labels(state="failed").inc()
                 continue
             since = series["started_at"] or series["queued_at"] or now
             if now - since > self.settings.task_timeout_seconds:
@@ -74,7 +77,8 @@ class Dispatcher:
     def _finish(self, series: dict, result: dict) -> None:
         uid, generation = series["series_uid"], series["generation"]
         if "skipped" in result:
-            self.store.mark_result(uid, generation, "skipped", None, result["skipped"])
+            if self.store.mark_result(uid, generation, "skipped", None, result["skipped"]):
+                SERIES.labels(state="skipped").inc()
             log.info("series %s skipped by the worker: %s", uid, result["skipped"])
             return
         findings = dict(result["findings"], result_files=result["result_files"],
@@ -82,5 +86,7 @@ class Dispatcher:
         if not self.store.mark_result(uid, generation, "done", findings, None):
             log.info("series %s: result of generation %d superseded, not delivered", uid, generation)
             return
+        SERIES.labels(state="done").inc()
+        ANALYSIS_SECONDS.observe(result.get("seconds") or 0)
         log.info("series %s done: %s %s", uid, findings["priority"]["level"], findings["probabilities"])
         self.on_result(series, generation, findings)

@@ -37,6 +37,7 @@ from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verific
 
 from node.config import Settings
 from node.headers import instance_header
+from node.metrics import INSTANCES
 from node.spool import InvalidUID, Spool, check_uid
 from node.store import Store
 
@@ -63,6 +64,7 @@ REQUIRED_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Ser
 
 
 def _status(code: int, comment: str) -> Dataset:
+    INSTANCES.labels(outcome=f"refused 0x{code:04X}").inc()
     status = Dataset()
     status.Status = code
     status.ErrorComment = comment[:64]
@@ -112,6 +114,7 @@ class StoreHandler:
         except OSError as exc:
             log.error("C-STORE %s from %s: could not be stored: %s", sop_uid, calling, exc)
             return _status(0xA700, f"could not be stored: {exc.strerror or exc}")
+        INSTANCES.labels(outcome="stored" if new else "duplicate").inc()
         if new:
             log.debug("stored %s (series %s) from %s", sop_uid, header["series_instance_uid"], calling)
             if self.on_instance:
