@@ -77,17 +77,19 @@ def create_app(store: Store, settings: Settings, health: dict | None = None) -> 
     def metrics():
         return PlainTextResponse(generate_latest().decode(), media_type=CONTENT_TYPE_LATEST)
 
+    def with_series(study: dict) -> dict:
+        return dict(_study_view(study), series=[series_view(x) for x in store.study_series(study["study_uid"])])
+
     @app.get("/api/studies", dependencies=guarded)
     def studies():
-        return [dict(_study_view(s), series=[series_view(x) for x in store.study_series(s["study_uid"])])
-                for s in store.studies()]
+        return [with_series(s) for s in store.studies()]
 
     @app.get("/api/studies/{study_uid}", dependencies=guarded)
     def study(study_uid: str):
         found = store.study(study_uid)
         if not found:
             raise HTTPException(404, f"no study {study_uid}")
-        return dict(_study_view(found), series=[series_view(x) for x in store.study_series(study_uid)])
+        return with_series(found)
 
     @app.get("/api/series/{series_uid}", dependencies=guarded)
     def series(series_uid: str):
