@@ -12,7 +12,7 @@ reason it is skipped):
    cerebr-, skull, crani-, "cCT", Kopf, Schaedel, Hirn, craneo, ...). A BodyPartExamined that
    names another region wins over the descriptions.
 4. Non-contrast: ContrastBolusAgent empty (or "none", "no", "N/A", "nativ") and a
-   SeriesDescription without C+, contrast, KM, CTA, angio, perfusion, CTP, CTV, arterial,
+   SeriesDescription without C+, contrast/Kontrast, KM, CTA, angio, perfusion, CTP, CTV, arterial,
    venous - after removing negations such as "w/o contrast", "non-contrast", "ohne KM".
    ProtocolName is not searched: it often names the whole examination ("CTA head and neck")
    including its plain head series.
@@ -65,7 +65,9 @@ CONTRAST_WORDS = re.compile(
     r"C\+|CONTRAST|KONTRAST|\bKM\b|\bCTA|ANGIO|PERFUSION|\bPERF\b|\bCTP\b|\bCTV\b|ARTERIAL|VENOUS"
 )
 NO_AGENT = re.compile(r"(NONE|NO|N/?A|NIL|-+|0|NATIVE?|OHNE( KM)?|NO CONTRAST|NON.?CONTRAST)")
-PROJECTION_TYPES = {"MIP", "MINIP", "MIN IP", "VR", "VRT", "VOLUME RENDERING", "SSD", "CPR", "CURVED", "PROJECTION IMAGE"}
+PROJECTION_TYPES = {
+    "MIP", "MINIP", "MIN IP", "VR", "VRT", "VOLUME RENDERING", "SSD", "CPR", "CURVED", "PROJECTION IMAGE"
+}
 PROJECTION_WORDS = re.compile(r"\b(MIP|MINIP|MIN IP|VRT|VR|SSD|CPR)\b")
 
 SOFT, UNCLASSIFIED, SHARP = 2, 1, 0
@@ -74,7 +76,7 @@ SHARP_KERNEL_WORDS = ("BONE", "LUNG", "EDGE", "SHARP", "CHST", "CHEST")
 SOFT_KERNEL_WORDS = ("SOFT", "STANDARD", "STND", "BRAIN", "SMOOTH", "BODY")
 PHILIPS_SOFT = {"A", "B", "C", "UA", "UB", "UC", "UD", "EA", "EB", "EC"}
 PHILIPS_SHARP = {"D", "E", "L", "YA", "YB", "YC", "YD", "YE", "YF"}
-CANON_KERNEL = re.compile(r"FC(\d{2})")  # FC01-FC29 body and brain, FC30 and up bone and lung
+CANON_KERNEL = re.compile(r"FC(\d{2})\b")  # FC01-FC29 body and brain, FC30 and up bone and lung
 SIEMENS_KERNEL = re.compile(r"[A-Z]{1,2}(\d{2})[A-Z]?")  # H31s, J40s, Hr38, Br36, Qr40, H70h
 
 
@@ -124,7 +126,7 @@ def kernel_class(kernel: str | None) -> int:
         return SOFT
     if name in PHILIPS_SHARP:
         return SHARP
-    if match := CANON_KERNEL.fullmatch(name):
+    if match := CANON_KERNEL.match(name):
         return SOFT if int(match.group(1)) < 30 else SHARP
     if match := SIEMENS_KERNEL.fullmatch(name):
         number = int(match.group(1))
@@ -140,8 +142,14 @@ def _text(headers: list[dict], key: str) -> str:
     return str(_most_common([h[key] for h in headers if h.get(key)]) or "").strip()
 
 
+def _orientation(header: dict) -> tuple[float, ...] | None:
+    """ImageOrientationPatient rounded so that equal orientations compare equal."""
+    cosines = header.get("image_orientation")
+    return tuple(round(v, 3) for v in cosines) if cosines else None
+
+
 def _summarise(headers: list[dict]) -> _Series:
-    orientation = _most_common([tuple(round(v, 3) for v in h["image_orientation"]) for h in headers if h.get("image_orientation")])
+    orientation = _most_common([_orientation(h) for h in headers if h.get("image_orientation")])
     normal = None
     along: list[float] = []
     frames = 0
@@ -149,10 +157,9 @@ def _summarise(headers: list[dict]) -> _Series:
         normal = np.cross(orientation[:3], orientation[3:])
         normal = normal / np.linalg.norm(normal)
     for h in headers:
-        same_orientation = h.get("image_orientation") and tuple(round(v, 3) for v in h["image_orientation"]) == orientation
         if (h.get("number_of_frames") or 1) > 1 and not h.get("image_position"):
             frames += h["number_of_frames"]
-        elif h.get("image_position") and same_orientation:
+        elif h.get("image_position") and orientation is not None and _orientation(h) == orientation:
             along.append(float(np.dot(h["image_position"], normal)))
     distinct = np.unique(np.round(np.array(along) / SAME_POSITION_MM)) * SAME_POSITION_MM
     gap = float(np.median(np.diff(distinct))) if len(distinct) >= 2 else None
@@ -260,5 +267,6 @@ def choose_series(
     chosen = max(eligible, key=lambda uid: judged[uid].rank)  # max keeps the first (smallest UID) of equals
     for uid in eligible:
         if uid != chosen:
-            skipped[uid] = f"another series was chosen: {chosen} ({series[chosen].summary()}; this one: {series[uid].summary()})"
+            comparison = f"{series[chosen].summary()}; this one: {series[uid].summary()}"
+            skipped[uid] = f"another series was chosen: {chosen} ({comparison})"
     return chosen, skipped

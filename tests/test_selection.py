@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 
 from node.selection import SHARP, SOFT, UNCLASSIFIED, choose_series, eligibility, kernel_class
@@ -15,8 +16,7 @@ MIN_SLICES, MIN_COVERAGE = 16, 80.0
 
 def series(count: int = 32, spacing: float = 5.0, orientation=AXIAL, **overrides) -> list[dict]:
     """Headers of a routine non-contrast head series, slices along the orientation's normal."""
-    row, column = orientation[:3], orientation[3:]
-    normal = [row[1] * column[2] - row[2] * column[1], row[2] * column[0] - row[0] * column[2], row[0] * column[1] - row[1] * column[0]]
+    normal = np.cross(orientation[:3], orientation[3:])
     headers = []
     for i in range(count):
         header = {
@@ -30,7 +30,7 @@ def series(count: int = 32, spacing: float = 5.0, orientation=AXIAL, **overrides
             "image_type": ["ORIGINAL", "PRIMARY", "AXIAL"],
             "contrast_agent": None,
             "instance_number": count - i,
-            "image_position": [-120.0 + i * spacing * normal[0], -100.0 + i * spacing * normal[1], i * spacing * normal[2]],
+            "image_position": [float(v) for v in np.array([-120.0, -100.0, 0.0]) + i * spacing * normal],
             "image_orientation": list(orientation),
             "slice_thickness": spacing,
             "rows": 512,
@@ -60,7 +60,7 @@ def test_routine_head_series_is_eligible():
         ({"series_description": "Topogram 0.6 T20s"}, "localizer (SeriesDescription 'Topogram 0.6 T20s')"),
         ({"body_part": "CHEST"}, "not a head series (BodyPartExamined 'CHEST')"),
         (
-            {"body_part": None, "series_description": "Abdomen 5mm", "protocol_name": "Abdomen", "study_description": "CT ABD"},
+            {"body_part": None, "series_description": "Abdomen", "protocol_name": None, "study_description": "CT ABD"},
             "not a head series (no BodyPartExamined and no head keyword in the descriptions)",
         ),
         ({"contrast_agent": "Omnipaque"}, "contrast-enhanced (ContrastBolusAgent 'Omnipaque')"),
@@ -84,7 +84,7 @@ def test_ineligible_series_say_why(overrides, reason):
     [
         {"body_part": None, "series_description": "CT HEAD W/O", "protocol_name": None},
         {"body_part": None, "series_description": "Axial 5mm", "protocol_name": "cCT nativ"},
-        {"body_part": None, "series_description": "Axial 5mm", "protocol_name": None, "study_description": "CT Schädel"},
+        {"body_part": None, "series_description": "Axial", "protocol_name": None, "study_description": "CT Schädel"},
         {"body_part": None, "series_description": "Kopf 5mm", "protocol_name": None},
         {"body_part": "BRAIN"},
         {"body_part": "HEADNECK"},
@@ -137,7 +137,10 @@ def test_enhanced_ct_without_per_frame_positions_checked_by_frame_count():
 
 @pytest.mark.parametrize(
     "soft, sharp",
-    [("H31s", "H70h"), ("J40s", "J70h"), ("Hr38", "Hr68"), ("STANDARD", "BONEPLUS"), ("SOFT", "LUNG"), ("UC", "YC"), ("FC26", "FC35")],
+    [
+        ("H31s", "H70h"), ("J40s", "J70h"), ("Hr38", "Hr68"), ("STANDARD", "BONEPLUS"), ("SOFT", "LUNG"),
+        ("UC", "YC"), ("FC26", "FC35"),
+    ],
 )
 def test_soft_tissue_kernel_chosen_over_sharp_kernel(soft, sharp):
     candidates = {"1.2.1": series(kernel=sharp), "1.2.2": series(kernel=soft)}
@@ -146,7 +149,9 @@ def test_soft_tissue_kernel_chosen_over_sharp_kernel(soft, sharp):
 
     assert chosen == "1.2.2"
     assert skipped == {"1.2.1": skipped["1.2.1"]}
-    assert skipped["1.2.1"].startswith(f"another series was chosen: 1.2.2 (soft-tissue kernel {soft}, 5.0 mm, 32 slices;")
+    chosen_summary = f"soft-tissue kernel {soft}, 5.0 mm, 32 slices"
+    this_summary = f"sharp kernel {sharp}, 5.0 mm, 32 slices"
+    assert skipped["1.2.1"] == f"another series was chosen: 1.2.2 ({chosen_summary}; this one: {this_summary})"
 
 
 def test_five_mm_chosen_over_thin_slices_and_original_over_derived():
@@ -161,7 +166,8 @@ def test_five_mm_chosen_over_thin_slices_and_original_over_derived():
 
 
 def test_ineligible_series_skipped_with_their_own_reason():
-    candidates = {"1.2.6": series(), "1.2.7": series(modality="MR"), "1.2.8": series(1, image_type=["ORIGINAL", "PRIMARY", "LOCALIZER"])}
+    localizer = series(1, image_type=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    candidates = {"1.2.6": series(), "1.2.7": series(modality="MR"), "1.2.8": localizer}
 
     chosen, skipped = choose_series(candidates, MIN_SLICES, MIN_COVERAGE)
 

@@ -13,6 +13,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGLSLossless,
     RLELossless,
     generate_uid,
 )
@@ -167,7 +168,9 @@ def test_uneven_spacing_without_missing_slices(tmp_path):
     [(True, 1.0, 0.0), (False, 1.0, -1024.0), (False, 0.5, -1024.0), (True, 2.0, -1000.0)],
 )
 def test_stored_value_encodings_give_the_same_hounsfield_units(tmp_path, signed, slope, intercept):
-    volume = load_series(write(tmp_path, axial_series([0.0, 5.0, 10.0], signed=signed, slope=slope, intercept=intercept))).volume
+    datasets = axial_series([0.0, 5.0, 10.0], signed=signed, slope=slope, intercept=intercept)
+
+    volume = load_series(write(tmp_path, datasets)).volume
 
     np.testing.assert_allclose(volume.hu, np.stack([slice_hu(k) for k in range(3)]))
 
@@ -210,10 +213,22 @@ def test_values_below_air_are_clamped(tmp_path):
     assert hu.min() == -1024.0 and (hu[:, 0, :] == -1024.0).all()
 
 
-def truncate_frame(ds: Dataset) -> None:
-    """Cut the compressed frame short, as an interrupted transfer would."""
-    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-    ds.PixelData = encapsulate([frame[: len(frame) // 2]])
+def truncate_frame(ds: Dataset, index: int = 0) -> None:
+    """Cut a compressed frame short, as an interrupted transfer would."""
+    frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1))))
+    frames[index] = frames[index][: len(frames[index]) // 2]
+    ds.PixelData = encapsulate(frames)
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless, JPEGLSLossless])
+def test_compressed_series_gives_the_same_hounsfield_units(tmp_path, syntax):
+    datasets = axial_series([0.0, 5.0, 10.0])
+    native = load_series(write(tmp_path, datasets)).volume.hu
+    for ds in datasets:
+        ds.compress(syntax)
+    (tmp_path / "compressed").mkdir()
+
+    np.testing.assert_array_equal(load_series(write(tmp_path / "compressed", datasets)).volume.hu, native)
 
 
 @pytest.mark.parametrize("syntax", [JPEG2000Lossless, RLELossless])
@@ -311,7 +326,10 @@ def enhanced_ct(single_frames: list[Dataset]) -> Dataset:
         )
         per_frame.append(item)
     ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
-    for keyword in ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation"):
+    for keyword in (
+        "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
+        "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    ):
         setattr(ds, keyword, first.get(keyword))
     ds.PixelData = b"".join(single.PixelData for single in single_frames)
     return ds
@@ -335,3 +353,15 @@ def test_enhanced_ct_loads_into_the_same_volume_as_single_frames(tmp_path):
     assert {s.sop_instance_uid for s in enhanced.slices} == {multi.SOPInstanceUID}
     assert all(source is loaded.sources[0] for source in loaded.sources)
     assert loaded.warnings == []
+
+
+def test_corrupt_frame_of_enhanced_ct_leaves_only_that_frame_out(tmp_path):
+    multi = enhanced_ct(axial_series([0.0, 5.0, 10.0, 15.0, 20.0]))
+    multi.compress(RLELossless)
+    truncate_frame(multi, index=1)
+
+    loaded = load_series(write(tmp_path, [multi]))
+
+    assert [s.frame_number for s in loaded.volume.slices] == [1, 3, 4, 5]
+    assert loaded.volume.missing_slices == 1
+    assert any(w.startswith(f"instance {multi.SOPInstanceUID} frame 2: corrupt pixel data") for w in loaded.warnings)

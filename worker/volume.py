@@ -9,7 +9,8 @@ back to the shared groups). What the loader does with imperfect series:
   spacing, frame of reference, image flavour = ImageType value 3) is kept; the others are left
   out with a warning.
 * Slices are ordered by ImagePositionPatient projected on the slice normal (InstanceNumber is not
-  trusted). Slices at the same position are kept once (the first file given), with a warning.
+  trusted). Slices within 0.01 mm of the one below are duplicates: left out with a warning (of
+  slices at exactly the same position, the first file given is kept).
 * Pixel data that fails to decode leaves that instance (for multi-frame: that frame) out, with a
   warning naming the SOP Instance UID; the resulting gap then counts as missing slices.
 * Gantry tilt: the offsets between slice positions have a component within the slice plane (a
@@ -129,9 +130,9 @@ def load_series(paths: Sequence[Path]) -> LoadedSeries:
 
     kept = [frame for frame, _ in decoded]
     positions = np.array([frame.position for frame in kept])
-    gap, uneven, missing = _spacing(positions @ normal, warnings)
-    tilt = _gantry_tilt(positions, normal, kept[0], warnings)
     first = kept[0]
+    gap, uneven, missing = _spacing(positions @ normal, warnings)
+    tilt = _gantry_tilt(positions, normal, first, warnings)
     volume = Volume(
         hu=np.stack([hu for _, hu in decoded]),
         spacing_mm=(gap, first.pixel_spacing[0], first.pixel_spacing[1]),
@@ -272,7 +273,7 @@ def _unit_normal(orientation: np.ndarray) -> np.ndarray:
 def _ordered_without_duplicates(
     decoded: list[tuple[_Frame, np.ndarray]], normal: np.ndarray, warnings: list[str]
 ) -> list[tuple[_Frame, np.ndarray]]:
-    ordered = sorted(decoded, key=lambda item: float(item[0].position @ normal))  # stable: first file wins
+    ordered = sorted(decoded, key=lambda item: float(item[0].position @ normal))
     kept, duplicates = [ordered[0]], []
     for item in ordered[1:]:
         if float((item[0].position - kept[-1][0].position) @ normal) < DUPLICATE_MM:
@@ -292,7 +293,8 @@ def _spacing(along_normal: np.ndarray, warnings: list[str]) -> tuple[float, bool
     large = gaps[gaps > MISSING_GAP_FACTOR * median]
     missing = int(sum(round(gap / median) - 1 for gap in large))
     if missing:
-        warnings.append(f"{missing} missing slice(s): {len(large)} gap(s) up to {large.max():.2f} mm, median {median:.2f} mm")
+        gaps_text = f"{len(large)} gap(s) up to {large.max():.2f} mm, median {median:.2f} mm"
+        warnings.append(f"{missing} missing slice(s): {gaps_text}")
     if uneven:
         warnings.append(f"uneven spacing: gaps {gaps.min():.2f}-{gaps.max():.2f} mm, median {median:.2f} mm")
     return median, uneven, missing
