@@ -33,13 +33,13 @@ class Site:
     def __init__(self, tmp_path):
         self.settings = Settings(data_dir=tmp_path)
         self.store = Store(self.settings.database_path)
-        app = FastAPI()
-        app.include_router(make_worklist_router(self.store, self.settings))
-        mount_web(app)
-        self.client = TestClient(app)
+        self.app = FastAPI()
+        self.app.include_router(make_worklist_router(self.store, self.settings))
+        mount_web(self.app)
+        self.client = TestClient(self.app)
         self._next = 0
 
-    def receive(self, study_uid: str, series_uid: str, *, name: str = "DOE^JANE", accession: str = "A1") -> None:
+    def receive(self, study_uid: str, series_uid: str, name: str = "DOE^JANE", accession: str = "A1") -> None:
         self._next += 1
         header = {
             "sop_instance_uid": f"{series_uid}.{self._next}", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
@@ -48,15 +48,16 @@ class Site:
         }
         assert self.store.record_instance(header, f"spool/{self._next}.dcm", "SCANNER")
 
-    def analysed(self, study_uid: str, series_uid: str, p_any: float, volume: float = 0.0, thumbs: int = 0) -> None:
-        self.receive(study_uid, series_uid)
+    def analysed(self, study_uid: str, series_uid: str, p_any: float, volume: float = 0.0,
+                 thumbnails: tuple[bytes, ...] = (), name: str = "DOE^JANE") -> None:
+        self.receive(study_uid, series_uid, name)
         generation = self.store.mark_queued(series_uid, f"task-{series_uid}")
         findings = findings_for(study_uid, series_uid, p_any, volume)
         assert self.store.mark_result(series_uid, generation, "done", findings, None)
         folder = self.settings.results_dir / series_uid
         folder.mkdir(parents=True, exist_ok=True)
-        for n in range(thumbs):
-            (folder / f"thumb_{n}.png").write_bytes(b"\x89PNG fake " + bytes([n]))
+        for n, png in enumerate(thumbnails):
+            (folder / f"thumb_{n}.png").write_bytes(png)
 
     def worklist(self, **params) -> list[dict]:
         response = self.client.get("/api/worklist", params=params)
@@ -89,7 +90,7 @@ def test_order_priority_then_arrival_with_unanalysed_last(site):
 
 
 def test_item_carries_what_the_radiologist_needs(site):
-    site.analysed("1.4", "1.4.1", 0.92, volume=12.5, thumbs=2)
+    site.analysed("1.4", "1.4.1", 0.92, volume=12.5, thumbnails=(b"png0", b"png1"))
     (item,) = site.worklist()
     assert item["patient_id"] == "PID-1.4" and item["patient_name"] == "DOE^JANE" and item["accession_number"] == "A1"
     assert item["state"] == "done" and item["series_instance_uid"] == "1.4.1"
@@ -158,10 +159,10 @@ def test_acknowledge_rejects_bad_requests(site, path, body, status):
 
 
 def test_thumbnails(site):
-    site.analysed("1.4", "1.4.1", 0.92, thumbs=1)
+    site.analysed("1.4", "1.4.1", 0.92, thumbnails=(b"png0",))
     response = site.client.get("/api/series/1.4.1/thumbnails/0.png")
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
-    assert response.content == b"\x89PNG fake \x00"
+    assert response.content == b"png0"
     missing = site.client.get("/api/series/1.4.1/thumbnails/1.png")
     assert missing.status_code == 404 and missing.json() == {"detail": "no thumbnail 1 for series 1.4.1"}
     assert site.worklist()[0]["thumbnails"] == ["/api/series/1.4.1/thumbnails/0.png"]  # only those on disk

@@ -17,36 +17,31 @@ const STATE_LABELS = {
 
 const $ = (id) => document.getElementById(id);
 const thumbnailCache = new Map(); // thumbnail URL + analysed time -> object URL of the fetched PNG
-let tokenDeclined = false;
 
 class AuthNeeded extends Error {}
 
 // --- API access; the node may require `Authorization: Bearer <token>` --------------------------
-
-function askForToken() {
-  const token = window.prompt("This node needs its API token (ask your administrator):");
-  if (token && token.trim()) {
-    sessionStorage.setItem(TOKEN_KEY, token.trim());
-    tokenDeclined = false;
-  } else {
-    tokenDeclined = true;
-  }
-  $("enter-token").hidden = !tokenDeclined;
-}
+// On 401 the page shows a token form; the token is kept for this browser tab (sessionStorage).
 
 async function api(path, options = {}) {
-  for (let attempt = 0; attempt < 2; attempt++) {
-    const headers = new Headers(options.headers || {});
-    const token = sessionStorage.getItem(TOKEN_KEY);
-    if (token) headers.set("Authorization", `Bearer ${token}`);
-    const response = await fetch(path, { ...options, headers, cache: "no-store" });
-    if (response.status !== 401) return response;
-    sessionStorage.removeItem(TOKEN_KEY); // missing or wrong: ask (once) for the right one
-    if (tokenDeclined || attempt > 0) break;
-    askForToken();
-    if (tokenDeclined) break;
+  const headers = new Headers(options.headers || {});
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.set("Authorization", `Bearer ${token}`);
+  const response = await fetch(path, { ...options, headers, cache: "no-store" });
+  if (response.status === 401) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    $("token-form").hidden = false;
+    throw new AuthNeeded(token ? "API token rejected, enter the right one" : "API token needed");
   }
-  throw new AuthNeeded("API token needed");
+  return response;
+}
+
+function useToken(event) {
+  event.preventDefault();
+  sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+  $("token").value = "";
+  $("token-form").hidden = true;
+  refresh();
 }
 
 async function errorText(response) {
@@ -80,6 +75,7 @@ function clock(iso) {
 function ago(iso) {
   if (!iso) return "";
   const minutes = Math.max(0, Math.round((Date.now() - new Date(iso).getTime()) / 60000));
+  if (minutes < 1) return "just now";
   if (minutes < 60) return `${minutes} min ago`;
   if (minutes < 48 * 60) return `${Math.round(minutes / 60)} h ago`;
   return `${Math.round(minutes / 1440)} days ago`;
@@ -252,5 +248,5 @@ async function poll() {
 $("reader").value = localStorage.getItem(READER_KEY) || "";
 $("reader").addEventListener("change", () => localStorage.setItem(READER_KEY, $("reader").value.trim()));
 $("show-acknowledged").addEventListener("change", refresh);
-$("enter-token").addEventListener("click", () => { askForToken(); refresh(); });
+$("token-form").addEventListener("submit", useToken);
 poll();
