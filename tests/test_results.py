@@ -332,3 +332,16 @@ def test_phantom_results_cover_ground_truth(tmp_path):
     )
     for subtype, number in numbers.items():
         np.testing.assert_array_equal(pixels[..., number - 1].astype(bool), study.masks[subtype])
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")
+def test_nonconformant_patient_attributes_do_not_cost_the_results():
+    sources, volume = ct_series(head_hu())
+    for ds in sources:
+        ds.PatientSex, ds.PatientBirthDate = "U", "1970"  # seen in the wild; highdicom rejects both
+    output = detector_output(volume, {"SDH": blob_mask()}, {"any": 0.9, "SDH": 0.9})
+    findings = findings_for(sources, volume, output)
+    results = build_results(sources, volume, output, findings)
+    assert len(results) == 6
+    assert {(ds.PatientSex or "", ds.PatientBirthDate or "", ds.PatientID) for ds in results} == {("", "", "R1")}
+    assert sources[0].PatientSex == "U"  # the caller's datasets are left alone

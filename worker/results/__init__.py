@@ -14,6 +14,7 @@ from worker.geometry import Volume
 from worker.results.kos import build_kos
 from worker.results.sc import build_scs
 from worker.results.seg import build_seg
+from worker.results.sources import conformant
 from worker.results.sr import build_sr
 from worker.results.uids import ResultUIDs
 
@@ -28,6 +29,7 @@ def build_results(
     """
     if len(sources) != len(volume.slices):
         raise ValueError(f"{len(sources)} sources for {len(volume.slices)} volume slices")
+    sources = [conformant(ds) for ds in sources]
     uids = ResultUIDs(findings.series_instance_uid, output.model_name, output.model_version)
     results: dict[str, pydicom.Dataset] = {}
     seg = build_seg(sources, volume, output, uids)

@@ -16,7 +16,7 @@ from worker.findings import Findings
 from worker.geometry import Volume
 from worker.results.codes import DISCLAIMER, MANUFACTURER
 from worker.results.identity import contributing_equipment
-from worker.results.sources import slice_source
+from worker.results.sources import copy_patient_and_study, slice_source
 from worker.results.uids import ResultUIDs
 
 SERIES_NUMBER = 9904
@@ -148,19 +148,11 @@ def _build_sc(
         sop_instance_uid=uids.instance(f"sc:{rank}"),
         instance_number=rank,
         manufacturer=MANUFACTURER,
-        patient_id=source.get("PatientID"),
-        patient_name=source.get("PatientName"),
-        patient_birth_date=source.get("PatientBirthDate"),
-        patient_sex=source.get("PatientSex") or None,
-        accession_number=source.get("AccessionNumber"),
-        study_id=source.get("StudyID"),
-        study_date=source.get("StudyDate"),
-        study_time=source.get("StudyTime"),
-        referring_physician_name=source.get("ReferringPhysicianName"),
         patient_orientation=_patient_orientation(volume.orientation),
         contributing_equipment=contributing_equipment(output),
         series_description=f"AI ICH heatmaps - {DISCLAIMER}"[:64],
     )
+    copy_patient_and_study(source, sc)
     sc.BodyPartExamined = source.get("BodyPartExamined") or "HEAD"  # unpaired: no Laterality
     sc.BurnedInAnnotation = "YES"
     sc.ConversionType = "WSD"  # rendered by a workstation

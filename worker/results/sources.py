@@ -1,8 +1,11 @@
 """Map volume slices back to the source instances (and frames, for Enhanced CT) they came from."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.valuerep import DA, TM
 
 from worker.geometry import Volume
 
@@ -36,3 +39,48 @@ def in_source_order(
 def distinct(datasets: list[Dataset]) -> list[Dataset]:
     """``datasets`` without repeats (the slices of a multi-frame source share one dataset)."""
     return list({ds.SOPInstanceUID: ds for ds in datasets}.values())
+
+
+#: Patient and study attributes a result object carries over from its source.
+PATIENT_AND_STUDY = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDescription",
+)
+_VALID = {
+    "PatientSex": lambda value: value in ("M", "F", "O"),
+    "PatientBirthDate": DA,
+    "StudyDate": DA,
+    "StudyTime": TM,
+}
+
+
+def _is_valid(keyword: str, value) -> bool:
+    try:
+        return bool(_VALID[keyword](value))
+    except ValueError:
+        return False
+
+
+def conformant(ds: Dataset) -> Dataset:
+    """``ds``, or a shallow copy with the patient/study values highdicom would reject emptied.
+
+    highdicom validates Patient's Sex and the dates and times it copies into derived objects;
+    a source that bends those rules (sex "U", a year as birth date) must not cost the series its
+    results. The emptied attributes are Type 2, so the results stay valid.
+    """
+    bad = [k for k in _VALID if ds.get(k) not in (None, "") and not _is_valid(k, ds.get(k))]
+    if not bad:
+        return ds
+    fixed = Dataset(dict(ds.items()))  # own element dict; copy.copy would share it
+    if hasattr(ds, "file_meta"):
+        fixed.file_meta = ds.file_meta
+    for keyword in bad:
+        del fixed[keyword]  # a new element, not a change to the shared one
+        setattr(fixed, keyword, "")
+    return fixed
+
+
+def copy_patient_and_study(source: Dataset, target: Dataset) -> None:
+    for keyword in PATIENT_AND_STUDY:
+        if keyword in source:
+            target[keyword] = copy.deepcopy(source[keyword])
