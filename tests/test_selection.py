@@ -202,3 +202,15 @@ def test_choice_between_equal_series_does_not_depend_on_arrival_order():
 )
 def test_kernel_classes(kernel, expected):
     assert kernel_class(kernel) == expected
+
+
+def test_headers_of_a_phantom_head_ct_are_eligible():
+    from node.headers import instance_header
+    from training.phantom import make_study
+
+    headers = [instance_header(ds) for ds in make_study(1, matrix=64).datasets]
+
+    assert judge(headers).eligible
+    assert judge([dict(h, contrast_agent="Iomeron 350") for h in headers]).reason == (
+        "contrast-enhanced (ContrastBolusAgent 'Iomeron 350')"
+    )

@@ -365,3 +365,18 @@ def test_corrupt_frame_of_enhanced_ct_leaves_only_that_frame_out(tmp_path):
     assert [s.frame_number for s in loaded.volume.slices] == [1, 3, 4, 5]
     assert loaded.volume.missing_slices == 1
     assert any(w.startswith(f"instance {multi.SOPInstanceUID} frame 2: corrupt pixel data") for w in loaded.warnings)
+
+
+@pytest.mark.parametrize("seed, syntax", [(0, JPEG2000Lossless), (1, RLELossless)])  # seed 0 has a tilted gantry
+def test_phantom_study_loads_to_its_ground_truth(tmp_path, seed, syntax):
+    from training.phantom import make_study
+
+    study = make_study(seed, matrix=64, transfer_syntax=syntax)
+    params = study.truth["params"]
+
+    volume = load_series(write(tmp_path, study.datasets[::-1])).volume
+
+    np.testing.assert_array_equal(volume.hu, study.hu)
+    assert [s.sop_instance_uid for s in volume.slices] == study.truth["sop_instance_uids"]
+    assert volume.spacing_mm == pytest.approx(tuple(params["spacing_mm"]), abs=1e-4)
+    assert volume.gantry_tilt_deg == pytest.approx(params["acquisition"]["tilt_deg"], abs=0.05)

@@ -51,6 +51,7 @@ DUPLICATE_MM = 0.01  # slices closer than this along the normal are the same pos
 UNEVEN_FRACTION = 0.10  # a gap deviating more than this from the median makes spacing uneven
 MISSING_GAP_FACTOR = 1.5  # a gap above this many median gaps has missing slices in it
 MIN_TILT_DEG = 0.1  # shear below this is rounding in the stored positions
+MAX_LISTED = 5  # instances named in one warning
 
 
 class VolumeError(Exception):
@@ -281,7 +282,8 @@ def _ordered_without_duplicates(
         else:
             kept.append(item)
     if duplicates:
-        warnings.append(f"{len(duplicates)} duplicate position(s) left out: {', '.join(duplicates)}")
+        shown = ", ".join(duplicates[:MAX_LISTED]) + (", ..." if len(duplicates) > MAX_LISTED else "")
+        warnings.append(f"{len(duplicates)} duplicate position(s) left out: {shown}")
     return kept
 
 
