@@ -1,4 +1,5 @@
-"""Map volume slices back to the source instances (and frames, for Enhanced CT) they came from."""
+"""The source instances as result objects use them: the instance (and frame, for Enhanced CT)
+each volume slice came from, and the patient and study attributes results carry over."""
 from __future__ import annotations
 
 import copy
