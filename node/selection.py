@@ -117,10 +117,9 @@ class _Series:
 def kernel_class(kernel: str | None) -> int:
     """SOFT, UNCLASSIFIED or SHARP for a ConvolutionKernel value of any vendor."""
     name = (kernel or "").split("\\")[0].strip().upper()
-    words = name.replace("_", " ")
-    if any(word in words for word in SHARP_KERNEL_WORDS):
+    if any(word in name for word in SHARP_KERNEL_WORDS):
         return SHARP
-    if any(word in words for word in SOFT_KERNEL_WORDS):
+    if any(word in name for word in SOFT_KERNEL_WORDS):
         return SOFT
     if name in PHILIPS_SOFT:
         return SOFT
@@ -135,7 +134,9 @@ def kernel_class(kernel: str | None) -> int:
 
 
 def _most_common(values: list) -> object:
-    return Counter(values).most_common(1)[0][0] if values else None
+    """The most frequent value; ties go to the smallest as text, so header order never matters."""
+    counts = Counter(values)
+    return min(counts, key=lambda value: (-counts[value], str(value))) if counts else None
 
 
 def _text(headers: list[dict], key: str) -> str:

@@ -232,7 +232,7 @@ def _majority_geometry(frames: list[_Frame], warnings: list[str]) -> list[_Frame
     if not frames:
         return []
     counts = Counter(f.geometry for f in frames)
-    majority = counts.most_common(1)[0][0]
+    majority = min(counts, key=lambda g: (-counts[g], str(g)))  # ties: independent of file order
     for geometry, count in counts.items():
         if geometry != majority:
             warnings.append(f"{count} image(s) with another geometry left out: {geometry.differences(majority)}")
