@@ -127,10 +127,15 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_benchmark(args) -> None:
-    from training.benchmark import benchmark_main
+    _setup_logging("WARNING")
+    if args.part in ("detector", "all"):
+        from training.benchmark import benchmark_main
 
-    _setup_logging("INFO")
-    benchmark_main(slices=args.slices, matrix=args.matrix)
+        benchmark_main(slices=args.slices, matrix=args.matrix)
+    if args.part in ("listener", "all"):
+        from node.benchmark import benchmark_listener
+
+        benchmark_listener(slices=args.slices, matrix=args.matrix)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder (default: the shipped ensemble)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_evaluate)
-    p = sub.add_parser("benchmark", help="time the shipped ensemble on a synthetic series")
+    p = sub.add_parser("benchmark", help="time the detector per member, and the listener against DCMTK storescp")
+    p.add_argument("part", nargs="?", choices=("all", "detector", "listener"), default="all")
     p.add_argument("--slices", type=int, default=40)
     p.add_argument("--matrix", type=int, default=512)
     p.set_defaults(func=cmd_benchmark)
