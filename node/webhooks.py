@@ -1,0 +1,70 @@
+"""Webhooks: a JSON POST per analysed series at or above `webhook_min_level` (chat, paging, ...).
+
+The payload carries no patient name, patient ID or accession number unless
+`webhook_include_patient` is set: webhook receivers are often outside the hospital's PACS/RIS
+trust zone. docs/INTEGRATION.md shows an example payload.
+"""
+from __future__ import annotations
+
+import httpx
+
+from node.errors import DeliveryError
+from node.hl7 import DISCLAIMER
+from worker.priority import LEVEL_RANK
+
+EVENT = "ich.result"
+
+
+def should_notify(level: str, min_level: str) -> bool:
+    """True when `level` is at least as urgent as `min_level` (STAT > URGENT > ROUTINE)."""
+    for name in (level, min_level):
+        if name not in LEVEL_RANK:
+            raise ValueError(f"unknown priority level {name!r}, expected one of {', '.join(LEVEL_RANK)}")
+    return LEVEL_RANK[level] >= LEVEL_RANK[min_level]
+
+
+def build_webhook_payload(findings: dict, study: dict, include_patient: bool, base_url: str = "") -> dict:
+    """The JSON body for one result. Links are relative to the node unless `base_url` is given."""
+    series_uid = findings["series_instance_uid"]
+    base = base_url.rstrip("/")
+    payload = {
+        "event": EVENT,
+        "disclaimer": DISCLAIMER,
+        "study_instance_uid": findings["study_instance_uid"],
+        "series_instance_uid": series_uid,
+        "priority": findings["priority"],
+        "probabilities": findings["probabilities"],
+        "volumes_ml": findings["volumes_ml"],
+        "difficult": findings["difficult"],
+        "key_slices": findings["key_slices"],
+        "model": findings["model"],
+        "links": {
+            "worklist": f"{base}/",
+            "series": f"{base}/api/series/{series_uid}",
+            "thumbnails": [f"{base}/api/series/{series_uid}/thumbnails/{n}.png"
+                           for n in range(len(findings["key_slices"]))],
+        },
+    }
+    if include_patient:
+        payload["patient"] = {"id": study.get("patient_id"), "name": study.get("patient_name")}
+        payload["accession_number"] = study.get("accession_number")
+    return payload
+
+
+def post_webhook(url: str, payload: dict, timeout: float = 10.0) -> None:
+    """POST the payload as JSON; DeliveryError unless the receiver answers 2xx within `timeout`.
+
+    Redirects are not followed: a webhook URL should name its final endpoint.
+    """
+    try:
+        response = httpx.post(url, json=payload, timeout=timeout, headers={"User-Agent": "ichnode"})
+    except httpx.TimeoutException:
+        raise DeliveryError(f"webhook {url}: no response within {timeout:g} s") from None
+    except httpx.ConnectError as exc:
+        raise DeliveryError(f"webhook {url}: cannot connect: {exc}") from None
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise DeliveryError(f"webhook {url}: {type(exc).__name__}: {exc}") from None
+    if not response.is_success:
+        body = " ".join(response.text.split())[:200]
+        location = f" to {response.headers['location']}" if response.is_redirect else ""
+        raise DeliveryError(f"webhook {url}: HTTP {response.status_code} {response.reason_phrase}{location}: {body}")
