@@ -19,7 +19,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pydicom
@@ -735,13 +735,20 @@ def write_study(study: PhantomStudy, out_dir: Path) -> Path:
     return folder
 
 
-def phantom_main(out: Path, studies: int, seed: int, positive_fraction: float = 0.5, matrix: int = 512) -> None:
-    """`ichnode phantom`: write `studies` phantom studies; study i uses seed + i."""
+def make_studies(seed: int, n: int, positive_fraction: float = 0.5, **kwargs) -> Iterator[PhantomStudy]:
+    """n studies with seeds seed .. seed + n - 1, each positive with probability positive_fraction.
+
+    Keyword arguments go to make_study (matrix, n_slices, ...).
+    """
     chooser = _rng(seed, 5)
-    for i in range(studies):
-        positive = bool(chooser.random() < positive_fraction)
-        folder = write_study(make_study(seed + i, positive=positive, matrix=matrix), Path(out))
-        print(folder)
+    for i in range(n):
+        yield make_study(seed + i, positive=bool(chooser.random() < positive_fraction), **kwargs)
+
+
+def phantom_main(out: Path, studies: int, seed: int, positive_fraction: float = 0.5, matrix: int = 512) -> None:
+    """`ichnode phantom`: write the studies of make_studies and print each study folder."""
+    for study in make_studies(seed, studies, positive_fraction, matrix=matrix):
+        print(write_study(study, Path(out)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,299 @@
+"""Dataset adapters: phantoms, CT-ICH, RSNA 2019 and CQ500 as :class:`training.data.Scan`.
+
+Every adapter returns volumes in the project's slice order (ascending along the slice normal,
+index 0 most inferior) with scan labels keyed by worker.detector.LABELS. DICOM series go through
+the node's own loader (worker.volume.load_series), so training sees exactly what inference sees.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence, TypeVar
+
+import numpy as np
+import pydicom
+from PIL import Image
+
+from training.data import Scan
+from training.phantom import PhantomStudy, make_studies
+from worker.detector import LABELS, SUBTYPES
+from worker.geometry import SliceRef, Volume
+from worker.volume import VolumeError, load_series
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------
+# Phantoms
+
+
+def study_volume(study: PhantomStudy) -> Volume:
+    """The Volume of an in-memory phantom study (what load_series gives for its files)."""
+    first = study.datasets[0]
+    return Volume(
+        hu=study.hu,
+        spacing_mm=tuple(study.truth["params"]["spacing_mm"]),
+        orientation=tuple(float(x) for x in first.ImageOrientationPatient),
+        positions=np.array([[float(x) for x in ds.ImagePositionPatient] for ds in study.datasets]),
+        slices=[SliceRef(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in study.datasets],
+        frame_of_reference_uid=str(first.FrameOfReferenceUID),
+        gantry_tilt_deg=float(first.GantryDetectorTilt),
+    )
+
+
+def _phantom_scan(volume: Volume, truth: dict, masks: dict[str, np.ndarray], report: str) -> Scan:
+    return Scan(
+        scan_id=truth["study_id"],
+        patient_id=truth["patient_id"],
+        volume=volume,
+        labels={k: int(v) for k, v in truth["labels"].items()},
+        slice_labels=np.asarray(truth["slice_labels"], dtype=np.int64),
+        masks={s: np.asarray(masks[s], dtype=bool) for s in SUBTYPES},
+        report=report,
+    )
+
+
+def folder_scans(root: Path) -> list[Scan]:
+    """Studies written by training.phantom.write_study under root (one folder per study)."""
+    scans = []
+    for truth_path in sorted(Path(root).glob("*/truth.json")):
+        folder = truth_path.parent
+        truth = json.loads(truth_path.read_text())
+        volume = load_series(sorted((folder / "dicom").glob("*.dcm"))).volume
+        if [ref.sop_instance_uid for ref in volume.slices] != truth["sop_instance_uids"]:
+            raise ValueError(f"{folder}: loaded slices do not match truth.json (missing or extra files?)")
+        with np.load(folder / "masks.npz") as masks:
+            scans.append(_phantom_scan(volume, truth, dict(masks), (folder / "report.txt").read_text().strip()))
+    return scans
+
+
+def phantom_scans(
+    folder: Path | None = None,
+    *,
+    seed: int = 0,
+    n: int = 0,
+    matrix: int = 128,
+    n_slices: int | None = None,
+    positive_fraction: float = 0.5,
+) -> list[Scan]:
+    """Phantom scans: those written under `folder`, or else n generated in memory from `seed`."""
+    if folder is not None:
+        return folder_scans(folder)
+    return [
+        _phantom_scan(study_volume(study), study.truth, study.masks, study.report)
+        for study in make_studies(seed, n, positive_fraction, matrix=matrix, n_slices=n_slices)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# CT-ICH (PhysioNet): JPG exports of brain and bone windows
+
+#: Assumed, not recorded: an adult head fills most of the 650 px frame, i.e. a field of view of
+#: about 23 cm, 0.35 mm per pixel.
+CTICH_PIXEL_SPACING_MM = 0.35
+CTICH_SLICE_MM = 5.0
+#: (centre, width) in HU of the exported windows, from README: not documented by the dataset.
+CTICH_BRAIN_WINDOW = (40.0, 100.0)
+CTICH_BONE_WINDOW = (370.0, 1660.0)
+CTICH_COLUMNS = {"Epidural": "EDH", "Intraparenchymal": "IPH", "Intraventricular": "IVH",
+                 "Subarachnoid": "SAH", "Subdural": "SDH"}
+AIR_HU = -1024.0
+
+
+def ctich_pseudo_hu(brain: np.ndarray, bone: np.ndarray) -> np.ndarray:
+    """Pseudo-HU from the 8-bit brain and bone window images of the same slice.
+
+    The brain window (fine steps of 0.4 HU) is used where it is not saturated, the bone window
+    (6.5 HU steps) elsewhere; near-black in the bone window is air.
+    """
+    def unwindow(pixels: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+        centre, width = window
+        return centre + (pixels.astype(np.float32) / 255.0 - 0.5) * width
+
+    saturated = (brain <= 5) | (brain >= 250)
+    hu = np.where(saturated, unwindow(bone, CTICH_BONE_WINDOW), unwindow(brain, CTICH_BRAIN_WINDOW))
+    hu[saturated & (bone < 30)] = AIR_HU  # below about -260 HU: air (JPEG noise keeps it off 0)
+    return hu.astype(np.float32)
+
+
+def ctich_scans(root: Path = Path("../shared/data/ct-ich"), patients: Sequence[int] | None = None) -> list[Scan]:
+    """CT-ICH patients (all, or those numbered in `patients`) with slice and scan labels.
+
+    Slice order: the export numbers slices from the skull base up (slice 1 shows the neck or
+    skull base, the last one the vertex), which already is our inferior-first order.
+    """
+    root = Path(root)
+    rows: dict[int, dict[int, dict[str, str]]] = defaultdict(dict)
+    with open(root / "hemorrhage_diagnosis.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            rows[int(row["PatientNumber"])][int(row["SliceNumber"])] = row
+    wanted = sorted(rows) if patients is None else sorted(patients)
+    scans = []
+    for number in wanted:
+        folder = root / "Patients_CT" / f"{number:03d}"
+        slice_rows = rows[number]
+        numbers = sorted(slice_rows)
+        if numbers != list(range(1, len(numbers) + 1)):
+            raise ValueError(f"CT-ICH patient {number}: slice numbers are not 1..n")
+        hu = np.stack([
+            ctich_pseudo_hu(np.asarray(Image.open(folder / "brain" / f"{s}.jpg").convert("L")),
+                            np.asarray(Image.open(folder / "bone" / f"{s}.jpg").convert("L")))
+            for s in numbers
+        ])
+        slice_labels = np.zeros((len(numbers), len(LABELS)), dtype=np.int64)
+        for i, s in enumerate(numbers):
+            row = slice_rows[s]
+            for column, subtype in CTICH_COLUMNS.items():
+                slice_labels[i, LABELS.index(subtype)] = int(row[column])
+            slice_labels[i, 0] = int(row["No_Hemorrhage"] == "0" or slice_labels[i, 1:].any())
+        scan_id = f"ctich-{number:03d}"
+        scans.append(Scan(
+            scan_id=scan_id,
+            patient_id=scan_id,
+            volume=Volume.from_array(hu, (CTICH_SLICE_MM, CTICH_PIXEL_SPACING_MM, CTICH_PIXEL_SPACING_MM)),
+            labels={k: int(slice_labels[:, i].any()) for i, k in enumerate(LABELS)},
+            slice_labels=slice_labels,
+        ))
+    return scans
+
+
+# --------------------------------------------------------------------------------------------
+# DICOM datasets: RSNA 2019 and CQ500
+
+
+def _headers(paths: Iterable[Path]) -> Iterator[tuple[Path, pydicom.Dataset]]:
+    for path in paths:
+        try:
+            yield path, pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as exc:  # unreadable files are skipped, as the node's loader does
+            log.warning("skipping %s: %s", path, exc)
+
+
+def _by_series(paths: Iterable[Path]) -> dict[str, list[tuple[Path, pydicom.Dataset]]]:
+    series: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
+    for path, ds in _headers(paths):
+        series[str(ds.get("SeriesInstanceUID", ""))].append((path, ds))
+    return series
+
+
+def _load(paths: Sequence[Path], what: str) -> Volume | None:
+    try:
+        loaded = load_series(paths)
+    except VolumeError as exc:
+        log.warning("skipping %s: %s", what, exc)
+        return None
+    for warning in loaded.warnings:
+        log.info("%s: %s", what, warning)
+    return loaded.volume
+
+
+RSNA_SUBTYPES = {"any": "any", "epidural": "EDH", "intraparenchymal": "IPH", "intraventricular": "IVH",
+                 "subarachnoid": "SAH", "subdural": "SDH"}
+
+
+def rsna_scans(root: Path) -> Iterator[Scan]:
+    """RSNA 2019 (Kaggle layout): stage_2_train.csv plus ID_*.dcm files anywhere under root.
+
+    Slices are grouped into series by SeriesInstanceUID; a series with unlabelled slices (the
+    test set) is skipped.
+    """
+    root = Path(root)
+    slice_labels: dict[str, np.ndarray] = defaultdict(lambda: np.full(len(LABELS), -1, dtype=np.int64))
+    with open(root / "stage_2_train.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            sop, _, subtype = row["ID"].rpartition("_")
+            slice_labels[sop][LABELS.index(RSNA_SUBTYPES[subtype])] = int(float(row["Label"]))
+    for uid, members in sorted(_by_series(sorted(root.rglob("ID_*.dcm"))).items()):
+        stems = {str(ds.SOPInstanceUID): path.stem for path, ds in members}
+        if any(stem not in slice_labels or (slice_labels[stem] < 0).any() for stem in stems.values()):
+            log.warning("skipping RSNA series %s: slices without labels", uid)
+            continue
+        volume = _load([path for path, _ in members], f"RSNA series {uid}")
+        if volume is None:
+            continue
+        labels = np.stack([slice_labels[stems[ref.sop_instance_uid]] for ref in volume.slices])
+        yield Scan(
+            scan_id=uid,
+            patient_id=str(members[0][1].get("PatientID", uid)),
+            volume=volume,
+            labels={k: int(labels[:, i].any()) for i, k in enumerate(LABELS)},
+            slice_labels=labels,
+        )
+
+
+CQ500_COLUMNS = {"ICH": "any", "EDH": "EDH", "IPH": "IPH", "IVH": "IVH", "SAH": "SAH", "SDH": "SDH"}
+_NOT_PLAIN = re.compile(r"bone|lung|h[6-9]\d|fc[3-9]\d|contrast|c\+|scout|topogram|localizer", re.IGNORECASE)
+
+
+def _normalised_name(name: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", name.split()[0].lower())
+
+
+def cq500_series_rank(ds: pydicom.Dataset) -> tuple:
+    """Sort key, best first: axial plain (soft-tissue kernel) series, then thin, then many slices."""
+    text = " ".join(str(ds.get(k, "")) for k in ("SeriesDescription", "ConvolutionKernel", "ImageType"))
+    iop = np.array(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=float)
+    axial = abs(np.cross(iop[:3], iop[3:])[2]) > 0.9
+    return (not axial, bool(_NOT_PLAIN.search(text)), float(ds.get("SliceThickness", 99) or 99))
+
+
+def cq500_scans(root: Path) -> Iterator[Scan]:
+    """CQ500: reads.csv (three readers) plus one DICOM folder per study named like `name`.
+
+    Scan labels are the majority of the three readers; of a study's series the axial plain one
+    with the thinnest slices is used (ties: more slices).
+    """
+    root = Path(root)
+    folders = {_normalised_name(p.name): p for p in root.iterdir() if p.is_dir()}
+    with open(root / "reads.csv", newline="") as f:
+        reads = list(csv.DictReader(f))
+    for row in reads:
+        name = row["name"]
+        folder = folders.get(_normalised_name(name))
+        if folder is None:
+            log.warning("CQ500 %s: no study folder", name)
+            continue
+        series = _by_series(sorted(p for p in folder.rglob("*") if p.is_file()))
+        if not series:
+            log.warning("CQ500 %s: no DICOM files", name)
+            continue
+        best = min(series.values(), key=lambda members: (cq500_series_rank(members[0][1]), -len(members)))
+        volume = _load([path for path, _ in best], f"CQ500 {name}")
+        if volume is None:
+            continue
+        labels = {label: int(sum(int(float(row[f"R{r}:{column}"])) for r in (1, 2, 3)) >= 2)
+                  for column, label in CQ500_COLUMNS.items()}
+        yield Scan(scan_id=name, patient_id=name, volume=volume, labels={k: labels[k] for k in LABELS})
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+
+
+def split_by_patient(items: Iterable[T], fractions: float | Sequence[float], seed: int = 0) -> tuple[list[T], ...]:
+    """Deterministic split of scans (by patient_id) or of patient ids into groups of patients.
+
+    `fractions` are relative group sizes; a single number f means (1 - f, f), e.g. train and
+    validation. Every patient lands in exactly one group; group order follows `fractions`.
+    """
+    items = list(items)
+    sizes = [1.0 - fractions, fractions] if isinstance(fractions, (int, float)) else [float(x) for x in fractions]
+    if min(sizes) < 0 or sum(sizes) <= 0:
+        raise ValueError(f"bad split fractions {fractions!r}")
+    patient = lambda item: item if isinstance(item, str) else item.patient_id  # noqa: E731
+    patients = sorted({patient(item) for item in items})
+    order = np.random.default_rng(seed).permutation(len(patients))
+    bounds = np.rint(np.cumsum(sizes) / sum(sizes) * len(patients)).astype(int)
+    group_of = {}
+    for group, (start, end) in enumerate(zip(np.concatenate([[0], bounds[:-1]]), bounds)):
+        group_of.update({patients[i]: group for i in order[start:end]})
+    groups: tuple[list[T], ...] = tuple([] for _ in sizes)
+    for item in items:
+        groups[group_of[patient(item)]].append(item)
+    return groups
