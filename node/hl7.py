@@ -106,7 +106,10 @@ def _observations(findings: dict) -> list[tuple[str, str, str, str]]:
 
 
 def build_oru(findings: dict, study: dict, sending_facility: str) -> str:
-    """The ORU^R01 for one analysed series; segments end with CR. `study` is a Store study row."""
+    """The ORU^R01 for one analysed series; segments end with CR. `study` is a Store study row.
+
+    Raises ValueError for a priority level the RIS mapping does not know.
+    """
     level = findings["priority"]["level"]
     if level not in ORDER_PRIORITY:
         raise ValueError(f"unknown priority level {level!r}")
