@@ -779,6 +779,7 @@ def _lesion_sentence(l: dict, ml: float, rng: np.random.Generator) -> tuple[str,
         return text, f"{side.capitalize()} {where} {name.removeprefix('acute ')}."
     if l["subtype"] == "SAH":
         name = pick(["subarachnoid hemorrhage", "subarachnoid blood", "acute subarachnoid hemorrhage", "SAH"])
+        hedged = ml < 5 and rng.random() < 0.3
         amount = pick(["A small amount of", "Trace", "Scattered", "Some"]) if ml < 5 else pick(["Diffuse", "Extensive", "Moderate"])
         if l["pattern"] == "basal":
             place = "in the basal cisterns"
@@ -786,6 +787,8 @@ def _lesion_sentence(l: dict, ml: float, rng: np.random.Generator) -> tuple[str,
             place = f"in the {side} sylvian fissure"
         else:
             place = pick([f"within the {side} {where} sulci", f"along the {side} {where} convexity"])
+        if hedged:
+            return f"Possible trace {name} {place}.", f"Possible {name} {place}."
         return f"{amount} {name} {place}.", f"{name[0].upper() + name[1:]} {place}."
     if l["subtype"] == "IPH":
         name = pick(["intraparenchymal hemorrhage", "intracerebral hematoma", "parenchymal hematoma",
@@ -848,8 +851,11 @@ def make_report(seed: int, truth: dict) -> str:
     if truth.get("params", {}).get("anatomy", {}).get("pineal_hu"):
         sentences.append("Physiologic calcification of the pineal gland.")
     if not present:
-        if rng.random() < 0.1:
+        caveat = rng.random()
+        if caveat < 0.1:
             sentences.append("Streak artifact limits evaluation of the posterior fossa; a small hemorrhage there cannot be excluded.")
+        elif caveat < 0.2:
+            sentences.append(f"The previously described {pick(['left', 'right'])} subdural hematoma has resolved.")
         impression = [pick([
             "No evidence of acute intracranial hemorrhage.",
             "No acute intracranial abnormality.",
