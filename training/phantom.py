@@ -433,13 +433,15 @@ def _render(anat: Anatomy, acq: Acquisition, geo: _Geometry, lesions: Sequence[L
 
     lateral = np.abs(u) > 0.35 * a
     middle_fossa = 0.17 * c * np.exp(-(((np.abs(u) - 0.6 * a) / (0.25 * a)) ** 2) - ((vn + 0.15) / 0.3) ** 2)
-    posterior_fossa = 0.34 * c * np.clip((vn - 0.05) / 0.2, 0, 1)
+    posterior_fossa = 0.34 * c * np.clip((vn - 0.35 * np.abs(un)) / 0.15, 0, 1)  # behind the petrous ridges
     floor = -0.28 * c - np.maximum(middle_fossa, posterior_fossa)  # floor of the cranial cavity
     inside = depth_in >= 0
-    base = inside & (w <= floor) & (w > floor - 12)
-    p.paint(inside & (w <= floor - 12), 40.0)  # face and neck soft tissue below the skull base
-    p.paint(base, (750 + 350 * f).astype(np.float32))
     below = inside & (w <= floor)
+    p.paint(below, 40.0)  # face and neck soft tissue below the skull base
+    for sx in (1, -1):  # orbits: fat around the globes
+        p.paint(below & (_ellipsoid(u, v, w, (sx * 0.36 * a, -0.8 * b, -0.42 * c), (16, 18, 14)) < 1), -80.0)
+        p.paint(below & (_ellipsoid(u, v, w, (sx * 0.36 * a, -0.86 * b, -0.42 * c), (11, 11, 11)) < 1), 15.0)
+    p.paint(below & (w > floor - 6), (750 + 350 * f).astype(np.float32))  # skull base
     for centre, radii in (
         ((0, -0.88 * b, -0.15 * c), (14, 7, 12)),  # frontal sinus
         ((0, -0.55 * b, -0.55 * c), (13, 16, 11)),  # ethmoid and sphenoid
@@ -477,10 +479,10 @@ def _render(anat: Anatomy, acq: Acquisition, geo: _Geometry, lesions: Sequence[L
 
     vs = anat.ventricle_scale
     ventricle = np.zeros(shape, dtype=bool)
-    horn_width = 4.5 * vs * (1 + 0.6 * np.clip(v / b, 0, None))  # wider atria and occipital horns
+    horn_width = 5.5 * vs * (1 + 0.6 * np.clip(v / b, 0, None))  # wider atria and occipital horns
     arch = w - 0.2 * c + 0.006 * v * v  # the bodies arch over the thalami
     for sx in (1, -1):
-        ventricle |= ((um - sx * (5 * vs + 1.5)) / horn_width) ** 2 + (v / (0.36 * b)) ** 2 + (arch / (9 * vs)) ** 2 < 1
+        ventricle |= ((um - sx * (6 * vs + 1.5)) / horn_width) ** 2 + (v / (0.36 * b)) ** 2 + (arch / (11 * vs)) ** 2 < 1
     ventricle |= _ellipsoid(um, v, w, (0, -0.03 * b, 0.02 * c), (1.5 * vs + 0.5, 0.17 * b, 10)) < 1  # third
     ventricle |= _ellipsoid(u, v, w, (0, 0.32 * b, -0.5 * c), (6, 4, 7)) < 1  # fourth
     midbrain = _ellipsoid(u, v, w, (0, 0.05 * b, -0.17 * c), (13, 12, 10)) < 1
