@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "ICHNODE_"
 _AET = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars of the default repertoire, no backslash
@@ -99,6 +99,7 @@ class Settings(BaseModel):
     http_bind: str = "127.0.0.1"
     http_port: Port = 8080
     api_token: str = ""  # when set, the API needs `Authorization: Bearer <token>`
+    public_url: str = ""  # how users reach the web page, for links in webhooks (e.g. https://ichnode.hospital.org)
     # priority rule: level STAT / URGENT / ROUTINE
     stat_probability: float = Field(default=0.70, ge=0, le=1)
     urgent_probability: float = Field(default=0.30, ge=0, le=1)
@@ -151,6 +152,13 @@ class Settings(BaseModel):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"{url!r} is not an http(s) URL")
         return value
+
+    @model_validator(mode="after")
+    def _check_thresholds(self) -> "Settings":
+        if self.urgent_probability > self.stat_probability:
+            raise ValueError(f"urgent_probability {self.urgent_probability} is above stat_probability "
+                             f"{self.stat_probability}")
+        return self
 
     # derived paths: one place says where things live under data_dir
     @property
@@ -208,8 +216,9 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
         return Settings(**values)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = str(err["loc"][0]) if err["loc"] else "?"
+        key = str(err["loc"][0]) if err["loc"] else "urgent_probability"
         origin = f"{ENV_PREFIX}{key.upper()}" if key in env_values else f"{key} (in {path or 'defaults'})"
         if err["type"] == "extra_forbidden":
             raise ConfigError(f"config key {key!r} (in {path}): unknown key") from None
-        raise ConfigError(f"config {origin}: {err['msg']} (got {err.get('input')!r})") from None
+        got = f" (got {err.get('input')!r})" if err["loc"] else ""
+        raise ConfigError(f"config {origin}: {err['msg']}{got}") from None

@@ -41,7 +41,8 @@ def plan_deliveries(store: Store, settings: Settings, series: dict, generation: 
         for endpoint in settings.hl7_endpoints:
             store.enqueue_delivery(uid, generation, "hl7", str(endpoint), message)
     if settings.webhooks and should_notify(findings["priority"]["level"], settings.webhook_min_level):
-        payload = json.dumps(build_webhook_payload(findings, study, settings.webhook_include_patient))
+        payload = json.dumps(build_webhook_payload(findings, study, settings.webhook_include_patient,
+                                                   base_url=settings.public_url))
         for url in settings.webhooks:
             store.enqueue_delivery(uid, generation, "webhook", url, payload)
 

@@ -24,14 +24,16 @@ def make_celery(settings: Settings) -> Celery:
     else:
         queue_dir = settings.broker_dir / "queue"
         processed_dir = settings.broker_dir / "processed"
+        control_dir = settings.broker_dir / "control"
         results_dir = settings.broker_dir / "results"
-        for folder in (queue_dir, processed_dir, results_dir):
+        for folder in (queue_dir, processed_dir, control_dir, results_dir):
             folder.mkdir(parents=True, exist_ok=True)
         broker, backend = "filesystem://", f"file://{results_dir.resolve()}"
         transport_options = {
             "data_folder_in": str(queue_dir.resolve()),
             "data_folder_out": str(queue_dir.resolve()),
             "processed_folder": str(processed_dir.resolve()),
+            "control_folder": str(control_dir.resolve()),
             "store_processed": False,
         }
     app.conf.update(
