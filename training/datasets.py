@@ -122,6 +122,18 @@ def ctich_pseudo_hu(brain: np.ndarray, bone: np.ndarray) -> np.ndarray:
     return hu.astype(np.float32)
 
 
+def _ctich_slice(folder: Path, number: int) -> np.ndarray:
+    brain = np.asarray(Image.open(folder / "brain" / f"{number}.jpg").convert("L"))
+    bone_path = folder / "bone" / f"{number}.jpg"
+    if bone_path.is_file():
+        bone = np.asarray(Image.open(bone_path).convert("L"))
+    else:  # one export lacks a bone image: bright saturated pixels become 700 HU, dark ones air
+        log.warning("%s: no bone window image, pseudo-HU from the brain window only", bone_path)
+        centre, width = CTICH_BONE_WINDOW
+        bone = np.where(brain >= 250, round(((700 - centre) / width + 0.5) * 255), 0).astype(np.uint8)
+    return ctich_pseudo_hu(brain, bone)
+
+
 def ctich_scans(root: Path = Path("../shared/data/ct-ich"), patients: Sequence[int] | None = None) -> list[Scan]:
     """CT-ICH patients (all, or those numbered in `patients`) with slice and scan labels.
 
@@ -141,11 +153,7 @@ def ctich_scans(root: Path = Path("../shared/data/ct-ich"), patients: Sequence[i
         numbers = sorted(slice_rows)
         if numbers != list(range(1, len(numbers) + 1)):
             raise ValueError(f"CT-ICH patient {number}: slice numbers are not 1..n")
-        hu = np.stack([
-            ctich_pseudo_hu(np.asarray(Image.open(folder / "brain" / f"{s}.jpg").convert("L")),
-                            np.asarray(Image.open(folder / "bone" / f"{s}.jpg").convert("L")))
-            for s in numbers
-        ])
+        hu = np.stack([_ctich_slice(folder, s) for s in numbers])
         slice_labels = np.zeros((len(numbers), len(LABELS)), dtype=np.int64)
         for i, s in enumerate(numbers):
             row = slice_rows[s]

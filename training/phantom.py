@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -396,8 +396,11 @@ class _Painter:
         self.code[where] = 0 if subtype is None else 1 + SUBTYPES.index(subtype)
 
 
-def _render(anat: Anatomy, acq: Acquisition, geo: _Geometry, lesions: Sequence[Lesion], grid: int):
-    """Average HU and per-subtype blood fraction, (slices, grid, grid), before upsampling."""
+def _render(anat: Anatomy, acq: Acquisition, geo: _Geometry, lesions: Sequence[Lesion], shift_mm: float, grid: int):
+    """Average HU and per-subtype blood fraction, (slices, grid, grid), before upsampling.
+
+    shift_mm: midline shift, positive toward the patient's left.
+    """
     n_sub = 1 if acq.thickness <= 1.25 else min(4, math.ceil(acq.thickness / 1.25))
     offsets = acq.thickness * ((np.arange(n_sub) + 0.5) / n_sub - 0.5)
     pixel = (np.arange(grid) + 0.5) * acq.matrix / grid - 0.5  # render pixel centres, in matrix pixels
@@ -465,8 +468,7 @@ def _render(anat: Anatomy, acq: Acquisition, geo: _Geometry, lesions: Sequence[L
     p.paint(brain & (w < -0.3 * c), anat.grey - 3.0)  # cerebellum and brainstem
 
     findings = {l.subtype: l for l in lesions}
-    shift_u = _midline_shift(lesions, a) * np.exp(-(((w - 0.2 * c) / (0.5 * c)) ** 2))
-    um = u - shift_u  # midline structures move away from a mass
+    um = u - shift_mm * np.exp(-(((w - 0.2 * c) / (0.5 * c)) ** 2))  # u seen from the shifted midline
 
     iph_core = np.zeros(shape, dtype=bool)
     if "IPH" in findings:
@@ -528,7 +530,7 @@ def _render(anat: Anatomy, acq: Acquisition, geo: _Geometry, lesions: Sequence[L
         profile = np.clip(1 - (arc / l.extent_mm) ** 2, 0, None)
         if subtype == "SDH":
             profile = np.sqrt(profile)  # crescent: even thickness, tapering ends
-        same_side = np.sign(u) == np.sign(e[0])  # the falx (SDH) and sutures (EDH) stop it
+        same_side = np.sign(um) == np.sign(e[0])  # neither crosses the midline (falx, sagittal suture)
         collection = ic & same_side & (depth_in < l.thickness_mm * profile) & (np.abs(um) > 1.0)
         p.paint(collection, (l.hu + 3 * f).astype(np.float32), subtype)
 
@@ -540,13 +542,6 @@ def _render(anat: Anatomy, acq: Acquisition, geo: _Geometry, lesions: Sequence[L
         if s in findings
     }
     return hu, fractions
-
-
-def _midline_shift(lesions: Sequence[Lesion], a: float) -> float:
-    """Signed shift in mm along u of the midline structures (positive: toward patient left)."""
-    mass = sum((1 if l.side == "left" else -1) * l.planned_ml for l in lesions if l.subtype in ("EDH", "SDH", "IPH"))
-    shift = float(np.clip((abs(mass) - 30) / 8, 0, 12))
-    return -math.copysign(shift, mass)
 
 
 def _upsample(x: np.ndarray, size: int) -> np.ndarray:
@@ -664,7 +659,8 @@ def make_study(
     """A synthetic head CT series with voxel masks, truth and report, all determined by `seed`."""
     transfer_syntax = transfer_syntax or ExplicitVRLittleEndian
     if transfer_syntax not in ENCODABLE_TRANSFER_SYNTAXES:
-        raise ValueError(f"cannot encode transfer syntax {transfer_syntax}; use one of {ENCODABLE_TRANSFER_SYNTAXES}")
+        why = "pydicom has no encoder for it" if transfer_syntax in UNENCODABLE_TRANSFER_SYNTAXES else "unsupported"
+        raise ValueError(f"cannot encode transfer syntax {transfer_syntax} ({why}); use one of {ENCODABLE_TRANSFER_SYNTAXES}")
     anat = _draw_anatomy(seed)
     acq = _draw_acquisition(seed, matrix, n_slices, slice_thickness)
     findings = make_findings(seed, positive=positive, subtypes=subtypes)
@@ -673,7 +669,8 @@ def make_study(
     vendor = VENDORS[acq.vendor]
 
     grid = min(matrix, MAX_RENDER_GRID)
-    coarse_hu, fractions = _render(anat, acq, geo, lesions, grid)
+    shift = findings["midline_shift_mm"] * (1 if findings["midline_shift_toward"] == "left" else -1)
+    coarse_hu, fractions = _render(anat, acq, geo, lesions, shift, grid)
     hu = _upsample(coarse_hu, matrix) + _noise(_rng(seed, 4), (acq.n_slices, matrix, matrix), acq.noise_sd)
     lo = vendor.intercept + (-(2 ** (vendor.bits_stored - 1)) if vendor.signed else 0)
     hi = vendor.intercept + (2 ** (vendor.bits_stored - 1) - 1 if vendor.signed else 2**vendor.bits_stored - 1)
@@ -711,7 +708,7 @@ def make_study(
         "series_instance_uid": uids["series"],
         "study_id": uids["study_id"],
         "patient_id": datasets[0].PatientID,
-        "labels": {label: int(label == "any" and bool(present) or label in present) for label in LABELS},
+        "labels": {"any": int(bool(present)), **{s: int(s in present) for s in SUBTYPES}},
         "volumes_ml": {"any": round(float(union.sum() * voxel_ml), 3),
                        **{s: round(float(masks[s].sum() * voxel_ml), 3) for s in SUBTYPES}},
         "slice_labels": per_slice.astype(int).tolist(),
