@@ -150,3 +150,19 @@ def test_write_study_layout(tmp_path):
     assert all(np.array_equal(masks[s], study.masks[s]) for s in SUBTYPES)
     assert json.loads((folder / "truth.json").read_text()) == json.loads(json.dumps(study.truth))
     assert (folder / "report.txt").read_text().strip() == study.report
+
+
+def test_a_large_mass_shifts_the_midline_away_from_it():
+    findings = make_findings(7, subtypes=["SDH"])
+    assert findings["midline_shift_mm"] > 5 and findings["midline_shift_toward"] == "left"
+    kwargs = dict(matrix=96, n_slices=30, slice_thickness=5.0)
+    shifted, normal_ = make_study(7, subtypes=["SDH"], **kwargs), make_study(7, positive=False, **kwargs)
+
+    def deep_csf_column(hu: np.ndarray) -> float:
+        """Mean column of CSF voxels around the ventricles (mid-slices, central crop)."""
+        n = hu.shape[0]
+        core = hu[n // 2 - 3: n // 2 + 5, 30:66, 30:66]
+        return float(np.nonzero((core > -5) & (core < 15))[2].mean())
+
+    moved_mm = (deep_csf_column(shifted.hu) - deep_csf_column(normal_.hu)) * float(shifted.datasets[0].PixelSpacing[1])
+    assert moved_mm > findings["midline_shift_mm"] / 3  # toward the patient's left: higher columns

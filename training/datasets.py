@@ -236,7 +236,11 @@ def rsna_scans(root: Path) -> Iterator[Scan]:
 
 
 CQ500_COLUMNS = {"ICH": "any", "EDH": "EDH", "IPH": "IPH", "IVH": "IVH", "SAH": "SAH", "SDH": "SDH"}
-_NOT_PLAIN = re.compile(r"bone|lung|h[6-9]\d|fc[3-9]\d|contrast|c\+|scout|topogram|localizer", re.IGNORECASE)
+_NOT_PLAIN = re.compile(
+    r"bone|lung|\bh[6-9]\d|\bfc[3-9]\d|post[- ]?contrast|contrast[- ]enhanced|with contrast|w/ ?contrast|c\+"
+    r"|scout|topogram|localizer",
+    re.IGNORECASE,
+)
 
 
 def _normalised_name(name: str) -> str:

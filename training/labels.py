@@ -71,7 +71,6 @@ class Mention:
 class Report:
     text: str
     mentions: tuple[Mention, ...]
-    impression: str
 
     def has(self, term: str, status: str, section: str | None = None) -> bool:
         return any(m.term == term and m.status == status and (section is None or m.section == section)
@@ -105,7 +104,7 @@ def read_report(text: str) -> Report:
                 for term, pattern in TERMS.items():
                     for match in re.finditer(pattern, clause):
                         mentions.append(Mention(term, _status(clause, *match.span()), section, sentence))
-    return Report(text=text, mentions=tuple(mentions), impression=impression)
+    return Report(text=text, mentions=tuple(mentions))
 
 
 # --------------------------------------------------------------------------------------------
