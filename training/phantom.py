@@ -474,7 +474,7 @@ def _render(anat: Anatomy, acq: Acquisition, geo: _Geometry, lesions: Sequence[L
     if "IPH" in findings:
         l = findings["IPH"]
         centre = (l.where[0] * a, l.where[1] * b, l.where[2] * c)
-        q = np.sqrt(_ellipsoid(u, v, w, centre, l.radii_mm)) + 0.12 * f
+        q = np.sqrt(_ellipsoid(u, v, w, centre, l.radii_mm)) + 0.06 * f  # a slightly irregular outline
         iph_core = brain & (q < 1)
         p.paint(brain & (q >= 1) & (q < 1 + l.edema_mm / np.mean(l.radii_mm)), anat.white - 10.0)
         p.paint(iph_core, (l.hu + 4 * f).astype(np.float32), "IPH")
@@ -600,7 +600,7 @@ def _datasets(stored: np.ndarray, acq: Acquisition, geo: _Geometry, uids: dict, 
     base.StudyID = uids["study_id"]
     base.SeriesNumber = 2
     base.AcquisitionNumber = 1
-    base.ImageOrientationPatient = [f"{x:.6f}" for x in (*geo.row_dir, *geo.col_dir)]
+    base.ImageOrientationPatient = [f"{x + 0.0:.6f}" for x in (*geo.row_dir, *geo.col_dir)]  # no "-0.000000"
     base.FrameOfReferenceUID = uids["frame_of_reference"]
     base.PositionReferenceIndicator = ""
     base.ImagesInAcquisition = n
@@ -792,7 +792,8 @@ def _lesion_sentence(l: dict, ml: float, rng: np.random.Generator) -> tuple[str,
     if l["subtype"] == "IPH":
         name = pick(["intraparenchymal hemorrhage", "intracerebral hematoma", "parenchymal hematoma",
                      "intraparenchymal hematoma", "hemorrhagic contusion"])
-        dims = sorted((2 * r / 10 for r in l["radii_mm"]), reverse=True)
+        scale = (ml / l["planned_ml"]) ** (1 / 3) if l["planned_ml"] else 1.0  # as rendered, not as planned
+        dims = sorted((2 * r * scale / 10 for r in l["radii_mm"]), reverse=True)
         edema = pick(["with surrounding vasogenic edema", "with a rim of perilesional edema", "with mild surrounding edema"])
         text = f"{size.capitalize()} {name} in the {side} {where} measuring {dims[0]:.1f} x {dims[1]:.1f} cm {edema}."
         return text, f"{side.capitalize()} {where} {name} ({ml:.0f} mL)."
