@@ -5,6 +5,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from scipy import ndimage
 
@@ -16,13 +17,16 @@ CTICH = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct-ich"
 
 
 def test_written_phantoms_load_like_in_memory_ones(tmp_path):
+    """Through the node's loader, for every vendor header profile, tilted or not."""
     kwargs = dict(matrix=48, n_slices=8, positive_fraction=0.7)
-    in_memory = datasets.phantom_scans(seed=10, n=2, **kwargs)  # seed 10 is gantry-tilted
-    for study in make_studies(10, 2, kwargs["positive_fraction"], matrix=48, n_slices=8):
+    in_memory = datasets.phantom_scans(seed=10, n=5, **kwargs)
+    for study in make_studies(10, 5, kwargs["positive_fraction"], matrix=48, n_slices=8):
         write_study(study, tmp_path)
     from_disk = datasets.phantom_scans(tmp_path)
     assert [s.scan_id for s in from_disk] == [s.scan_id for s in in_memory]
-    assert in_memory[0].volume.gantry_tilt_deg != 0
+    assert {(s.volume.gantry_tilt_deg != 0) for s in in_memory} == {True, False}
+    manufacturers = {pydicom.dcmread(next((tmp_path / s.scan_id / "dicom").iterdir())).Manufacturer for s in in_memory}
+    assert len(manufacturers) == 4
     for a, b in zip(in_memory, from_disk):
         assert np.array_equal(a.volume.hu, b.volume.hu)
         assert np.allclose(a.volume.positions, b.volume.positions, atol=1e-3)

@@ -491,7 +491,7 @@ def _render(anat: Anatomy, acq: Acquisition, geo: _Geometry, lesions: Sequence[L
     cistern = ((_ellipsoid(u, v, w, (0, 0.05 * b, -0.17 * c), (19, 18, 7)) < 1) & ~midbrain) | (
         _ellipsoid(u, v, w, (0, -0.14 * b, -0.19 * c), (11, 8, 6)) < 1
     )
-    sulci = brain & (np.abs(f) < 0.12 + 0.05 * ext) & (depth_in < ext + anat.sulcal_depth)
+    sulci = brain & (np.abs(f) < 0.15 + 0.06 * ext) & (depth_in < ext + anat.sulcal_depth)
     fissure = ic & (np.abs(um) < 1.6) & ((w > 0.3 * c) | (np.abs(v) > 0.5 * b))
     sylvian = ic & lateral & (np.abs(v - (-0.2 * b + 0.3 * (np.abs(u) - 0.35 * a))) < 1.8) & (w > -0.3 * c) & (w < 0.05 * c)
     sulcal_csf = ic & ((depth_in < ext) | sulci | fissure | sylvian | cistern)
