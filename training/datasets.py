@@ -148,6 +148,8 @@ def ctich_scans(root: Path = Path("../shared/data/ct-ich"), patients: Sequence[i
     wanted = sorted(rows) if patients is None else sorted(patients)
     scans = []
     for number in wanted:
+        if number not in rows:
+            raise ValueError(f"CT-ICH patient {number} is not in hemorrhage_diagnosis.csv")
         folder = root / "Patients_CT" / f"{number:03d}"
         slice_rows = rows[number]
         numbers = sorted(slice_rows)
