@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import RLELossless, generate_uid
 
 from tests.conftest import dcmtk, series_uid_of, study_uid_of, wait_for
 
@@ -109,18 +110,49 @@ def test_worker_killed_mid_task_gets_the_series_analysed(node_factory, storescp,
     assert series["generation"] >= 1
 
 
-def test_bad_series_are_skipped_with_reasons(node_factory, tmp_path, positive_series):
-    node = node_factory("serve", ICHNODE_WORKERS="1").start()
-    short = tmp_path / "short"
-    short.mkdir()
-    for path in sorted(positive_series.iterdir())[:3]:
+def copy_series(source, folder, count: int, series_uid: str, change=None):
+    """The first count instances of source as a new series (new UIDs), each changed by change(ds, i)."""
+    folder.mkdir()
+    for i, path in enumerate(sorted(source.iterdir())[:count]):
         ds = dcmread(path)
-        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.10.543.3"
-        ds.SOPInstanceUID = ds.SOPInstanceUID + ".3"
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.save_as(short / path.name, enforce_file_format=True)
-    assert node.storescu(short).returncode == 0
-    series = wait_for(lambda: node.series("1.2.826.0.1.3680043.10.543.3")["state"] == "skipped"
-                      and node.series("1.2.826.0.1.3680043.10.543.3"), 30, what="skip")
-    assert "slice" in series["reason"]
-    assert series["findings"] == {"skipped": series["reason"]}
+        if change:
+            change(ds, i)
+        ds.save_as(folder / path.name, enforce_file_format=True)
+    return folder
+
+
+def test_bad_series_are_skipped_or_analysed_with_reasons(node_factory, tmp_path, positive_series):
+    node = node_factory("serve", ICHNODE_WORKERS="1").start()
+
+    def chest(ds, i):
+        ds.BodyPartExamined, ds.SeriesDescription, ds.ProtocolName, ds.StudyDescription = "CHEST", "Thorax", "", ""
+        ds.StudyInstanceUID = "1.2.826.0.1.3680043.10.543.100"
+
+    def corrupt_sixth(ds, i):
+        if i == 5:
+            ds.compress(RLELossless)
+            ds.PixelData = encapsulate([b"\x01\x00\x00\x00\x40\x00\x00\x00" + bytes(56) + b"\xff\x12"])
+
+    short = copy_series(positive_series, tmp_path / "short", 3, "1.2.826.0.1.3680043.10.543.3")
+    thorax = copy_series(positive_series, tmp_path / "chest", 40, "1.2.826.0.1.3680043.10.543.4", chest)
+    corrupt = copy_series(positive_series, tmp_path / "corrupt", 40, "1.2.826.0.1.3680043.10.543.5", corrupt_sixth)
+    for folder in (short, thorax):
+        assert node.storescu(folder).returncode == 0
+    assert node.storescu(corrupt, "-xr").returncode == 0
+
+    def state(uid, wanted):
+        series = node.series(uid)
+        return series if series["state"] == wanted else None
+
+    skipped = wait_for(lambda: state("1.2.826.0.1.3680043.10.543.3", "skipped"), 30, what="skip of 3 slices")
+    assert "slice" in skipped["reason"]
+    assert skipped["findings"] == {"skipped": skipped["reason"]}
+    not_head = wait_for(lambda: state("1.2.826.0.1.3680043.10.543.4", "skipped"), 30, what="skip of a chest")
+    assert "CHEST" in not_head["reason"]
+    analysed = wait_for(lambda: state("1.2.826.0.1.3680043.10.543.5", "done"), ANALYSIS_BUDGET,
+                        what="analysis without the corrupt instance")
+    assert any("corrupt pixel data" in w for w in analysed["findings"]["warnings"])
+    assert analysed["instances"] == 40 and len(analysed["findings"]["slice_scores"]) == 39
