@@ -38,6 +38,7 @@ def _int(ds: Dataset, keyword: str) -> int | None:
 def instance_header(ds: Dataset) -> dict[str, Any]:
     """Summary of one instance. Enhanced (multi-frame) CT keeps its shared geometry only."""
     image_type = ds.get("ImageType")
+    thickness = _floats(ds, "SliceThickness", 1)
     return {
         "sop_instance_uid": str(ds.SOPInstanceUID),
         "sop_class_uid": str(ds.SOPClassUID),
@@ -54,7 +55,7 @@ def instance_header(ds: Dataset) -> dict[str, Any]:
         "instance_number": _int(ds, "InstanceNumber"),
         "image_position": _floats(ds, "ImagePositionPatient", 3),
         "image_orientation": _floats(ds, "ImageOrientationPatient", 6),
-        "slice_thickness": _floats(ds, "SliceThickness", 1)[0] if _floats(ds, "SliceThickness", 1) else None,
+        "slice_thickness": thickness[0] if thickness else None,
         "rows": _int(ds, "Rows"),
         "columns": _int(ds, "Columns"),
         "number_of_frames": _int(ds, "NumberOfFrames") or 1,
