@@ -49,7 +49,7 @@ class EnsembleConfig:
     lstm_hidden: int = 32
     lstm_layers: int = 1
     lstm_dropout: float = 0.3
-    mil: ResNeXtConfig = field(default_factory=lambda: ResNeXtConfig(widths=(16, 32, 48, 64), groups=1))
+    mil: ResNeXtConfig = field(default_factory=ResNeXtConfig)  # same as cnn: training starts it from the CNN
     attention_dim: int = 32
     unet_base: int = 8
     unet_depth: int = 3
