@@ -93,10 +93,17 @@ class StoreSCP:
     def received(self) -> list[Path]:
         return sorted(p for p in self.folder.iterdir() if p.is_file())
 
-    def received_modalities(self) -> list[str]:
+    def received_headers(self) -> list:
+        """Headers of the files storescp has finished writing (a file still arriving is skipped)."""
         from pydicom import dcmread
 
-        return sorted(str(dcmread(p, stop_before_pixels=True).Modality) for p in self.received())
+        headers = []
+        for path in self.received():
+            try:
+                headers.append(dcmread(path, stop_before_pixels=True))
+            except Exception:
+                continue
+        return headers
 
 
 def _listening(port: int) -> bool:

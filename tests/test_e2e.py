@@ -23,8 +23,7 @@ ANALYSIS_BUDGET = 120  # quiet period + 60 s on this 2-core machine, plus worker
 
 def received_classes(pacs, study_uid: str) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for path in pacs.received():
-        ds = dcmread(path, stop_before_pixels=True)
+    for ds in pacs.received_headers():
         if ds.StudyInstanceUID == study_uid:
             counts[str(ds.SOPClassUID)] = counts.get(str(ds.SOPClassUID), 0) + 1
     return counts
