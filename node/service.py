@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -165,6 +166,8 @@ class NodeService:
 
     def run(self) -> None:
         """Start everything and serve HTTP in this thread until SIGINT/SIGTERM."""
+        # uvicorn re-raises SIGTERM after its own shutdown; exit through `finally` so workers stop too
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         self.start()
         app = create_app(self.store, self.settings, self.health)
         config = uvicorn.Config(app, host=self.settings.http_bind, port=self.settings.http_port,

@@ -155,3 +155,16 @@ def test_bad_series_are_skipped_or_analysed_with_reasons(node_factory, tmp_path,
                         what="analysis without the corrupt instance")
     assert any("corrupt pixel data" in w for w in analysed["findings"]["warnings"])
     assert analysed["instances"] == 40 and len(analysed["findings"]["slice_scores"]) == 39
+
+
+def test_sigterm_to_serve_stops_its_workers(node_factory):
+    node = node_factory("serve", ICHNODE_WORKERS="1").start()
+    serve = node.procs[0]
+    children = wait_for(lambda: subprocess.run(["pgrep", "-P", str(serve.pid)], capture_output=True,
+                                               text=True).stdout.split(), 30, what="the worker process")
+    serve.send_signal(signal.SIGTERM)  # to serve alone, as a process manager that signals the main PID
+    serve.wait(60)
+    for pid in children:
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower(),
+                 30, what=f"worker {pid} to stop")
+    assert "shutting down" in node.logs()
