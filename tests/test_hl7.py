@@ -27,19 +27,23 @@ class MllpListener:
         self.thread.start()
 
     def _serve(self):
-        conn, _ = self.server.accept()
-        with conn:
-            buffer = b""
-            while b"\x1c\x0d" not in buffer:
-                buffer += conn.recv(65536)
-            assert buffer.startswith(b"\x0b")
-            message = hl7.parse(buffer[1:buffer.index(b"\x1c\x0d")].decode("utf-8"))
-            self.received.append(message)
-            answer = self.reply(message)
-            if answer is None:  # say nothing until the sender gives up
-                conn.recv(1)
+        while True:  # one message per connection, as the node sends them, until closed
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
                 return
-            conn.sendall(b"\x0b" + answer.encode("utf-8") + b"\x1c\x0d")
+            with conn:
+                buffer = b""
+                while b"\x1c\x0d" not in buffer:
+                    buffer += conn.recv(65536)
+                assert buffer.startswith(b"\x0b")
+                message = hl7.parse(buffer[1:buffer.index(b"\x1c\x0d")].decode("utf-8"))
+                self.received.append(message)
+                answer = self.reply(message)
+                if answer is None:  # say nothing until the sender gives up
+                    conn.recv(1)
+                    continue
+                conn.sendall(b"\x0b" + answer.encode("utf-8") + b"\x1c\x0d")
 
     def close(self):
         self.server.close()

@@ -1,0 +1,47 @@
+"""The priority reaches the radiologist: studies sent by storescu -> worklist API, web page, HL7, webhook."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.conftest import series_uid_of, study_uid_of, wait_for
+from tests.test_e2e import ANALYSIS_BUDGET, done
+from tests.test_hl7 import ack, listen  # noqa: F401 (fixture)
+from tests.test_webhooks import receive  # noqa: F401 (fixture)
+from tests.test_webpage import chromium
+
+pytestmark = pytest.mark.integration
+
+
+def test_positive_study_first_everywhere(node_factory, positive_series, negative_series, listen, receive, tmp_path):
+    ris = listen(ack("AA"))
+    hook = receive()
+    node = node_factory("serve", ICHNODE_WORKERS="1", ICHNODE_HL7_ENDPOINTS=ris.endpoint,
+                        ICHNODE_WEBHOOKS=hook.url, ICHNODE_WEBHOOK_MIN_LEVEL="URGENT").start()
+    # the negative study arrives first: arrival order alone would list it first
+    for folder in (negative_series, positive_series):
+        assert node.storescu(folder).returncode == 0
+        wait_for(lambda: done(node, series_uid_of(folder)), ANALYSIS_BUDGET, what="analysis")
+    positive, negative = study_uid_of(positive_series), study_uid_of(negative_series)
+
+    worklist = node.get("/api/worklist")
+    assert [item["study_instance_uid"] for item in worklist] == [positive, negative]
+    assert worklist[0]["priority"]["level"] in ("STAT", "URGENT") and worklist[1]["priority"]["level"] == "ROUTINE"
+
+    dom = chromium(tmp_path, "--dump-dom", f"http://127.0.0.1:{node.http_port}/")
+    assert re.findall(r'data-study-uid="([0-9.]+)"', dom) == [positive, negative]
+    assert "NOT FOR DIAGNOSTIC USE" in dom
+
+    wait_for(lambda: len(ris.received) == 2, 60, what="two ORU^R01 at the RIS")
+    by_accession = {str(m.segment("OBR")(3)).split("^")[0]: m for m in ris.received}
+    expected = {worklist[0]["accession_number"]: worklist[0]["priority"]["level"][0],
+                worklist[1]["accession_number"]: "R"}
+    for accession, priority in expected.items():
+        message = by_accession[accession]
+        assert str(message.segment("MSH")(9)) == "ORU^R01^ORU_R01"
+        assert str(message.segment("OBR")(5)) == priority
+
+    wait_for(lambda: len(hook.requests) == 1, 60, what="the webhook for the positive study")
+    body = hook.requests[0]["body"]
+    assert body["study_instance_uid"] == positive and "patient_name" not in str(body)
