@@ -122,3 +122,12 @@ data = ["phantom:seed=78,n=4,matrix=64,slices=6"]
     reports = list((tmp_path / "eval").iterdir())
     assert len(reports) == 1 and (reports[0] / "metrics.md").is_file() and (reports[0] / "metrics.json").is_file()
     assert load_detector(tmp_path / "model", device="cpu").name == "tiny-trained"
+
+
+def test_benchmark_reports_every_member_and_the_total(capsys):
+    from training.benchmark import benchmark_main
+
+    result = benchmark_main(slices=4, matrix=64)
+    assert {"slice_cnn", "cnn_lstm", "attention_mil", "unets", "pixel_fusion"} <= set(result["steps_seconds"])
+    assert result["total_seconds"] > 0
+    assert "total" in capsys.readouterr().out

@@ -134,6 +134,10 @@ def score(scans: list[Scan], outputs: list[DetectorOutput]) -> dict:
         "slice_top10pct_hit_rate": _nan_to_none(float(np.mean(hits))) if hits else None,
         "attention_top1_hit_rate": _nan_to_none(float(np.mean(attention_hits))) if attention_hits else None,
         "difficult_cases": int(sum(o.difficult for o in outputs)),
+        "member_auc_any": {
+            member: _nan_to_none(roc_auc(y[:, 0], [o.member_outputs[member]["any"] for o in outputs]))
+            for member in outputs[0].member_outputs
+        },
     }
     return {"summary": summary, "per_label": per_label}
 
@@ -172,7 +176,8 @@ def _markdown(data: str, model: str, result: dict) -> str:
         lo, hi = m["auc_ci95"]
         lines.append(f"| {label} | {m['positives']} | {m['auc']} | {lo}-{hi} | {m['sensitivity']} | {m['specificity']} |")
     lines += ["", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in s.items() if k not in ("scans", "positive_scans")]
+    lines += [f"| {k} | {v} |" for k, v in s.items() if k not in ("scans", "positive_scans", "member_auc_any")]
+    lines += ["", "AUC(any) of each member: " + ", ".join(f"{k} {v}" for k, v in s["member_auc_any"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -192,7 +197,8 @@ def evaluate_main(data: str, model: Path | None, out: Path) -> dict:
     result = score(scans, outputs)
     result["data"], result["model"] = data, f"{detector.name} {detector.version}"
     result["predictions"] = [
-        {"scan_id": s.scan_id, "labels": {k: float(s.labels.get(k, 0)) for k in LABELS}, "probabilities": o.probabilities}
+        {"scan_id": s.scan_id, "labels": {k: float(s.labels.get(k, 0)) for k in LABELS},
+         "probabilities": o.probabilities, "members": o.member_outputs, "difficult": o.difficult}
         for s, o in zip(scans, outputs)
     ]
     out = Path(out)

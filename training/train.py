@@ -205,19 +205,28 @@ def _balanced_slices(rng: random.Random, positives: list, negatives: list, batch
 
 
 def train_slice_cnn(ensemble: Ensemble, data: list[Example], t: Trainer, steps: int, batch: int, lr: float) -> None:
+    """Slice labels, plus the auxiliary lesion-fraction map on slices whose masks are known."""
     pool = [(e, i) for e in data if e.slice_labels is not None for i in range(len(e.images))]
     pos = [p for p in pool if p[0].slice_labels[p[1], 0] > 0]
     neg = [p for p in pool if p[0].slice_labels[p[1], 0] == 0]
+    cnn = ensemble.cnn
 
     def loss() -> torch.Tensor:
         chosen = _balanced_slices(t.rng, pos, neg, batch)
         flip = t.coin()
         x = _flip(torch.stack([e.images[i] for e, i in chosen]), flip).to(t.device)
         y = torch.stack([e.slice_labels[i] for e, i in chosen]).to(t.device)
-        logits, _ = ensemble.cnn(x)
-        return F.binary_cross_entropy_with_logits(logits.float(), y, weight=_label_weights(t.device))
+        fmap = cnn.encoder(x)
+        logits, _ = cnn.classify(fmap)
+        total = F.binary_cross_entropy_with_logits(logits.float(), y, weight=_label_weights(t.device))
+        known = [k for k, (e, _) in enumerate(chosen) if e.lesion is not None]
+        if known:
+            lesion = _flip(torch.stack([chosen[k][0].lesion[chosen[k][1]] for k in known]), flip).to(t.device)
+            fraction = F.adaptive_avg_pool2d(lesion[:, None], fmap.shape[-2:])
+            total = total + F.binary_cross_entropy_with_logits(cnn.lesion_head(fmap[known]).float(), fraction)
+        return total
 
-    t.run("slice CNN", ensemble.cnn, steps, lr, loss)
+    t.run("slice CNN", cnn, steps, lr, loss)
 
 
 def _label_weights(device: torch.device) -> torch.Tensor:

@@ -81,13 +81,19 @@ class ResNeXtEncoder(nn.Module):
 
 
 class SliceCNN(nn.Module):
-    """Per-slice any + 5 subtype logits and the pooled feature vector."""
+    """Per-slice any + 5 subtype logits and the pooled feature vector.
+
+    `lesion_head` is used in training only: where hemorrhage masks are known it predicts the
+    lesion fraction of each cell of the last feature map, a dense auxiliary signal that teaches
+    the encoder far faster than slice labels alone (the CPU demo trains for minutes).
+    """
 
     def __init__(self, cfg: ResNeXtConfig, dropout: float = 0.2) -> None:
         super().__init__()
         self.encoder = ResNeXtEncoder(cfg)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.encoder.out_dim, N_LABELS)
+        self.lesion_head = nn.Conv2d(self.encoder.out_dim, 1, 1)
 
     @property
     def feature_dim(self) -> int:
