@@ -48,12 +48,19 @@ class Dispatcher:
         log.warning("series %s re-queued: %s", series_uid, why)
         self.dispatch(series_uid)
 
-    def poll(self, now: float | None = None, dead_worker_pids: set[int] = frozenset()) -> None:
+    def poll(self, now: float | None = None, dead_worker_pids: set[int] = frozenset(),
+             worker_died_at: float = 0.0) -> None:
+        """Follow every queued task. `dead_worker_pids` and `worker_died_at` come from `serve`:
+        a task started by a dead worker, or waiting since before a worker died (it may have been
+        taken from the embedded queue), is queued again."""
         now = time.time() if now is None else now
         for series in self.store.series_in_state("queued", "analysing"):
             uid, generation = series["series_uid"], series["generation"]
             result = self.celery.AsyncResult(series["task_id"])
             state = result.state
+            if state == "PENDING" and series["queued_at"] < worker_died_at:
+                self.requeue(uid, "a worker process died; it may have taken this task")
+                continue
             if state == "STARTED":
                 info = result.info if isinstance(result.info, dict) else {}
                 if info.get("pid") in dead_worker_pids:

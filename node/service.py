@@ -65,6 +65,7 @@ class WorkerPool:
         self.procs: list[subprocess.Popen | None] = [None] * count
         self.started: list[float] = [0.0] * count
         self.dead_pids: set[int] = set()
+        self.last_death = 0.0  # when a worker was last seen dead
 
     def _spawn(self, index: int) -> None:
         cmd = worker_command(self.settings, name=f"worker{index + 1}")
@@ -83,7 +84,9 @@ class WorkerPool:
             if proc is None or proc.poll() is None:
                 continue
             healthy = False
-            self.dead_pids.add(proc.pid)
+            if proc.pid not in self.dead_pids:
+                self.dead_pids.add(proc.pid)
+                self.last_death = time.time()
             if time.time() - self.started[index] >= WORKER_RESTART_SECONDS:
                 log.error("worker %d (pid %d) exited with %s; restarting", index + 1, proc.pid, proc.returncode)
                 self._spawn(index)
@@ -136,11 +139,11 @@ class NodeService:
 
     def _assembly_step(self) -> None:
         self.assembler.tick()
-        dead = set()
         if self.workers:
             self.health["workers"] = self.workers.check() or "a worker exited; restarting"
-            dead = self.workers.dead_pids
-        self.dispatcher.poll(dead_worker_pids=dead)
+            self.dispatcher.poll(dead_worker_pids=self.workers.dead_pids, worker_died_at=self.workers.last_death)
+        else:
+            self.dispatcher.poll()
 
     def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)

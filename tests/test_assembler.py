@@ -13,12 +13,19 @@ from node.store import Store
 STUDY = "1.2.3"
 
 
+class PendingResult:
+    state = "PENDING"
+
+
 class RecordingCelery:
     def __init__(self):
         self.sent: list[tuple] = []
 
     def send_task(self, name, args, task_id):
         self.sent.append((name, args, task_id))
+
+    def AsyncResult(self, task_id):
+        return PendingResult()
 
 
 def header(series: str, index: int, *, kernel="H30s", body_part="HEAD", hint=None, z=None, modality="CT"):
@@ -42,7 +49,7 @@ def node(tmp_path):
     celery = RecordingCelery()
     dispatcher = Dispatcher(store, settings, celery, on_result=lambda *a: None)
     assembler = SeriesAssembler(store, settings, dispatcher.dispatch)
-    yield store, assembler, celery
+    yield store, assembler, celery, dispatcher
     store.close()
 
 
@@ -52,7 +59,7 @@ def receive(store, series, count, **kwargs):
 
 
 def test_complete_after_quiet_period_then_queued_with_paths(node):
-    store, assembler, celery = node
+    store, assembler, celery, _ = node
     receive(store, "1.2.3.4", 30)
     assembler.tick(time.time() + 2)
     assert celery.sent == [] and store.series("1.2.3.4")["state"] == "receiving"
@@ -63,14 +70,14 @@ def test_complete_after_quiet_period_then_queued_with_paths(node):
 
 
 def test_count_hint_and_continuous_positions_finish_early(node):
-    store, assembler, celery = node
+    store, assembler, celery, _ = node
     receive(store, "1.2.3.4", 30, hint=30)
     assembler.tick(time.time() + 1.5)
     assert store.series("1.2.3.4")["state"] == "queued"
 
 
 def test_count_hint_with_a_gap_waits_for_the_quiet_period(node):
-    store, assembler, celery = node
+    store, assembler, celery, _ = node
     for i in range(30):
         z = 5.0 * i + (5.0 if i >= 15 else 0.0)  # one slice position missing in the middle
         store.record_instance(header("1.2.3.4", i, hint=30, z=z), f"p{i}", "SCANNER")
@@ -81,7 +88,7 @@ def test_count_hint_with_a_gap_waits_for_the_quiet_period(node):
 
 
 def test_soft_tissue_kernel_chosen_over_bone_and_the_other_skipped_with_reason(node):
-    store, assembler, celery = node
+    store, assembler, celery, _ = node
     receive(store, "1.2.3.4", 30, kernel="H70h")
     receive(store, "1.2.3.5", 30, kernel="H30s")
     assembler.tick(time.time() + 11)
@@ -91,7 +98,7 @@ def test_soft_tissue_kernel_chosen_over_bone_and_the_other_skipped_with_reason(n
 
 
 def test_selection_waits_for_a_sibling_series_still_arriving(node):
-    store, assembler, celery = node
+    store, assembler, celery, _ = node
     receive(store, "1.2.3.4", 30, kernel="H70h", hint=30)
     receive(store, "1.2.3.5", 30, kernel="H30s")  # no count hint: complete only when quiet
     assembler.tick(time.time() + 1.5)  # bone series complete early, soft series still arriving
@@ -103,7 +110,7 @@ def test_selection_waits_for_a_sibling_series_still_arriving(node):
 
 
 def test_ineligible_series_is_skipped_with_a_reason(node):
-    store, assembler, celery = node
+    store, assembler, celery, _ = node
     receive(store, "1.2.3.6", 30, body_part="CHEST")
     receive(store, "1.2.3.7", 3)
     assembler.tick(time.time() + 11)
@@ -113,7 +120,7 @@ def test_ineligible_series_is_skipped_with_a_reason(node):
 
 
 def test_late_instance_triggers_a_new_generation(node):
-    store, assembler, celery = node
+    store, assembler, celery, _ = node
     receive(store, "1.2.3.4", 30)
     assembler.tick(time.time() + 11)
     assert store.mark_result("1.2.3.4", 1, "done", {"probabilities": {}}, None)
@@ -124,3 +131,15 @@ def test_late_instance_triggers_a_new_generation(node):
     assert len(celery.sent[1][1][2]) == 31
     # a result of the first generation arriving now is recognised as superseded
     assert not store.mark_result("1.2.3.4", 1, "done", {}, None)
+
+
+def test_pending_task_is_queued_again_when_a_worker_died_after_it_was_queued(node):
+    store, assembler, celery, dispatcher = node
+    receive(store, "1.2.3.4", 30)
+    assembler.tick(time.time() + 11)
+    queued_at = store.series("1.2.3.4")["queued_at"]
+    dispatcher.poll(worker_died_at=queued_at - 5)  # died before: not ours
+    assert len(celery.sent) == 1
+    dispatcher.poll(worker_died_at=queued_at + 1)
+    assert [args[1] for _, args, _ in celery.sent] == [1, 2]
+    assert store.series("1.2.3.4")["state"] == "queued"

@@ -168,3 +168,17 @@ def test_sigterm_to_serve_stops_its_workers(node_factory):
         wait_for(lambda: not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower(),
                  30, what=f"worker {pid} to stop")
     assert "shutting down" in node.logs()
+
+
+def test_serve_worker_killed_mid_task_with_the_embedded_broker(node_factory, negative_series):
+    node = node_factory("serve", ICHNODE_WORKERS="1").start()
+    serve = node.procs[0]
+    assert node.storescu(negative_series).returncode == 0
+    series_uid = series_uid_of(negative_series)
+    wait_for(lambda: node.series(series_uid)["state"] == "analysing", ANALYSIS_BUDGET, interval=0.05,
+             what="the task to start")
+    (worker,) = subprocess.run(["pgrep", "-P", str(serve.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(worker), signal.SIGKILL)
+    series = wait_for(lambda: done(node, series_uid), ANALYSIS_BUDGET, what="analysis after the worker died")
+    assert series["generation"] == 2
+    assert "re-queued" in node.logs()

@@ -1,16 +1,21 @@
 """The Celery application shared by the node (which sends) and the workers (which run tasks).
 
-Embedded broker (default, one machine): kombu's filesystem transport and Celery's file result
-backend under data_dir, so `ichnode serve` needs no service. Redis (`broker_url=redis://…`): the
-broker and result backend for workers on other hosts. Either way tasks are acknowledged late, so
-a task whose worker dies is delivered again; the node also re-queues series whose task did not
-finish within `task_timeout_seconds` (the embedded broker cannot see a killed worker).
+Embedded broker (default, one machine): kombu's filesystem transport (messages written
+atomically, see worker.embedded_broker) and Celery's file result backend under data_dir, so
+`ichnode serve` needs no service. Redis (`broker_url=redis://…`): broker and result backend for
+workers on other hosts.
+
+Tasks are acknowledged late. With Redis, a task whose worker dies is delivered again after the
+visibility timeout (`task_timeout_seconds`). The embedded broker removes a message when a worker
+takes it, so there `serve`, which supervises its workers, re-queues what a dead worker may have
+held. Either way the node re-queues a series with no result after `task_timeout_seconds`.
 """
 from __future__ import annotations
 
 from celery import Celery
 
 from node.config import Settings
+from worker.embedded_broker import SCHEME as EMBEDDED_SCHEME
 
 ANALYZE_TASK = "ichnode.analyze_series"
 ANALYZE_QUEUE = "ichnode.analyze"
@@ -28,7 +33,7 @@ def make_celery(settings: Settings) -> Celery:
         results_dir = settings.broker_dir / "results"
         for folder in (queue_dir, processed_dir, control_dir, results_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        broker, backend = "filesystem://", f"file://{results_dir.resolve()}"
+        broker, backend = f"{EMBEDDED_SCHEME}://", f"file://{results_dir.resolve()}"
         transport_options = {
             "data_folder_in": str(queue_dir.resolve()),
             "data_folder_out": str(queue_dir.resolve()),
