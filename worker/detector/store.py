@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -27,22 +28,34 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def save_model(ensemble: Ensemble, out_dir: Path, name: str, version: str, training_data: dict, metrics: dict) -> Path:
-    """Write the weights and their manifest into out_dir; returns the manifest path."""
+    """Write the weights and their manifest into out_dir; returns the manifest path.
+
+    Both files are written aside and renamed into place, so a running node never reads a
+    half-written pair.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_FILE
+    tmp_weights = weights.with_suffix(".tmp")
     state = {k: v.detach().cpu() for k, v in ensemble.state_dict().items()}
-    torch.save({"config": ensemble.cfg.to_dict(), "state_dict": state}, weights)
+    torch.save({"config": ensemble.cfg.to_dict(), "state_dict": state}, tmp_weights)
     manifest = {
         "name": name,
         "version": version,
-        "files": {WEIGHTS_FILE: sha256(weights)},
+        "files": {WEIGHTS_FILE: sha256(tmp_weights)},
         "config": ensemble.cfg.to_dict(),
         "training_data": training_data,
         "metrics": metrics,
     }
     path = out_dir / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp_weights, weights)
+    _write_json(path, manifest)
     return path
 
 
@@ -51,7 +64,7 @@ def update_metrics(model_dir: Path, metrics: dict) -> None:
     path = model_dir / MANIFEST
     manifest = json.loads(path.read_text())
     manifest["metrics"].update(metrics)
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    _write_json(path, manifest)
 
 
 def read_manifest(model_dir: Path) -> dict:
