@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from node.hl7 import ORDER_PRIORITY
 from tests.conftest import series_uid_of, study_uid_of, wait_for
 from tests.test_e2e import ANALYSIS_BUDGET, done
 from tests.test_hl7 import ack, listen  # noqa: F401 (fixture)
@@ -27,7 +28,8 @@ def test_positive_study_first_everywhere(node_factory, positive_series, negative
 
     worklist = node.get("/api/worklist")
     assert [item["study_instance_uid"] for item in worklist] == [positive, negative]
-    assert worklist[0]["priority"]["level"] in ("STAT", "URGENT") and worklist[1]["priority"]["level"] == "ROUTINE"
+    assert worklist[0]["priority"]["level"] in ("STAT", "URGENT")
+    assert worklist[0]["priority"]["score"] > worklist[1]["priority"]["score"]
 
     dom = chromium(tmp_path, "--dump-dom", f"http://127.0.0.1:{node.http_port}/")
     assert re.findall(r'data-study-uid="([0-9.]+)"', dom) == [positive, negative]
@@ -35,8 +37,7 @@ def test_positive_study_first_everywhere(node_factory, positive_series, negative
 
     wait_for(lambda: len(ris.received) == 2, 60, what="two ORU^R01 at the RIS")
     by_accession = {str(m.segment("OBR")(3)).split("^")[0]: m for m in ris.received}
-    expected = {worklist[0]["accession_number"]: worklist[0]["priority"]["level"][0],
-                worklist[1]["accession_number"]: "R"}
+    expected = {item["accession_number"]: ORDER_PRIORITY[item["priority"]["level"]] for item in worklist}
     for accession, priority in expected.items():
         message = by_accession[accession]
         assert str(message.segment("MSH")(9)) == "ORU^R01^ORU_R01"
