@@ -17,7 +17,7 @@ import os
 import random
 import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -110,32 +110,35 @@ class Example:
     lesion_ml: float
 
 
-def make_example(scan: Scan, size: int, scan_labels: np.ndarray | None = None) -> Example:
-    """A scan through the same preprocessing as inference; masks are mapped with the same crop."""
+def make_example(scan: Scan, size: int) -> Example:
+    """A scan through the same preprocessing as inference; masks are mapped with the same crop.
+
+    A negative scan without masks has known empty masks and slice labels.
+    """
     prepared = prepare(scan.volume.hu, size)
-    labels = scan_labels if scan_labels is not None else np.array([float(scan.labels.get(k, 0)) for k in LABELS])
     n = scan.volume.hu.shape[0]
-    negative = float(scan.labels.get("any", 0)) == 0.0
-    lesion = subtype = None
+    labels = torch.tensor([float(scan.labels.get(k, 0)) for k in LABELS])
+    negative = float(labels[0]) == 0.0
+    lesion = subtype = slice_labels = None
     lesion_ml = 0.0
+    if scan.slice_labels is not None:
+        slice_labels = torch.as_tensor(np.asarray(scan.slice_labels, dtype=np.float32))
     if scan.masks:
         stack = np.stack([scan.masks.get(k, np.zeros(scan.volume.hu.shape, bool)) for k in SUBTYPES])
-        lesion_ml = float(stack.any(axis=0).sum() * scan.volume.voxel_volume_ml)
+        union = stack.any(axis=0)
+        lesion_ml = float(union.sum() * scan.volume.voxel_volume_ml)
         soft = torch.stack([masks_to_working(m, prepared.crop, size) for m in stack])  # (5, slices, s, s)
         lesion = soft.amax(dim=0).clamp(0, 1)
         subtype = torch.where(lesion > 0.5, soft.argmax(dim=0), torch.full_like(lesion, -1, dtype=torch.long))
+        if slice_labels is None:
+            per_slice = np.concatenate([union[None], stack]).any(axis=(2, 3)).T  # (slices, 6)
+            slice_labels = torch.as_tensor(per_slice, dtype=torch.float32)
     elif negative:
-        lesion = torch.zeros(prepared.images.shape[0], size, size)
+        lesion = torch.zeros(n, size, size)
         subtype = torch.full(lesion.shape, -1, dtype=torch.long)
-    slice_labels = None
-    if scan.slice_labels is not None:
-        slice_labels = torch.as_tensor(np.asarray(scan.slice_labels, dtype=np.float32))
-    elif negative:
-        slice_labels = torch.zeros(n, len(LABELS))
-    elif scan.masks:
-        per_slice = torch.stack([torch.as_tensor(scan.masks[k].any(axis=(1, 2))) if k in scan.masks else torch.zeros(n, dtype=torch.bool) for k in SUBTYPES], dim=1)
-        slice_labels = torch.cat([per_slice.any(dim=1, keepdim=True), per_slice], dim=1).float()
-    return Example(scan.scan_id, prepared.images, torch.as_tensor(labels, dtype=torch.float32), slice_labels, lesion, subtype, lesion_ml)
+        if slice_labels is None:
+            slice_labels = torch.zeros(n, len(LABELS))
+    return Example(scan.scan_id, prepared.images, labels, slice_labels, lesion, subtype, lesion_ml)
 
 
 def report_labels(scans: list[Scan]) -> dict[str, np.ndarray]:
@@ -403,7 +406,10 @@ def train_main(config_path: Path) -> None:
     size = model_cfg.working_size
     train = [make_example(s, size) for s in train_scans]
     val = [make_example(s, size) for s in val_scans]
-    mil_train = [make_example(s, size, from_reports.get(s.scan_id)) if s.scan_id in from_reports else e for s, e in zip(train_scans, train)]
+    mil_train = [
+        replace(e, scan_labels=torch.as_tensor(from_reports[e.scan_id])) if e.scan_id in from_reports else e
+        for e in train
+    ]
     log.info("preprocessed in %.0f s (%d scans labelled from reports for MIL)", time.monotonic() - started, len(from_reports))
 
     t = Trainer(device, int(run.get("seed", 0)))
