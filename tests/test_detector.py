@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from worker.detector import LABELS, SUBTYPES, DetectorOutput, ModelLoadError, load_detector
-from worker.detector.ensemble import UNET_MEMBERS, Ensemble, EnsembleConfig
+from worker.detector.ensemble import Ensemble, EnsembleConfig
 from worker.detector.members import (
     AttentionMIL,
     Combiner,
