@@ -10,9 +10,10 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
     exit 1
 fi
 if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
-    echo "installing python3-venv" >&2
-    apt-get install -y -qq python3-venv >/dev/null
+    echo "ichnode: installing python3-venv" >&2
+    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
 fi
+echo "ichnode: installing into $(pwd)/.venv (a few minutes the first time)" >&2
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
