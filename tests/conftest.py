@@ -186,6 +186,12 @@ class NodeProcess:
             [dcmtk("storescu"), "-aec", "ICHNODE", "+sd", "+r", *extra, "127.0.0.1", str(self.port), str(folder)],
             capture_output=True, text=True, timeout=120)
 
+    def pynetdicom_storescu(self, folder: Path) -> subprocess.CompletedProcess:
+        """The README's pynetdicom command line."""
+        return subprocess.run(
+            [sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1", str(self.port), str(folder),
+             "-aec", "ICHNODE", "-r"], capture_output=True, text=True, timeout=120)
+
     def stop(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:

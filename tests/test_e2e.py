@@ -88,8 +88,10 @@ def test_serve_embedded_broker_end_to_end(node_factory, storescp, positive_serie
 def test_redis_node_and_separate_worker(node_factory, storescp, negative_series, redis_url):
     node = node_factory("node", ICHNODE_DESTINATIONS=storescp.destination, ICHNODE_BROKER_URL=redis_url).start()
     node.start_worker()
-    assert node.storescu(negative_series).returncode == 0
+    sent = node.pynetdicom_storescu(negative_series)
+    assert sent.returncode == 0 and "Store failed" not in sent.stderr, sent.stderr
     series_uid, study_uid = series_uid_of(negative_series), study_uid_of(negative_series)
+    assert node.series(series_uid)["instances"] == 40
     wait_for(lambda: done(node, series_uid), ANALYSIS_BUDGET, what="analysis over Redis")
     wait_for(lambda: has_results(storescp, study_uid), 60, what="SR and SC at the destination")
 
