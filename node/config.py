@@ -81,6 +81,7 @@ class Settings(BaseModel):
     max_associations: int = Field(default=16, ge=1)
     # storage
     data_dir: Path = Path("var")
+    retention_days: float = Field(default=7.0, ge=0)  # spooled instances and results kept after analysis; 0 = forever
     # series assembly and selection
     quiet_seconds: float = Field(default=10.0, gt=0, le=3600)
     min_slices: int = Field(default=16, ge=1)

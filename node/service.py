@@ -23,6 +23,7 @@ from node.config import Settings
 from node.delivery import Deliverer, plan_deliveries
 from node.dispatcher import Dispatcher
 from node.headers import instance_header
+from node.retention import purge_expired
 from node.scp import start_listener
 from node.spool import Spool
 from node.store import Store
@@ -31,6 +32,7 @@ from worker.celery_app import ANALYZE_QUEUE, make_celery
 log = logging.getLogger("ichnode.node")
 
 LOOP_SECONDS = 0.5
+RETENTION_SECONDS = 3600.0  # how often expired series are purged
 WORKER_RESTART_SECONDS = 5.0
 
 
@@ -127,7 +129,7 @@ class NodeService:
         self.server = None
         self.threads: list[threading.Thread] = []
 
-    def _loop(self, name: str, step) -> None:
+    def _loop(self, name: str, step, interval: float) -> None:
         while not self.stopping.is_set():
             try:
                 step()
@@ -135,7 +137,7 @@ class NodeService:
             except Exception as exc:  # keep running: the next pass retries, the reason is logged
                 log.exception("%s loop: %s", name, exc)
                 self.health[name] = f"error: {exc}"
-            self.stopping.wait(LOOP_SECONDS)
+            self.stopping.wait(interval)
 
     def _assembly_step(self) -> None:
         self.assembler.tick()
@@ -152,8 +154,11 @@ class NodeService:
         self.health["dicom_listener"] = True
         if self.workers:
             self.workers.start()
-        for name, step in (("assembly", self._assembly_step), ("delivery", self.deliverer.run_once)):
-            thread = threading.Thread(target=self._loop, args=(name, step), name=name, daemon=True)
+        loops = (("assembly", self._assembly_step, LOOP_SECONDS),
+                 ("delivery", self.deliverer.run_once, LOOP_SECONDS),
+                 ("retention", lambda: purge_expired(self.store, self.spool, self.settings), RETENTION_SECONDS))
+        for name, step, interval in loops:
+            thread = threading.Thread(target=self._loop, args=(name, step, interval), name=name, daemon=True)
             thread.start()
             self.threads.append(thread)
 

@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS series (
     completed_at REAL, queued_at REAL, started_at REAL, analysed_at REAL,
     generation INTEGER NOT NULL DEFAULT 0,
     task_id TEXT,
-    findings TEXT
+    findings TEXT,
+    purged_at REAL
 );
 CREATE INDEX IF NOT EXISTS series_by_study ON series(study_uid);
 CREATE INDEX IF NOT EXISTS series_by_state ON series(state);
@@ -165,6 +166,20 @@ class Store:
         marks = ",".join("?" * len(states))
         return [_decode_series(r) for r in self._query(
             f"SELECT * FROM series WHERE state IN ({marks}) ORDER BY received_at", states)]
+
+    def expired_series(self, finished_before: float) -> list[dict[str, Any]]:
+        """Finished series whose files may go: analysed (or skipped) before the cut-off, nothing
+        left to deliver, files not yet purged."""
+        return self._query(
+            """SELECT series_uid, study_uid FROM series s
+               WHERE state IN ('done','failed','skipped') AND purged_at IS NULL
+               AND COALESCE(analysed_at, completed_at, last_received_at) < ?
+               AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.series_uid=s.series_uid AND o.state='pending')""",
+            (finished_before,))
+
+    def mark_purged(self, series_uid: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE series SET purged_at=? WHERE series_uid=?", (time.time(), series_uid))
 
     def study_series(self, study_uid: str) -> list[dict[str, Any]]:
         return [_decode_series(r) for r in self._query(

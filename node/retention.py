@@ -1,0 +1,34 @@
+"""`purge_expired`: free the disk of series finished more than `retention_days` ago.
+
+A series' spooled instances and result objects go once it is analysed (or skipped or failed)
+and nothing is left to deliver; the store keeps the study, the series state and its findings,
+so the worklist and API still show it.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+
+from node.config import Settings
+from node.spool import Spool
+from node.store import Store
+
+log = logging.getLogger("ichnode.retention")
+
+
+def purge_expired(store: Store, spool: Spool, settings: Settings, now: float | None = None) -> int:
+    if not settings.retention_days:
+        return 0
+    now = time.time() if now is None else now
+    purged = 0
+    for series in store.expired_series(now - settings.retention_days * 86400):
+        for folder in (spool.series_dir(series["study_uid"], series["series_uid"]),
+                       settings.results_dir / series["series_uid"]):
+            shutil.rmtree(folder, ignore_errors=True)
+        store.mark_purged(series["series_uid"])
+        purged += 1
+    if purged:
+        log.info("retention: removed the files of %d series finished over %g days ago", purged,
+                 settings.retention_days)
+    return purged
