@@ -253,13 +253,14 @@ class Combiner(nn.Module):
 
     def fit(self, member_logits: torch.Tensor, labels: torch.Tensor, l2: float = 0.01) -> None:
         """member_logits (n, 6, members), labels (n, 6) 0/1; labels with < 2 of either class keep the average."""
+        member_logits, labels = member_logits.to(self.coef.device), labels.to(self.coef.device)
         for k in range(N_LABELS):
             y = labels[:, k].float()
             if min(int(y.sum()), int((1 - y).sum())) < 2:
                 continue
             x = member_logits[:, k].float()
             coef = self.coef[k].clone().requires_grad_(True)
-            bias = torch.zeros((), requires_grad=True)
+            bias = torch.zeros((), device=coef.device, requires_grad=True)
             opt = torch.optim.LBFGS([coef, bias], max_iter=200, line_search_fn="strong_wolfe")
 
             def closure() -> torch.Tensor:
