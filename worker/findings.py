@@ -1,9 +1,7 @@
 """`Findings`: what one analysed series produced, as findings.json and the API give it."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from worker.detector import LABELS, DetectorOutput
 from worker.geometry import Volume
@@ -32,7 +30,7 @@ class Findings:
         cls, study_uid: str, series_uid: str, volume: Volume, output: DetectorOutput, priority: Priority
     ) -> "Findings":
         order = sorted(range(len(output.slice_scores)), key=lambda i: -float(output.slice_scores[i]))
-        key = [i for i in order[:KEY_SLICE_COUNT]]
+        key = order[:KEY_SLICE_COUNT]
         return cls(
             study_instance_uid=study_uid,
             series_instance_uid=series_uid,
@@ -62,11 +60,6 @@ class Findings:
             "model": {"name": self.model_name, "version": self.model_version},
             "result_uids": self.result_uids,
         }
-
-    def write(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.as_json(), indent=2))
-        tmp.replace(path)
 
 
 def skipped_json(reason: str) -> dict:
