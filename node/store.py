@@ -18,8 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-SERIES_STATES = ("receiving", "queued", "analysing", "done", "failed", "skipped")
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
     study_uid TEXT PRIMARY KEY,
