@@ -19,7 +19,7 @@ from worker.detector.members import (
     SliceSequenceModel,
     UNet,
 )
-from worker.detector.preprocess import HeadCrop, masks_to_working, prepare, window_channels
+from worker.detector.preprocess import HeadCrop, intracranial_mask, masks_to_working, prepare, window_channels
 from worker.detector.store import MANIFEST, WEIGHTS_FILE, save_model
 from worker.geometry import Volume
 
@@ -38,6 +38,22 @@ def head(slices: int = 4, rows: int = 48, cols: int = 64, centre=(24, 30), radiu
     hu = np.full((slices, rows, cols), -1000.0, np.float32)
     yy, xx = np.mgrid[:rows, :cols]
     hu[:, (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 < radius**2] = 35.0
+    return hu
+
+
+def skull_head(slices: int = 4, size: int = 64, open_slice: int | None = None) -> np.ndarray:
+    """Air around a head: scalp (35 HU), skull ring (1200 HU), brain (35 HU), centred in size x size.
+
+    The slice `open_slice`, when given, has a gap in its skull ring (like the skull base)."""
+    hu = np.full((slices, size, size), -1000.0, np.float32)
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - size / 2, xx - size / 2)
+    hu[:, r < 28] = 35.0
+    ring = (r >= 22) & (r < 25)
+    hu[:, ring] = 1200.0
+    if open_slice is not None:
+        gap = ring & (yy < size / 2) & (np.abs(xx - size / 2) < 2)
+        hu[open_slice, gap] = 35.0
     return hu
 
 
@@ -83,6 +99,28 @@ def test_prepare_gives_window_channels_at_working_size():
     assert 0.0 <= float(prepared.images.min()) and float(prepared.images.max()) <= 1.0
     centre = prepared.images[0, 0, 16, 16]
     assert centre == pytest.approx((35 - 0) / 80, abs=0.05)  # brain window at 35 HU
+
+
+def test_intracranial_mask_is_inside_the_skull_ring_and_falls_back_to_the_head_without_bone():
+    hu = skull_head(open_slice=1)
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(yy - 32, xx - 32)
+    mask = intracranial_mask(hu)
+    closed = mask[0]
+    assert closed[r < 21].all() and not closed[r >= 22].any()  # brain only: no bone, scalp or air
+    opened = mask[1]
+    assert opened[r < 21].all() and opened[(r >= 25) & (r < 27)].all()  # scalp kept where the ring is open
+    assert not opened[(r >= 22) & (r < 25) & (yy >= 32)].any() and not opened[r >= 28].any()
+
+
+def test_intracranial_mask_keeps_blood_against_the_inner_table_and_drops_air_and_fat():
+    hu = skull_head()
+    hu[0, 32, 11:13] = 70.0  # a thin subdural rim right inside the skull (ring from r=22)
+    hu[0, 30, 30] = -400.0  # air (a sinus or pneumocephalus)
+    hu[0, 34, 34] = -100.0  # fat
+    mask = intracranial_mask(hu)
+    assert mask[0, 32, 11:13].all()
+    assert not mask[0, 30, 30] and not mask[0, 34, 34]
 
 
 # -- members ----------------------------------------------------------------------------------
@@ -174,6 +212,22 @@ def test_detect_fills_every_field_with_consistent_shapes(tiny_model):
     assert out.parameters["working_size"] == "32"
 
 
+def test_heatmaps_and_masks_are_zero_outside_the_head(tmp_path):
+    torch.manual_seed(0)
+    ensemble = Ensemble(TINY).eval()
+    for unet in ensemble.unets.values():
+        unet.out.bias.data[0] = 20.0  # every member says "bleed" everywhere in the working grid
+    save_model(ensemble, tmp_path, "saturated", "0.0.1", {"train": []}, {})
+    hu = skull_head(slices=3)
+    out = load_detector(tmp_path, device="cpu").detect(Volume.from_array(hu))
+    inside = intracranial_mask(hu)
+    assert out.heatmaps[inside].min() > 0.9
+    assert not out.heatmaps[~inside].any()
+    union = np.logical_or.reduce(list(out.masks.values()))
+    assert union[inside].mean() > 0.9 and not union[~inside].any()
+    assert out.volumes_ml["any"] == pytest.approx(union.sum() * Volume.from_array(hu).voxel_volume_ml)
+
+
 def test_detect_reports_timings_per_member(tiny_model):
     timings: dict[str, float] = {}
     load_detector(tiny_model, device="cpu").detect(Volume.from_array(head()), timings)
@@ -219,5 +273,7 @@ def test_shipped_detector_ranks_positive_phantom_above_negative():
         study = make_study(31337, positive=positive, matrix=96, n_slices=12)
         out = detector.detect(Volume.from_array(study.hu))
         assert out.heatmaps.shape == study.hu.shape
+        assert not out.heatmaps[study.hu <= -300].any()  # nothing in the air around the head
+        assert not out.heatmaps[~intracranial_mask(study.hu)].any()
         p[positive] = out.probabilities["any"]
     assert p[True] > p[False]

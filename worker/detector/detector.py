@@ -16,7 +16,7 @@ from worker.detector.ensemble import (
     subtype_maps,
     to_numpy,
 )
-from worker.detector.preprocess import HeadCrop, prepare
+from worker.detector.preprocess import HeadCrop, intracranial_mask, prepare
 from worker.geometry import Volume
 
 
@@ -55,10 +55,11 @@ class EnsembleDetector:
         probs = to_numpy(self.ensemble.combiner(member_logits))
         slice_probs = self.ensemble.slice_probabilities(out)
 
-        heat = crop.to_volume(heatmap(out, slice_probs[:, 0]).cpu()).clamp(0.0, 1.0)
+        inside = intracranial_mask(volume.hu)  # heatmaps and masks are zero outside it
+        heat = to_numpy(crop.to_volume(heatmap(out, slice_probs[:, 0]).cpu()).clamp(0.0, 1.0)) * inside
         masks: dict[str, np.ndarray] = {}
         for name, soft in zip(SUBTYPES, subtype_maps(out)):
-            masks[name] = to_numpy(crop.to_volume(soft.cpu())) >= cfg.mask_threshold
+            masks[name] = (to_numpy(crop.to_volume(soft.cpu())) >= cfg.mask_threshold) & inside
         any_mask = np.logical_or.reduce(list(masks.values()))
         voxel_ml = volume.voxel_volume_ml
         volumes = {"any": float(any_mask.sum() * voxel_ml)}
@@ -78,7 +79,7 @@ class EnsembleDetector:
             probabilities={label: float(p) for label, p in zip(LABELS, probs)},
             slice_scores=to_numpy(slice_probs[:, 0]),
             slice_probabilities=to_numpy(slice_probs),
-            heatmaps=to_numpy(heat).astype(np.float32),
+            heatmaps=heat.astype(np.float32),
             masks=masks,
             volumes_ml=volumes,
             difficult=DIFFICULT_RANGE[0] <= p_any <= DIFFICULT_RANGE[1],

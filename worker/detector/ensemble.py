@@ -8,6 +8,8 @@ Choices worth knowing:
 - The subtype of a segmented voxel comes from the multi-class head of the all-ICH U-Net (softmax over
   the five subtypes), so subtype masks are disjoint and their union is the "any" mask.
 - Heatmap = max(fused U-Net voxel probability, Grad-CAM of the slice CNN x that slice's p(any)).
+  The detector zeroes heatmap and lesion masks outside `preprocess.intracranial_mask` on the
+  volume grid (post-processing: scan probabilities do not use it).
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ Hounsfield volume -> head crop (one square box for the whole series, so every sl
 same scale) -> in-plane resampling to a fixed working size -> three window channels scaled 0..1
 (brain 40/80, subdural 80/200, soft tissue 40/380, as in paper 004). :meth:`HeadCrop.to_volume`
 is the inverse mapping: maps at working size go back to the volume's own (rows, columns) grid.
+:func:`intracranial_mask` (on the volume grid) is where heatmaps and lesion masks may be non-zero.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage
 import torch.nn.functional as F
 
 #: (centre, width) in HU of the three input channels.
@@ -18,6 +20,10 @@ WINDOWS: tuple[tuple[float, float], ...] = ((40.0, 80.0), (80.0, 200.0), (40.0, 
 AIR_HU = -1024.0
 HEAD_THRESHOLD_HU = -300.0  # skin and skull are above, air and most pillow foam below
 CROP_MARGIN = 0.05  # fraction of the head's extent added on each side
+BONE_HU = 300.0
+INTRACRANIAL_HU = (-50.0, 150.0)  # brain, CSF and blood; not air, fat, bone or calcification
+MIN_INTERIOR_FRACTION = 0.15  # of the head's non-bone area, for a skull ring to count as closed
+_IN_PLANE = np.array([np.zeros((3, 3)), ndimage.generate_binary_structure(2, 1), np.zeros((3, 3))], bool)
 
 
 def window_channels(hu: torch.Tensor) -> torch.Tensor:
@@ -81,6 +87,22 @@ class HeadCrop:
         out = boxed.new_zeros((boxed.shape[0], self.rows, self.cols))
         out[:, vr, vc] = boxed[:, br, bc]
         return out
+
+
+def intracranial_mask(hu: np.ndarray) -> np.ndarray:
+    """(slices, rows, cols) HU -> bool mask of the intracranial soft tissue of each slice.
+
+    Inside a closed skull ring (bone filled per slice, minus the bone); on slices without one
+    (skull base, vertex, a head without bone) the head minus its bone. Either way only voxels in
+    the INTRACRANIAL_HU range are kept, so air, scalp fat, bone and its partial-volume edge never
+    are. The bone is not grown: thin subdural and epidural blood lies right against it.
+    """
+    bone = hu > BONE_HU
+    interior = ndimage.binary_fill_holes(bone, _IN_PLANE) & ~bone
+    head = (hu > HEAD_THRESHOLD_HU) & ~bone
+    closed = interior.sum(axis=(1, 2)) >= MIN_INTERIOR_FRACTION * np.maximum(head.sum(axis=(1, 2)), 1)
+    region = np.where(closed[:, None, None], interior, head)
+    return region & (hu >= INTRACRANIAL_HU[0]) & (hu <= INTRACRANIAL_HU[1])
 
 
 @dataclass
