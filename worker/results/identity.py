@@ -44,3 +44,19 @@ def contributing_equipment(output: DetectorOutput) -> list[hd.ContributingEquipm
             contribution_description=f"Automated intracranial hemorrhage triage; {DISCLAIMER}",
         )
     ]
+
+
+def object_identity(uids, output: DetectorOutput, kind: str, series_number: int, series_description: str,
+                    instance: str | None = None, instance_number: int = 1) -> dict:
+    """The constructor arguments every result object shares: its UIDs and numbers, who made it."""
+    return {
+        "series_instance_uid": uids.series(kind),
+        "series_number": series_number,
+        "sop_instance_uid": uids.instance(instance or kind),
+        "instance_number": instance_number,
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": output.model_name,
+        "software_versions": software_versions(output),
+        "contributing_equipment": contributing_equipment(output),
+        "series_description": series_description[:64],
+    }

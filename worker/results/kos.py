@@ -8,7 +8,7 @@ from pydicom.sr.codedict import codes
 from worker.detector import DetectorOutput
 from worker.findings import Findings
 from worker.results.codes import DISCLAIMER, MANUFACTURER
-from worker.results.identity import contributing_equipment
+from worker.results.identity import object_identity
 from worker.results.sources import distinct
 from worker.results.uids import ResultUIDs
 
@@ -33,11 +33,5 @@ def build_kos(
     return hd.ko.KeyObjectSelectionDocument(
         evidence=key_images,
         content=content,
-        series_instance_uid=uids.series("kos"),
-        series_number=SERIES_NUMBER,
-        sop_instance_uid=uids.instance("kos"),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        contributing_equipment=contributing_equipment(output),
-        series_description=f"AI ICH key slices - {DISCLAIMER}"[:64],
+        **object_identity(uids, output, "kos", SERIES_NUMBER, f"AI ICH key slices - {DISCLAIMER}"),
     )

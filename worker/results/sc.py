@@ -14,8 +14,8 @@ from pydicom.dataset import Dataset
 from worker.detector import LABELS, SUBTYPES, DetectorOutput
 from worker.findings import Findings
 from worker.geometry import Volume
-from worker.results.codes import DISCLAIMER, MANUFACTURER
-from worker.results.identity import contributing_equipment
+from worker.results.codes import DISCLAIMER
+from worker.results.identity import object_identity
 from worker.results.sources import copy_patient_and_study, slice_source
 from worker.results.uids import ResultUIDs
 
@@ -143,14 +143,9 @@ def _build_sc(
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         study_instance_uid=source.StudyInstanceUID,
-        series_instance_uid=uids.series("sc"),
-        series_number=SERIES_NUMBER,
-        sop_instance_uid=uids.instance(f"sc:{rank}"),
-        instance_number=rank,
-        manufacturer=MANUFACTURER,
         patient_orientation=_patient_orientation(volume.orientation),
-        contributing_equipment=contributing_equipment(output),
-        series_description=f"AI ICH heatmaps - {DISCLAIMER}"[:64],
+        **object_identity(uids, output, "sc", SERIES_NUMBER, f"AI ICH heatmaps - {DISCLAIMER}",
+                          instance=f"sc:{rank}", instance_number=rank),
     )
     copy_patient_and_study(source, sc)
     sc.BodyPartExamined = source.get("BodyPartExamined") or "HEAD"  # unpaired: no Laterality

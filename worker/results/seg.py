@@ -15,8 +15,8 @@ from pydicom.sr.codedict import codes
 
 from worker.detector import SUBTYPES, DetectorOutput
 from worker.geometry import Volume
-from worker.results.codes import CODING_SCHEMES, DISCLAIMER, FINDINGS, MANUFACTURER
-from worker.results.identity import contributing_equipment, seg_algorithm, software_versions
+from worker.results.codes import CODING_SCHEMES, DISCLAIMER, FINDINGS
+from worker.results.identity import object_identity, seg_algorithm
 from worker.results.sources import in_source_order
 from worker.results.uids import ResultUIDs
 
@@ -64,19 +64,11 @@ def build_seg(
         pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=uids.series("seg"),
-        series_number=SERIES_NUMBER,
-        sop_instance_uid=uids.instance("seg"),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=output.model_name,
-        software_versions=software_versions(output),
+        **object_identity(uids, output, "seg", SERIES_NUMBER, f"AI ICH segmentation - {DISCLAIMER}"),
         device_serial_number=uids.device(),
         content_label="ICHTRIAGE",
         content_description=f"ICH segmentation, {DISCLAIMER}"[:64],
         omit_empty_frames=True,
-        contributing_equipment=contributing_equipment(output),
         coding_schemes=CODING_SCHEMES,
-        series_description=f"AI ICH segmentation - {DISCLAIMER}"[:64],
     )
     return seg

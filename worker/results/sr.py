@@ -23,7 +23,7 @@ from worker.detector import LABELS, DetectorOutput
 from worker.findings import Findings
 from worker.geometry import Volume
 from worker.results import codes as rc
-from worker.results.identity import contributing_equipment, sr_algorithm, software_versions
+from worker.results.identity import object_identity, sr_algorithm
 from worker.results.seg import segmented_subtypes
 from worker.results.sources import distinct, slice_source
 from worker.results.uids import ResultUIDs
@@ -62,17 +62,9 @@ def build_sr(
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
-        series_instance_uid=uids.series("sr"),
-        series_number=SERIES_NUMBER,
-        sop_instance_uid=uids.instance("sr"),
-        instance_number=1,
-        manufacturer=rc.MANUFACTURER,
-        manufacturer_model_name=output.model_name,
-        software_versions=software_versions(output),
+        **object_identity(uids, output, "sr", SERIES_NUMBER, f"AI ICH triage report - {rc.DISCLAIMER}"),
         is_complete=True,
-        contributing_equipment=contributing_equipment(output),
         coding_schemes=rc.CODING_SCHEMES,
-        series_description=f"AI ICH triage report - {rc.DISCLAIMER}"[:64],
     )
 
 
