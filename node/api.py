@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hmac
 import time
-from datetime import datetime, timezone
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import PlainTextResponse
@@ -14,11 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from node.config import Settings
 from node.store import Store
-from node.worklist import make_worklist_router, mount_web
-
-
-def iso(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat() if ts else None
+from node.worklist import iso, make_worklist_router, mount_web
 
 
 def series_view(series: dict) -> dict:

@@ -70,7 +70,8 @@ class AckRequest(BaseModel):
     by: str = Field(min_length=1, max_length=64, pattern=r"\S", description="who read the study")
 
 
-def _iso(ts: float | None) -> str | None:
+def iso(ts: float | None) -> str | None:
+    """A store timestamp as ISO-8601 UTC, as every API response gives times."""
     return datetime.fromtimestamp(ts, timezone.utc).isoformat() if ts else None
 
 
@@ -93,7 +94,7 @@ def _thumbnail_urls(settings: Settings, series_uid: str, findings: dict) -> list
 def _item(settings: Settings, study: dict, series: dict | None) -> WorklistItem:
     findings = (series or {}).get("findings") or {}
     acknowledged = (
-        Acknowledgement(by=study["acknowledged_by"], at=_iso(study["acknowledged_at"]))
+        Acknowledgement(by=study["acknowledged_by"], at=iso(study["acknowledged_at"]))
         if study["acknowledged_at"] else None
     )
     return WorklistItem(
@@ -110,9 +111,9 @@ def _item(settings: Settings, study: dict, series: dict | None) -> WorklistItem:
         difficult=findings.get("difficult", False),
         thumbnails=_thumbnail_urls(settings, series["series_uid"], findings) if findings else [],
         timings=Timings(
-            received=_iso(study["received_at"]),
-            completed=_iso(series["completed_at"]) if series else None,
-            analysed=_iso(series["analysed_at"]) if series else None,
+            received=iso(study["received_at"]),
+            completed=iso(series["completed_at"]) if series else None,
+            analysed=iso(series["analysed_at"]) if series else None,
         ),
         acknowledged=acknowledged,
     )
