@@ -13,7 +13,6 @@ coordinates (u, v, w) are the same axes rotated with the head and centred in it.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -25,9 +24,8 @@ import numpy as np
 import pydicom
 import torch
 import torch.nn.functional as F
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import (
-    CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -37,6 +35,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from training.dicom_series import ct_series_datasets
 from worker.detector import LABELS, SUBTYPES
 
 #: Transfer syntaxes make_study can write. JPEG Lossless SV1 has no encoder in pydicom 3, so it
@@ -568,76 +567,54 @@ def _uid(seed: int, *parts) -> str:
 
 def _datasets(stored: np.ndarray, acq: Acquisition, geo: _Geometry, uids: dict, patient_id: str,
               seed: int, transfer_syntax: str) -> list[Dataset]:
+    """The series through the shared CT writer, with this phantom's vendor header profile."""
     vendor = VENDORS[acq.vendor]
     n = acq.n_slices
-    base = Dataset()
-    base.SpecificCharacterSet = "ISO_IR 100"
-    base.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    base.SOPClassUID = CTImageStorage
-    base.StudyDate = base.SeriesDate = base.AcquisitionDate = base.ContentDate = acq.when[:8]
-    base.StudyTime = base.SeriesTime = base.AcquisitionTime = base.ContentTime = acq.when[8:]
-    base.AccessionNumber = f"A{seed % 10**9:09d}"
-    base.Modality = "CT"
-    base.Manufacturer = vendor.manufacturer
-    base.ManufacturerModelName = vendor.model
-    base.InstitutionName = "ichnode phantom"
-    base.ReferringPhysicianName = ""
-    base.StudyDescription = "CT HEAD WO CONTRAST"
-    base.SeriesDescription = f"Head {acq.thickness:g}mm"
-    base.PatientName = f"Phantom^{seed}"
-    base.PatientID = patient_id
-    base.PatientBirthDate = ""
-    base.PatientSex = "O"
-    base.BodyPartExamined = "HEAD"
-    base.SliceThickness = f"{acq.thickness:g}"
-    base.SpacingBetweenSlices = f"{geo.spacing:g}"
-    base.KVP = "120"
-    base.GantryDetectorTilt = f"{acq.tilt_deg:g}"
-    base.ConvolutionKernel = vendor.kernel
-    base.PatientPosition = "HFS"
-    base.StudyInstanceUID = uids["study"]
-    base.SeriesInstanceUID = uids["series"]
-    base.StudyID = uids["study_id"]
-    base.SeriesNumber = 2
-    base.AcquisitionNumber = 1
-    base.ImageOrientationPatient = [f"{x + 0.0:.6f}" for x in (*geo.row_dir, *geo.col_dir)]  # no "-0.000000"
-    base.FrameOfReferenceUID = uids["frame_of_reference"]
-    base.PositionReferenceIndicator = ""
-    base.ImagesInAcquisition = n
-    base.SamplesPerPixel = 1
-    base.PhotometricInterpretation = "MONOCHROME2"
-    base.Rows = base.Columns = acq.matrix
-    base.PixelSpacing = [f"{acq.pixel_spacing:.6f}"] * 2
-    base.BitsAllocated = 16
-    base.BitsStored = vendor.bits_stored
-    base.HighBit = vendor.bits_stored - 1
-    base.PixelRepresentation = int(vendor.signed)
-    if vendor.padding is not None:
-        base.PixelPaddingValue = vendor.padding
-    base.WindowCenter = "40"
-    base.WindowWidth = "80"
-    base.RescaleIntercept = f"{vendor.intercept:g}"
-    base.RescaleSlope = "1"
-    base.RescaleType = "HU"
-
-    out = []
-    for k in range(n):
-        ds = copy.deepcopy(base)
-        ds.SOPInstanceUID = uids["instances"][k]
-        ds.InstanceNumber = n - k if acq.cranial_first_numbering else k + 1
-        ds.ImagePositionPatient = [f"{x:.4f}" for x in geo.positions[k]]
-        ds.SliceLocation = f"{geo.positions[k] @ geo.normal:.4f}"
-        ds.PixelData = stored[k].tobytes()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        if transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            ds.file_meta.TransferSyntaxUID = transfer_syntax
-        else:
-            ds.compress(transfer_syntax, stored[k], generate_instance_uid=False)
-        out.append(ds)
-    return out
+    header = {
+        "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+        "StudyDate": acq.when[:8], "SeriesDate": acq.when[:8], "AcquisitionDate": acq.when[:8],
+        "ContentDate": acq.when[:8],
+        "StudyTime": acq.when[8:], "SeriesTime": acq.when[8:], "AcquisitionTime": acq.when[8:],
+        "ContentTime": acq.when[8:],
+        "AccessionNumber": f"A{seed % 10**9:09d}",
+        "Manufacturer": vendor.manufacturer,
+        "ManufacturerModelName": vendor.model,
+        "InstitutionName": "ichnode phantom",
+        "StudyDescription": "CT HEAD WO CONTRAST",
+        "SeriesDescription": f"Head {acq.thickness:g}mm",
+        "PatientName": f"Phantom^{seed}",
+        "PatientID": patient_id,
+        "PatientSex": "O",
+        "BodyPartExamined": "HEAD",
+        "KVP": "120",
+        "GantryDetectorTilt": f"{acq.tilt_deg:g}",
+        "ConvolutionKernel": vendor.kernel,
+        "PatientPosition": "HFS",
+        "StudyID": uids["study_id"],
+        "SeriesNumber": 2,
+        "AcquisitionNumber": 1,
+        "ImagesInAcquisition": n,
+        "WindowCenter": "40",
+        "WindowWidth": "80",
+    }
+    return ct_series_datasets(
+        stored,
+        positions=geo.positions,
+        orientation=(*geo.row_dir, *geo.col_dir),
+        pixel_spacing=(acq.pixel_spacing, acq.pixel_spacing),
+        thickness=acq.thickness,
+        spacing=geo.spacing,
+        study_uid=uids["study"],
+        series_uid=uids["series"],
+        frame_of_reference_uid=uids["frame_of_reference"],
+        instance_uids=uids["instances"],
+        header=header,
+        intercept=vendor.intercept,
+        bits_stored=vendor.bits_stored,
+        padding=vendor.padding,
+        instance_numbers=[n - k if acq.cranial_first_numbering else k + 1 for k in range(n)],
+        transfer_syntax=transfer_syntax,
+    )
 
 
 # --------------------------------------------------------------------------------------------
