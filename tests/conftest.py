@@ -41,6 +41,18 @@ def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "con
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def analyze(folder: Path, out: Path) -> subprocess.CompletedProcess:
+    """`ichnode analyze folder --out out` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "node.cli", "analyze", str(folder), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The error lines dicom3tools' dciodvfy reports for one file (warnings are not errors)."""
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
+
+
 def write_phantom(folder: Path, seed: int, **kwargs) -> Path:
     """A phantom study's DICOM files in folder/<seed>/; returns that folder."""
     from training.phantom import make_study

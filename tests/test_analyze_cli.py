@@ -2,18 +2,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-import pytest
 from pydicom import dcmread
 
-from tests.conftest import ROOT
-
-
-def analyze(folder, out):
-    return subprocess.run([sys.executable, "-m", "node.cli", "analyze", str(folder), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+from tests.conftest import analyze
 
 
 def test_analyze_writes_findings_json_and_result_objects(positive_series, tmp_path):

@@ -14,6 +14,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from tests.conftest import dciodvfy_errors
 from worker.detector import LABELS, SUBTYPES, DetectorOutput
 from worker.findings import Findings
 from worker.geometry import SliceRef, Volume
@@ -145,7 +146,7 @@ def test_every_object_is_made_and_recorded(case):
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
 @pytest.mark.parametrize("kind", ["seg", "sr", "kos", "sc:1"])
 def test_dciodvfy_finds_no_error(written, kind):
-    errors = _dciodvfy_errors(written[kind])
+    errors = dciodvfy_errors(written[kind])
     assert not errors, "\n".join(errors)
 
 
@@ -299,11 +300,6 @@ def test_multiframe_masks_follow_frame_numbers():
     assert framed[:, 0, 0].tolist() == [2, 1, 0, 0]  # frame 3 is not in the volume: empty
 
 
-def _dciodvfy_errors(path: Path) -> list[str]:
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
-
-
 def test_phantom_results_cover_ground_truth(tmp_path):
     """Through the real loader, a tilted vendor-style phantom: the SEG holds exactly its masks."""
     phantom = pytest.importorskip("training.phantom")
@@ -324,7 +320,7 @@ def test_phantom_results_cover_ground_truth(tmp_path):
         path = tmp_path / f"{kind.replace(':', '_')}.dcm"
         ds.save_as(path, enforce_file_format=True)
         if shutil.which("dciodvfy"):
-            assert not _dciodvfy_errors(path), kind
+            assert not dciodvfy_errors(path), kind
     seg = hd.seg.segread(tmp_path / "seg.dcm")
     numbers = {d.SegmentLabel.split()[0]: d.SegmentNumber for d in seg.SegmentSequence}
     pixels = seg.get_pixels_by_source_instance(
