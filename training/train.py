@@ -66,6 +66,8 @@ def load_scans(spec: str) -> list[Scan]:
     - ``phantom:seed=S,n=N[,matrix=M,slices=K]``: N synthetic studies from helper phantoms;
     - ``ctich:train`` / ``ctich:heldout`` / ``ctich:all`` (optionally ``root=DIR``): the CT-ICH
       patients, split by patient with a fixed seed so held-out patients never reach training;
+      ``ctich:all,patients=49+57`` loads only the patients with those numbers (not combinable
+      with train / heldout, whose split is drawn over all patients);
     - ``rsna:DIR``, ``cq500:DIR``: those datasets' adapters;
     - a folder: CT-ICH layout if it holds hemorrhage_diagnosis.csv, else written phantom studies.
     """
@@ -80,7 +82,12 @@ def load_scans(spec: str) -> list[Scan]:
             n_slices=int(opt.get("slices", 24)),
         )
     if kind == "ctich":
-        scans = datasets.ctich_scans(Path(opt.get("root", CTICH_ROOT)))
+        root = Path(opt.get("root", CTICH_ROOT))
+        if "patients" in opt:
+            if arg not in ("", "all"):
+                raise ValueError(f"{spec!r}: patients= selects from ctich:all, not from the {arg} split")
+            return datasets.ctich_scans(root, [int(n) for n in opt["patients"].split("+")])
+        scans = datasets.ctich_scans(root)
         if arg in ("", "all"):
             return scans
         train, heldout = datasets.split_by_patient(scans, CTICH_HELDOUT_FRACTION, seed=CTICH_SPLIT_SEED)
