@@ -112,6 +112,15 @@ def cmd_phantom(args) -> None:
     phantom_main(Path(args.out), args.studies, args.seed, args.positive_fraction, args.matrix)
 
 
+def cmd_export_dicom(args) -> None:
+    from training.dicom_series import write_scan_series
+    from training.train import load_scans
+
+    _setup_logging("INFO")
+    for scan in load_scans(args.data):
+        print(write_scan_series(scan, Path(args.out)))
+
+
 def cmd_train(args) -> None:
     from training.train import train_main
 
@@ -164,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positive-fraction", type=float, default=0.5)
     p.add_argument("--matrix", type=int, default=512)
     p.set_defaults(func=cmd_phantom)
+    p = sub.add_parser("export-dicom", help="write training scans as DICOM CT series, one folder per scan "
+                       "(e.g. a CT-ICH patient, to run analyze on it)")
+    p.add_argument("--data", required=True, help='e.g. "ctich:all,patients=49" or "phantom:seed=1,n=3"')
+    p.add_argument("out")
+    p.set_defaults(func=cmd_export_dicom)
     p = sub.add_parser("train", help="train the detector from a training config")
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_train)

@@ -17,3 +17,4 @@ class Scan:
     slice_labels: np.ndarray | None = None  # (slices, len(LABELS)) 0/1, in volume order, when known
     masks: dict[str, np.ndarray] | None = None  # subtype -> (slices, rows, columns) bool, when known
     report: str | None = None  # free-text radiology report, when known
+    derivation: str | None = None  # how the HU were obtained, when not read from a scanner's DICOM

@@ -104,6 +104,12 @@ CTICH_BONE_WINDOW = (370.0, 1660.0)
 CTICH_COLUMNS = {"Epidural": "EDH", "Intraparenchymal": "IPH", "Intraventricular": "IVH",
                  "Subarachnoid": "SAH", "Subdural": "SDH"}
 AIR_HU = -1024.0
+CTICH_DERIVATION = (
+    "Pixel values are pseudo-HU rebuilt from the CT-ICH dataset's 8-bit brain and bone window JPGs "
+    f"(windows assumed, centre/width {CTICH_BRAIN_WINDOW[0]:g}/{CTICH_BRAIN_WINDOW[1]:g} and "
+    f"{CTICH_BONE_WINDOW[0]:g}/{CTICH_BONE_WINDOW[1]:g} HU), not the scanner's values; "
+    f"pixel spacing {CTICH_PIXEL_SPACING_MM:g} mm is assumed, not recorded."
+)
 
 
 def ctich_pseudo_hu(brain: np.ndarray, bone: np.ndarray) -> np.ndarray:
@@ -169,6 +175,7 @@ def ctich_scans(root: Path = Path("../shared/data/ct-ich"), patients: Sequence[i
             volume=Volume.from_array(hu, (CTICH_SLICE_MM, CTICH_PIXEL_SPACING_MM, CTICH_PIXEL_SPACING_MM)),
             labels={k: int(slice_labels[:, i].any()) for i, k in enumerate(LABELS)},
             slice_labels=slice_labels,
+            derivation=CTICH_DERIVATION,
         ))
     return scans
 

@@ -1,17 +1,21 @@
-"""Writing CT Image Storage series: the one writer behind every CT series the project writes.
+"""Writing CT Image Storage series: the one writer behind phantoms and `ichnode export-dicom`.
 
 `ct_series_datasets` builds the datasets of a single-frame CT series from stored pixel values,
 their geometry and UIDs; callers add the header attributes that differ between them (patient,
-study, equipment, vendor quirks).
+study, equipment, vendor quirks). `write_scan_series` writes a training `Scan` with it, so any
+dataset adapter's scan (e.g. CT-ICH, which ships JPG windows) can go through `ichnode analyze`.
 """
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+
+from training.data import Scan
 
 #: Type 2 attributes of the CT Image IOD that the writer does not derive itself: present (empty)
 #: unless the caller's header gives a value, so every series written is valid.
@@ -103,3 +107,59 @@ def ct_series_datasets(
         out.append(ds)
     return out
 
+
+def _export_uid(scan_id: str, *parts) -> str:
+    return generate_uid(entropy_srcs=["ichnode-export", scan_id, *map(str, parts)])
+
+
+def write_scan_series(scan: Scan, out_dir: Path) -> Path:
+    """Write `scan` as a CT series, one file per slice, to out_dir/<scan_id>/; returns that folder.
+
+    HU are rounded to integers (int16, intercept -1024); SliceThickness is the slice spacing (a
+    Volume keeps no thickness). UIDs derive from the scan id, so exporting a scan again gives
+    the same series. ImageType is DERIVED\\SECONDARY: the pixels come from a training dataset,
+    and `scan.derivation` (how its HU were obtained, e.g. rebuilt from 8-bit windows) goes into
+    DerivationDescription and ImageComments.
+    """
+    volume = scan.volume
+    intercept = -1024.0
+    limits = np.iinfo(np.int16)
+    stored = np.clip(np.rint(volume.hu - intercept), limits.min, limits.max).astype(np.int16)
+    n = len(stored)
+    study_uid = _export_uid(scan.scan_id, "study")
+    note = f"Training scan {scan.scan_id} exported by ichnode export-dicom. {scan.derivation or ''}".strip()
+    header = {
+        "ImageType": ["DERIVED", "SECONDARY", "AXIAL"],
+        "DerivationDescription": note,
+        "ImageComments": note,
+        "PatientName": f"Training^{scan.patient_id}",
+        "PatientID": scan.patient_id,
+        "StudyID": scan.scan_id[-16:],
+        "StudyDescription": "CT HEAD WO CONTRAST (training data export)",
+        "SeriesDescription": f"Head {volume.spacing_mm[0]:g}mm {scan.scan_id}",
+        "SeriesNumber": 1,
+        "BodyPartExamined": "HEAD",
+        "GantryDetectorTilt": f"{volume.gantry_tilt_deg:g}",
+        "ImagesInAcquisition": n,
+        "WindowCenter": "40",
+        "WindowWidth": "80",
+    }
+    datasets = ct_series_datasets(
+        stored,
+        positions=volume.positions,
+        orientation=volume.orientation,
+        pixel_spacing=volume.spacing_mm[1:],
+        thickness=volume.spacing_mm[0],
+        spacing=volume.spacing_mm[0],
+        study_uid=study_uid,
+        series_uid=_export_uid(scan.scan_id, study_uid, "series"),
+        frame_of_reference_uid=_export_uid(scan.scan_id, study_uid, "frame"),
+        instance_uids=[_export_uid(scan.scan_id, study_uid, "instance", k) for k in range(n)],
+        header=header,
+        intercept=intercept,
+    )
+    folder = Path(out_dir) / scan.scan_id
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, ds in enumerate(datasets):
+        ds.save_as(folder / f"{k + 1:04d}.dcm", enforce_file_format=True)
+    return folder
