@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from worker.detector import LABELS, SUBTYPES, DetectorOutput, ModelLoadError, load_detector
-from worker.detector.ensemble import Ensemble, EnsembleConfig
+from worker.detector.ensemble import SCAN_MEMBERS, Ensemble, EnsembleConfig
 from worker.detector.members import (
     AttentionMIL,
     Combiner,
@@ -101,6 +101,14 @@ def test_prepare_gives_window_channels_at_working_size():
     assert centre == pytest.approx((35 - 0) / 80, abs=0.05)  # brain window at 35 HU
 
 
+def test_prepare_maps_the_intracranial_region_to_the_working_grid():
+    hu = skull_head(slices=2)
+    prepared = prepare(hu, 32)
+    assert np.array_equal(prepared.inside, intracranial_mask(hu))
+    assert prepared.inside_working.shape == (2, 32, 32) and prepared.inside_working.dtype == torch.bool
+    assert bool(prepared.inside_working[:, 16, 16].all()) and not bool(prepared.inside_working[:, 0, 0].any())
+
+
 def test_intracranial_mask_is_inside_the_skull_ring_and_falls_back_to_the_head_without_bone():
     hu = skull_head(open_slice=1)
     yy, xx = np.mgrid[:64, :64]
@@ -166,18 +174,48 @@ def test_unet_and_pixel_weight_fusion():
     assert bool((fused >= maps.amin(dim=1) - 1e-6).all() and (fused <= maps.amax(dim=1) + 1e-6).all())
 
 
-def test_combiner_starts_as_average_and_fit_learns_the_informative_member():
+def test_unet_maps_average_each_slice_with_its_mirror_image():
+    torch.manual_seed(0)
+    ensemble = Ensemble(TINY).eval()
+    x = torch.rand(2, 3, 32, 32)
+    probs, share = ensemble.unet_maps(x)
+    mirrored_probs, mirrored_share = ensemble.unet_maps(x.flip(-1))
+    assert torch.allclose(mirrored_probs, probs.flip(-1), atol=1e-6)
+    assert torch.allclose(mirrored_share, share.flip(-1), atol=1e-6)
+    assert torch.allclose(share.sum(dim=1), torch.ones(2, 32, 32), atol=1e-5)
+
+
+def test_unet_scan_score_looks_only_inside_the_intracranial_region():
+    ensemble = Ensemble(TINY).eval()
+    out = ensemble.run_members(torch.rand(2, 3, 32, 32))
+    out.fused = torch.zeros(2, 32, 32)
+    out.fused[0, 0:4, 0:4] = 1.0  # a confident "lesion" in the scalp corner
+    inside = torch.zeros(2, 32, 32, dtype=torch.bool)
+    inside[:, 8:24, 8:24] = True
+    column = ensemble.scan_member_logits(out, inside)[:, SCAN_MEMBERS.index("unet_ensemble")]
+    assert bool((torch.sigmoid(column) < 0.01).all())
+    out.fused[1, 14:18, 14:18] = 1.0  # the same inside the head
+    assert float(torch.sigmoid(ensemble.scan_member_logits(out, inside)[0, SCAN_MEMBERS.index("unet_ensemble")])) > 0.99
+
+
+def test_combiner_calibrates_the_mean_member_logit_without_reweighting_members():
     comb = Combiner(members=2)
     logits = torch.tensor([[[2.0, -2.0]] * 6])
     assert torch.allclose(comb(logits), torch.full((1, 6), 0.5))
     gen = torch.Generator().manual_seed(0)
-    y = (torch.rand(200, 6, generator=gen) < 0.5).float()
-    informative = (y * 2 - 1) * 2 + torch.randn(200, 6, generator=gen)
-    noise = torch.randn(200, 6, generator=gen) * 3
-    comb.fit(torch.stack([informative, noise], dim=-1), y)
-    assert bool((comb.coef[:, 0].abs() > 3 * comb.coef[:, 1].abs()).all())
-    p = comb(torch.stack([informative, noise], dim=-1))
+    y = (torch.rand(300, 6, generator=gen) < 0.3).float()
+    # both members agree, but are overconfident by 4x and biased upwards by 3
+    member = ((y * 2 - 1) * 2 + torch.randn(300, 6, generator=gen)) * 4 + 3
+    x = torch.stack([member, member + torch.randn(300, 6, generator=gen)], dim=-1)
+    before = x.mean(dim=-1)
+    comb.fit(x, y)
+    assert torch.allclose(comb.coef[:, 0], comb.coef[:, 1])  # equal weights, positive scale
+    assert bool((comb.coef > 0).all())
+    p = comb(x)
+    ranked = torch.gather(p, 0, torch.argsort(before, dim=0))
+    assert bool((ranked.diff(dim=0) >= 0).all())  # calibration keeps every label's ranking
     assert float(p[y == 1].mean()) > 0.8 and float(p[y == 0].mean()) < 0.2
+    assert abs(float(p.mean()) - float(y.mean())) < 0.05  # calibrated: mean probability ~ prevalence
 
 
 # -- weights on disk and detect() -------------------------------------------------------------

@@ -130,3 +130,26 @@ def test_benchmark_reports_every_member_and_the_total(capsys):
     assert {"slice_cnn", "cnn_lstm", "attention_mil", "unets", "pixel_fusion"} <= set(result["steps_seconds"])
     assert result["total_seconds"] > 0
     assert "total" in capsys.readouterr().out
+
+
+def test_unet_pools_use_slice_labels_of_scans_without_masks():
+    """A CT-ICH-like scan (slice labels, no masks): its clean slices are all-zero targets, its
+    bleeding slices weak positives for the all-ICH U-Net (and the SDH specialist where labelled SDH)."""
+    from training.data import Scan
+    from training.train import _lesion_target, _unet_pool, make_example
+    from worker.detector import LABELS
+    from worker.geometry import Volume
+
+    hu = np.full((4, 32, 32), 30.0, np.float32)
+    slice_labels = np.zeros((4, len(LABELS)), np.int64)
+    slice_labels[1:3, 0] = 1
+    slice_labels[2, LABELS.index("SDH")] = 1
+    scan = Scan(scan_id="s", patient_id="p", volume=Volume.from_array(hu), slice_labels=slice_labels,
+                labels={k: int(slice_labels[:, i].any()) for i, k in enumerate(LABELS)})
+    example = make_example(scan, 32)
+    assert example.lesion is None
+    pos, neg, weak = _unet_pool([example], "all")
+    assert pos == [] and [i for _, i in neg] == [0, 3] and [i for _, i in weak] == [1, 2]
+    assert [i for _, i in _unet_pool([example], "sdh")[2]] == [2]
+    assert _unet_pool([example], "small")[2] == []
+    assert torch.equal(_lesion_target(example, 0), torch.zeros(32, 32))

@@ -38,6 +38,8 @@ CTICH_ROOT = Path("/work/shared/data/ct-ich")
 CTICH_HELDOUT_FRACTION = 0.3  # of the 50 CT-ICH patients, kept out of training for evaluation
 CTICH_SPLIT_SEED = 20261123
 SMALL_LESION_ML = 5.0  # the small-lesion specialist's cases (paper 003)
+WEAK_TOP_K = 16  # pixels whose mean lesion logit stands for a whole weakly labelled slice
+WEAK_FRACTION = 8  # one weakly labelled whole slice per this many patches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,6 +117,7 @@ class Example:
     lesion: torch.Tensor | None  # (slices, s, s) soft, None when the masks are unknown
     subtype: torch.Tensor | None  # (slices, s, s) index into SUBTYPES of the lesion there, -1 elsewhere
     lesion_ml: float
+    inside: torch.Tensor  # (slices, s, s) bool: the intracranial region, where scan scores look
 
 
 def make_example(scan: Scan, size: int) -> Example:
@@ -145,7 +148,7 @@ def make_example(scan: Scan, size: int) -> Example:
         subtype = torch.full(lesion.shape, -1, dtype=torch.long)
         if slice_labels is None:
             slice_labels = torch.zeros(n, len(LABELS))
-    return Example(scan.scan_id, prepared.images, labels, slice_labels, lesion, subtype, lesion_ml)
+    return Example(scan.scan_id, prepared.images, labels, slice_labels, lesion, subtype, lesion_ml, prepared.inside_working)
 
 
 def report_labels(scans: list[Scan]) -> dict[str, np.ndarray]:
@@ -288,25 +291,35 @@ def train_mil(ensemble: Ensemble, data: list[Example], t: Trainer, steps: int, l
     t.run("attention MIL", ensemble.mil, steps, lr, loss)
 
 
-def _unet_pool(data: list[Example], member: str) -> tuple[list, list]:
-    """(positive slices, negative slices) the U-Net `member` trains on."""
-    sdh, sah = SUBTYPES.index("SDH") + 1, SUBTYPES.index("SAH") + 1
+def _unet_pool(data: list[Example], member: str) -> tuple[list, list, list]:
+    """(positive slices with masks, slices known to hold no blood, positive slices without masks)
+    the U-Net `member` trains on. Slice labels without masks (CT-ICH) still teach it: a slice
+    labelled free of hemorrhage is an all-zero target, a positive one a weak (top-k) target."""
+    column = {"all": 0, "sdh": SUBTYPES.index("SDH") + 1, "sah": SUBTYPES.index("SAH") + 1, "small": None}[member]
     keep = {
         "all": lambda e: True,
-        "sdh": lambda e: e.scan_labels[sdh] >= 0.5,
-        "sah": lambda e: e.scan_labels[sah] >= 0.5,
+        "sdh": lambda e: e.scan_labels[column] >= 0.5,
+        "sah": lambda e: e.scan_labels[column] >= 0.5,
         "small": lambda e: 0 < e.lesion_ml <= SMALL_LESION_ML,
     }[member]
-    known = [e for e in data if e.lesion is not None]
-    pos = [(e, i) for e in known if keep(e) for i in range(len(e.images)) if e.lesion[i].amax() > 0.5]
-    neg = [(e, i) for e in known if e.scan_labels[0] < 0.5 for i in range(len(e.images))]
-    return pos, neg
+    pos = [(e, i) for e in data if e.lesion is not None and keep(e) for i in range(len(e.images)) if e.lesion[i].amax() > 0.5]
+    neg = [(e, i) for e in data if e.slice_labels is not None for i in range(len(e.images)) if e.slice_labels[i, 0] == 0]
+    weak = [] if column is None else [
+        (e, i) for e in data if e.lesion is None and e.slice_labels is not None
+        for i in range(len(e.images)) if e.slice_labels[i, column] > 0
+    ]
+    return pos, neg, weak
+
+
+def _lesion_target(e: Example, i: int) -> torch.Tensor:
+    """The soft lesion mask of slice i; zeros for a slice labelled free of blood without masks."""
+    return e.lesion[i] if e.lesion is not None else e.images.new_zeros(e.images.shape[-2:])
 
 
 def _patch_origin(e: Example, i: int, patch: int, rng: random.Random) -> tuple[int, int]:
     """Top-left of a training patch: around a random lesion pixel when the slice has one."""
     size = e.images.shape[-1]
-    lesion = torch.nonzero(e.lesion[i] > 0.5)
+    lesion = torch.nonzero(_lesion_target(e, i) > 0.5)
     if len(lesion):
         r, c = lesion[rng.randrange(len(lesion))].tolist()
         r, c = r - patch // 2 + rng.randint(-patch // 4, patch // 4), c - patch // 2 + rng.randint(-patch // 4, patch // 4)
@@ -317,11 +330,12 @@ def _patch_origin(e: Example, i: int, patch: int, rng: random.Random) -> tuple[i
 
 def train_unets(ensemble: Ensemble, data: list[Example], t: Trainer, steps: int, specialist_steps: int, batch: int, lr: float, patch: int) -> None:
     """U-Nets train on patch x patch crops (fully convolutional, so they run on whole slices later):
-    more updates for the same CPU time."""
+    more updates for the same CPU time. Positive slices without masks add a whole-slice weak term:
+    the mean of the WEAK_TOP_K highest lesion logits should say "blood here"."""
     patch = min(patch or ensemble.cfg.working_size, ensemble.cfg.working_size)
     for member in UNET_MEMBERS:
         unet = ensemble.unets[member]
-        pos, neg = _unet_pool(data, member)
+        pos, neg, weak = _unet_pool(data, member)
         if member != "all":
             # specialists start from the all-ICH U-Net (its lesion output), then see only their cases
             source = ensemble.unets["all"].state_dict()
@@ -330,22 +344,28 @@ def train_unets(ensemble: Ensemble, data: list[Example], t: Trainer, steps: int,
         if not pos:
             log.warning("U-Net %s: no positive slices with masks; left as initialised", member)
             continue
+        log.info("U-Net %s: %d positive slices with masks, %d negative, %d weak positive", member, len(pos), len(neg), len(weak))
 
-        def loss(unet=unet, pos=pos, neg=neg, multi=member == "all") -> torch.Tensor:
+        def loss(unet=unet, pos=pos, neg=neg, weak=weak, multi=member == "all") -> torch.Tensor:
             chosen = _balanced_slices(t.rng, pos, neg, batch)
             flip = t.coin()
             crops = [(e, i, *_patch_origin(e, i, patch, t.rng)) for e, i in chosen]
-
-            def stack(get) -> torch.Tensor:
-                return _flip(torch.stack([get(e)[i, ..., r:r + patch, c:c + patch] for e, i, r, c in crops]), flip).to(t.device)
-
-            x, target = stack(lambda e: e.images), stack(lambda e: e.lesion)
+            x = _flip(torch.stack([e.images[i, :, r:r + patch, c:c + patch] for e, i, r, c in crops]), flip).to(t.device)
+            target = _flip(torch.stack([_lesion_target(e, i)[r:r + patch, c:c + patch] for e, i, r, c in crops]), flip).to(t.device)
             logits = unet(x).float()
             total = dice_loss(torch.sigmoid(logits[:, 0]), target) + F.binary_cross_entropy_with_logits(logits[:, 0], target)
             if multi:
-                sub = stack(lambda e: e.subtype)
+                sub = _flip(torch.stack([
+                    e.subtype[i, r:r + patch, c:c + patch] if e.subtype is not None else torch.full((patch, patch), -1)
+                    for e, i, r, c in crops
+                ]), flip).to(t.device)
                 if (sub >= 0).any():
                     total = total + F.cross_entropy(logits[:, 1:], sub, ignore_index=-1)
+            if weak:
+                picked = [t.rng.choice(weak) for _ in range(max(1, batch // WEAK_FRACTION))]
+                whole = _flip(torch.stack([e.images[i] for e, i in picked]), flip).to(t.device)
+                top = unet(whole).float()[:, 0].flatten(1).topk(WEAK_TOP_K, dim=1).values.mean(dim=1)
+                total = total + F.binary_cross_entropy_with_logits(top, torch.ones_like(top))
             return total
 
         t.run(f"U-Net {member}", unet, steps if member == "all" else specialist_steps, lr, loss)
@@ -372,7 +392,7 @@ def train_fusion(ensemble: Ensemble, data: list[Example], t: Trainer, steps: int
 
 def fit_combiner(ensemble: Ensemble, data: list[Example], device: torch.device) -> None:
     ensemble.eval()
-    logits = torch.stack([ensemble.scan_member_logits(ensemble.run_members(e.images.to(device))).cpu() for e in data])
+    logits = torch.stack([ensemble.scan_member_logits(ensemble.run_members(e.images.to(device)), e.inside).cpu() for e in data])
     labels = torch.stack([(e.scan_labels >= 0.5).float() for e in data])
     ensemble.combiner.fit(logits, labels)
     log.info("combiner fit on %d validation scans (%d positive)", len(data), int(labels[:, 0].sum()))

@@ -16,7 +16,7 @@ from worker.detector.ensemble import (
     subtype_maps,
     to_numpy,
 )
-from worker.detector.preprocess import HeadCrop, intracranial_mask, prepare
+from worker.detector.preprocess import Prepared, prepare
 from worker.geometry import Volume
 
 
@@ -47,15 +47,15 @@ class EnsembleDetector:
             images = prepared.images.to(self.device)
         out = self.ensemble.run_members(images, timings)
         with timer("fusion_and_mapping"):
-            return self._output(volume, prepared.crop, out)
+            return self._output(volume, prepared, out)
 
-    def _output(self, volume: Volume, crop: HeadCrop, out: MemberOutputs) -> DetectorOutput:
+    def _output(self, volume: Volume, prepared: Prepared, out: MemberOutputs) -> DetectorOutput:
         cfg = self.ensemble.cfg
-        member_logits = self.ensemble.scan_member_logits(out)
+        crop, inside = prepared.crop, prepared.inside  # heatmaps and masks are zero outside `inside`
+        member_logits = self.ensemble.scan_member_logits(out, prepared.inside_working)
         probs = to_numpy(self.ensemble.combiner(member_logits))
         slice_probs = self.ensemble.slice_probabilities(out)
 
-        inside = intracranial_mask(volume.hu)  # heatmaps and masks are zero outside it
         heat = to_numpy(crop.to_volume(heatmap(out, slice_probs[:, 0]).cpu()).clamp(0.0, 1.0)) * inside
         masks: dict[str, np.ndarray] = {}
         for name, soft in zip(SUBTYPES, subtype_maps(out)):
@@ -91,8 +91,8 @@ class EnsembleDetector:
                 "working_size": str(cfg.working_size),
                 "head_crop": f"top={crop.top},left={crop.left},side={crop.side}",
                 "members": "slice ResNeXt CNN + PCA/BiLSTM; attention MIL; U-Nets "
-                "(all-ICH, SDH, SAH, small lesion) + pixel weight fusion",
-                "combiner": "per-label logistic calibration over " + ", ".join(SCAN_MEMBERS),
+                "(all-ICH, SDH, SAH, small lesion; each slice averaged with its mirror image) + pixel weight fusion",
+                "combiner": "per-label Platt calibration of the mean logit of " + ", ".join(SCAN_MEMBERS),
                 "mask_threshold": f"{cfg.mask_threshold:g}",
                 "difficult_range": f"{DIFFICULT_RANGE[0]:g}-{DIFFICULT_RANGE[1]:g}",
                 "device": self.device.type,

@@ -1,15 +1,19 @@
 """The ensemble: members run on one prepared volume, then fused into a :class:`DetectorOutput`.
 
 Choices worth knowing:
-- Scan probabilities: a per-label logistic (Platt) combiner over three members' scan logits,
-  fit on a validation split: CNN+BiLSTM (max over slices), attention MIL, and the fused U-Net map
-  (max of the 3x3-smoothed voxel probability; for a subtype, of voxel probability x subtype share).
+- Scan probabilities: the equally weighted mean of three members' scan logits, Platt-calibrated
+  per label on a validation split (`members.Combiner` says why the weights are not learned):
+  CNN+BiLSTM (max over slices), attention MIL, and the fused U-Net map (max of the 3x3-smoothed
+  voxel probability inside the intracranial region; for a subtype, of voxel probability x subtype
+  share), so a scan score never rests on what the masks may not show.
+- The U-Nets see each slice and its left-right mirror image and average the two (test-time
+  augmentation, matching the flips seen in training): fewer isolated false-positive voxels.
 - Per-slice scores are the CNN+BiLSTM's per-slice probabilities (the only member trained per slice).
 - The subtype of a segmented voxel comes from the multi-class head of the all-ICH U-Net (softmax over
   the five subtypes), so subtype masks are disjoint and their union is the "any" mask.
 - Heatmap = max(fused U-Net voxel probability, Grad-CAM of the slice CNN x that slice's p(any)).
   The detector zeroes heatmap and lesion masks outside `preprocess.intracranial_mask` on the
-  volume grid (post-processing: scan probabilities do not use it).
+  volume grid.
 """
 from __future__ import annotations
 
@@ -125,13 +129,18 @@ class Ensemble(nn.Module):
         self.combiner = Combiner(len(SCAN_MEMBERS))
 
     def unet_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, 3, s, s) -> member lesion probabilities (n, members, s, s), subtype share (n, 5, s, s)."""
+        """(n, 3, s, s) -> member lesion probabilities (n, members, s, s), subtype share (n, 5, s, s),
+        each the mean over the slice and its mirror image."""
+        both = torch.cat([images, images.flip(-1)])
+        n = len(images)
         probs, share = [], None
         for name, unet in self.unets.items():
-            logits = unet(images).float()
-            probs.append(torch.sigmoid(logits[:, 0]))
+            logits = unet(both).float()
+            lesion = torch.sigmoid(logits[:, 0])
+            probs.append((lesion[:n] + lesion[n:].flip(-1)) / 2)
             if name == "all":
-                share = torch.softmax(logits[:, 1:], dim=1)
+                shares = torch.softmax(logits[:, 1:], dim=1)
+                share = (shares[:n] + shares[n:].flip(-1)) / 2
         return torch.stack(probs, dim=1), share
 
     @torch.no_grad()
@@ -167,10 +176,13 @@ class Ensemble(nn.Module):
         )
 
     @staticmethod
-    def scan_member_logits(out: MemberOutputs) -> torch.Tensor:
-        """(6, len(SCAN_MEMBERS)) scan-level logits of each member for each label."""
-        smooth = F.avg_pool2d(out.fused[:, None], 3, stride=1, padding=1)[:, 0]
-        sub_maps = F.avg_pool2d(out.fused[:, None] * out.subtype_share, 3, stride=1, padding=1)
+    def scan_member_logits(out: MemberOutputs, inside: torch.Tensor) -> torch.Tensor:
+        """(6, len(SCAN_MEMBERS)) scan-level logits of each member for each label.
+
+        inside: (slices, size, size) bool, the intracranial region at working size."""
+        inside = inside.to(out.fused.device)
+        smooth = F.avg_pool2d(out.fused[:, None], 3, stride=1, padding=1)[:, 0] * inside
+        sub_maps = F.avg_pool2d(out.fused[:, None] * out.subtype_share, 3, stride=1, padding=1) * inside[:, None]
         unet = torch.cat([smooth.amax()[None], sub_maps.amax(dim=(0, 2, 3))])
         return torch.stack(
             [out.lstm_logits.amax(dim=0), out.mil_logits, _logit(unet)], dim=-1

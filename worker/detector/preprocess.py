@@ -4,7 +4,8 @@ Hounsfield volume -> head crop (one square box for the whole series, so every sl
 same scale) -> in-plane resampling to a fixed working size -> three window channels scaled 0..1
 (brain 40/80, subdural 80/200, soft tissue 40/380, as in paper 004). :meth:`HeadCrop.to_volume`
 is the inverse mapping: maps at working size go back to the volume's own (rows, columns) grid.
-:func:`intracranial_mask` (on the volume grid) is where heatmaps and lesion masks may be non-zero.
+:func:`intracranial_mask` is where heatmaps and lesion masks may be non-zero, and where the
+U-Nets' scan-level scores look.
 """
 from __future__ import annotations
 
@@ -107,17 +108,22 @@ def intracranial_mask(hu: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Prepared:
-    """A volume ready for the members: window channels at working size and the crop to go back."""
+    """A volume ready for the members: window channels at working size, the crop to go back, and
+    the intracranial region on both grids (scan scores look only inside it, masks stay inside it)."""
 
     images: torch.Tensor  # (slices, 3, size, size) float32 0..1
     crop: HeadCrop
+    inside: np.ndarray  # (slices, rows, cols) bool: intracranial_mask on the volume grid
+    inside_working: torch.Tensor  # (slices, size, size) bool: the same at working size
 
 
 def prepare(hu: np.ndarray, size: int) -> Prepared:
     """HU volume (slices, rows, cols) -> window channels of the head at size x size."""
     crop = HeadCrop.find(hu)
     working_hu = crop.to_working(torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32)), size, AIR_HU)
-    return Prepared(images=window_channels(working_hu), crop=crop)
+    inside = intracranial_mask(hu)
+    inside_working = crop.to_working(torch.from_numpy(inside.astype(np.float32)), size, 0.0) >= 0.5
+    return Prepared(images=window_channels(working_hu), crop=crop, inside=inside, inside_working=inside_working)
 
 
 def masks_to_working(masks: np.ndarray, crop: HeadCrop, size: int) -> torch.Tensor:
