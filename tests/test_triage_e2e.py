@@ -19,7 +19,7 @@ def test_positive_study_first_everywhere(node_factory, positive_series, negative
     ris = listen(ack("AA"))
     hook = receive()
     node = node_factory("serve", ICHNODE_WORKERS="1", ICHNODE_HL7_ENDPOINTS=ris.endpoint,
-                        ICHNODE_WEBHOOKS=hook.url, ICHNODE_WEBHOOK_MIN_LEVEL="URGENT").start()
+                        ICHNODE_WEBHOOKS=hook.url, ICHNODE_WEBHOOK_MIN_LEVEL="STAT").start()
     # the negative study arrives first: arrival order alone would list it first
     for folder in (negative_series, positive_series):
         assert node.storescu(folder).returncode == 0
@@ -28,7 +28,8 @@ def test_positive_study_first_everywhere(node_factory, positive_series, negative
 
     worklist = node.get("/api/worklist")
     assert [item["study_instance_uid"] for item in worklist] == [positive, negative]
-    assert worklist[0]["priority"]["level"] in ("STAT", "URGENT")
+    assert worklist[0]["priority"]["level"] == "STAT"
+    assert worklist[1]["priority"]["level"] != "STAT"  # so only the positive study fires the webhook
     assert worklist[0]["priority"]["score"] > worklist[1]["priority"]["score"]
 
     dom = chromium(tmp_path, "--dump-dom", f"http://127.0.0.1:{node.http_port}/")
