@@ -50,7 +50,9 @@ def ct_series_datasets(
     stored: (slices, rows, columns) int16 or uint16 stored values (HU = stored + intercept),
     which sets PixelRepresentation. positions: (slices, 3) ImagePositionPatient; orientation:
     the 6 row and column direction cosines; pixel_spacing: (row, column) mm. header: attribute
-    keyword -> value for everything else (patient, study, series and equipment attributes).
+    keyword -> value for everything else (patient, study, series and equipment attributes); it
+    may override what every head series here shares: BodyPartExamined HEAD, Images in
+    Acquisition = the slice count, and a brain window (40/80) as the default display.
     instance_numbers: InstanceNumber per slice (default 1..n in the order given). Other transfer
     syntaxes than the two uncompressed ones are encoded with pydicom's encoders.
     """
@@ -84,6 +86,9 @@ def ct_series_datasets(
     base.RescaleIntercept = f"{intercept:g}"
     base.RescaleSlope = "1"
     base.RescaleType = "HU"
+    base.BodyPartExamined = "HEAD"
+    base.ImagesInAcquisition = n
+    base.WindowCenter, base.WindowWidth = "40", "80"  # brain window
     for keyword, value in header.items():
         setattr(base, keyword, value)
 
@@ -138,11 +143,7 @@ def write_scan_series(scan: Scan, out_dir: Path) -> Path:
         "StudyDescription": "CT HEAD WO CONTRAST (training data export)",
         "SeriesDescription": f"Head {volume.spacing_mm[0]:g}mm {scan.scan_id}",
         "SeriesNumber": 1,
-        "BodyPartExamined": "HEAD",
         "GantryDetectorTilt": f"{volume.gantry_tilt_deg:g}",
-        "ImagesInAcquisition": n,
-        "WindowCenter": "40",
-        "WindowWidth": "80",
     }
     datasets = ct_series_datasets(
         stored,
