@@ -298,10 +298,8 @@ def _unet_pool(data: list[Example], member: str) -> tuple[list, list, list]:
     column = {"all": 0, "sdh": SUBTYPES.index("SDH") + 1, "sah": SUBTYPES.index("SAH") + 1, "small": None}[member]
     keep = {
         "all": lambda e: True,
-        "sdh": lambda e: e.scan_labels[column] >= 0.5,
-        "sah": lambda e: e.scan_labels[column] >= 0.5,
         "small": lambda e: 0 < e.lesion_ml <= SMALL_LESION_ML,
-    }[member]
+    }.get(member, lambda e: e.scan_labels[column] >= 0.5)  # a subtype specialist: scans with its subtype
     pos = [(e, i) for e in data if e.lesion is not None and keep(e) for i in range(len(e.images)) if e.lesion[i].amax() > 0.5]
     neg = [(e, i) for e in data if e.slice_labels is not None for i in range(len(e.images)) if e.slice_labels[i, 0] == 0]
     weak = [] if column is None else [

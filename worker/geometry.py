@@ -6,7 +6,7 @@ Arrays are indexed (slice, row, column).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
