@@ -172,3 +172,45 @@ def test_split_by_patient_is_deterministic_and_never_splits_a_patient():
     assert datasets.split_by_patient(ids, (0.6, 0.2, 0.2), seed=4) != (train, val, test)
     rest, held = datasets.split_by_patient(ids, 0.25, seed=3)
     assert len(set(held)) == 10 and not set(held) & set(rest)
+
+
+SHARED = CTICH.parent
+needs_shared = pytest.mark.skipif(not (SHARED / "rsna-slices").is_dir() or not (SHARED / "ct-ich-hu-slices").is_dir(),
+                                  reason="RSNA slices / CT-ICH true-HU slices not present")
+
+
+@needs_shared
+def test_ctich_brain_window_assumption_agrees_with_true_hu_on_the_same_slices():
+    """The JPG brain window, fitted against the same slice in true HU (smoothed, reduced major
+    axis over unsaturated brain pixels), is centred at about 39 HU and about 110 HU wide on all 18
+    slices: the assumed 40/100 is within the training's contrast augmentation (15%)."""
+    from PIL import Image
+
+    widths, centres = [], []
+    for scan in datasets.ctich_hu_slices(SHARED / "ct-ich-hu-slices")[::6]:
+        hu = ndimage.gaussian_filter(np.rot90(scan.volume.hu[0], 1), 1.5)  # the NIfTI slices lie transposed
+        folder = CTICH / "Patients_CT" / scan.patient_id.split("-")[1] / "brain"
+        greys = [np.asarray(Image.open(p).convert("L").resize((512, 512), Image.BILINEAR), dtype=np.float32)
+                 for p in folder.glob("*.jpg")]
+        grey = max(greys, key=lambda g: np.corrcoef(np.clip(hu, -10, 90)[::4, ::4].ravel(), g[::4, ::4].ravel())[0, 1])
+        keep = ndimage.binary_erosion((grey > 25) & (grey < 230) & (hu > 0) & (hu < 90), iterations=3)
+        x, y = hu[keep], grey[keep]
+        slope = np.sqrt(np.polyfit(x, y, 1)[0] / np.polyfit(y, x, 1)[0])
+        widths.append(255 / slope)
+        centres.append(x.mean() + (127.5 - y.mean()) / slope)
+    centre, width = datasets.CTICH_BRAIN_WINDOW
+    assert np.median(widths) == pytest.approx(width, rel=0.15)
+    assert np.median(centres) == pytest.approx(centre, abs=3)
+
+
+@needs_shared
+def test_rsna_slices_split_is_fixed_and_patient_free_with_brain_window_only_hu():
+    ids = [f"ID_{i:05x}.png" for i in range(100)]
+    split = datasets.rsna_slice_split(ids)
+    assert split == datasets.rsna_slice_split(list(reversed(ids)))  # order of listing does not matter
+    assert sum(v == "heldout" for v in split.values()) == 20
+    grey = np.array([[0, 1, 128, 255]], dtype=np.uint8)
+    hu = datasets.rsna_slice_hu(grey)
+    assert hu[0, 0] == -1024 and hu[0, 2] == pytest.approx(40, abs=0.2) and hu[0, 3] == pytest.approx(80)
+    scan = datasets.rsna_slice_scans(SHARED / "rsna-slices", "heldout")[0]
+    assert scan.brain_window_only and scan.volume.hu.shape[0] == 1 and scan.slice_labels.shape == (1, 6)

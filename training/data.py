@@ -15,6 +15,7 @@ class Scan:
     volume: Volume
     labels: dict[str, int] | dict[str, float]  # worker.detector.LABELS -> scan-level 0/1 (or soft)
     slice_labels: np.ndarray | None = None  # (slices, len(LABELS)) 0/1, in volume order, when known
-    masks: dict[str, np.ndarray] | None = None  # subtype -> (slices, rows, columns) bool, when known
+    masks: dict[str, np.ndarray] | None = None  # subtype ("any" if unknown) -> (slices, rows, columns) bool
     report: str | None = None  # free-text radiology report, when known
     derivation: str | None = None  # how the HU were obtained, when not read from a scanner's DICOM
+    brain_window_only: bool = False  # HU known only inside the brain window (RSNA PNG slices)

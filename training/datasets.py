@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: The shared data folder beside the repository checkout (../shared/data), as laid out for
+#: development and CI.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
 
 # --------------------------------------------------------------------------------------------
 # Phantoms
@@ -140,7 +144,7 @@ def _ctich_slice(folder: Path, number: int) -> np.ndarray:
     return ctich_pseudo_hu(brain, bone)
 
 
-def ctich_scans(root: Path = Path("../shared/data/ct-ich"), patients: Sequence[int] | None = None) -> list[Scan]:
+def ctich_scans(root: Path = SHARED_DATA / "ct-ich", patients: Sequence[int] | None = None) -> list[Scan]:
     """CT-ICH patients (all, or those numbered in `patients`) with slice and scan labels.
 
     Slice order: the export numbers slices from the skull base up (slice 1 shows the neck or
@@ -176,6 +180,82 @@ def ctich_scans(root: Path = Path("../shared/data/ct-ich"), patients: Sequence[i
             labels={k: int(slice_labels[:, i].any()) for i, k in enumerate(LABELS)},
             slice_labels=slice_labels,
             derivation=CTICH_DERIVATION,
+        ))
+    return scans
+
+
+def ctich_hu_slices(root: Path = SHARED_DATA / "ct-ich-hu-slices") -> list[Scan]:
+    """The 18 true-HU CT-ICH slices with their radiologists' masks, as one-slice scans.
+
+    The masks do not say the subtype: they are under "any". Pixel spacing is not recorded; the
+    JPG exports' assumption (CTICH_PIXEL_SPACING_MM at 650 px) scaled to 512 px stands in.
+    """
+    root = Path(root)
+    scans = []
+    for path in sorted((root / "ct").glob("*.dcm")):
+        patient, _, number = path.stem.partition("_")
+        hu = pydicom.dcmread(path).pixel_array.astype(np.float32)
+        mask = pydicom.dcmread(root / "masks" / path.name).pixel_array > 0
+        spacing = CTICH_PIXEL_SPACING_MM * 650 / hu.shape[1]
+        scans.append(Scan(
+            scan_id=f"ctich-{int(patient):03d}-hu-{number}",
+            patient_id=f"ctich-{int(patient):03d}",
+            volume=Volume.from_array(hu[None], (CTICH_SLICE_MM, spacing, spacing)),
+            labels={k: int(k == "any") for k in LABELS},
+            masks={"any": mask[None]},
+        ))
+    return scans
+
+
+# --------------------------------------------------------------------------------------------
+# RSNA 2019 single slices (brain-window PNG, see ../shared/data/rsna-slices/README.md)
+
+RSNA_SLICE_WINDOW = (40.0, 80.0)
+RSNA_HELDOUT_FRACTION = 0.2  # of the slices, never trained on: the slice-level test set
+RSNA_SPLIT_SEED = 20261201
+RSNA_SLICE_COLUMNS = ("any",) + SUBTYPES  # labels.csv columns, in LABELS order
+
+
+def rsna_slice_hu(grey: np.ndarray) -> np.ndarray:
+    """8-bit brain-window grey levels -> HU clipped to the window; black (below 0 HU: air, fat)
+    becomes air so that the head crop finds the head as on a full-HU scan."""
+    centre, width = RSNA_SLICE_WINDOW
+    hu = centre + (grey.astype(np.float32) / 255.0 - 0.5) * width
+    hu[grey == 0] = AIR_HU
+    return hu
+
+
+def rsna_slice_split(ids: Sequence[str]) -> dict[str, str]:
+    """image id -> "train" or "heldout": a fixed random 20% held out (the slices carry no patient
+    grouping, so none is possible; the README's sample has one slice per series or few)."""
+    order = np.random.default_rng(RSNA_SPLIT_SEED).permutation(len(ids))
+    n_heldout = int(round(RSNA_HELDOUT_FRACTION * len(ids)))
+    sorted_ids = sorted(ids)
+    return {sorted_ids[i]: ("heldout" if rank < n_heldout else "train") for rank, i in enumerate(order)}
+
+
+def rsna_slice_scans(root: Path = SHARED_DATA / "rsna-slices", split: str = "all") -> list[Scan]:
+    """RSNA slices as one-slice scans (brain window only), all or the "train" / "heldout" split."""
+    root = Path(root)
+    with open(root / "labels.csv", newline="") as f:
+        rows = {row["image"]: row for row in csv.DictReader(f)}
+    if split not in ("all", "train", "heldout"):
+        raise ValueError(f"rsna-slices split must be all, train or heldout, not {split!r}")
+    groups = rsna_slice_split(list(rows))
+    scans = []
+    for image, row in sorted(rows.items()):
+        if split != "all" and groups[image] != split:
+            continue
+        grey = np.asarray(Image.open(root / "images" / image).convert("L"))
+        labels = np.array([[int(row[c]) for c in RSNA_SLICE_COLUMNS]], dtype=np.int64)
+        scan_id = Path(image).stem
+        scans.append(Scan(
+            scan_id=scan_id,
+            patient_id=f"rsna-{scan_id}",
+            volume=Volume.from_array(rsna_slice_hu(grey)[None]),
+            labels={k: int(labels[0, i]) for i, k in enumerate(LABELS)},
+            slice_labels=labels,
+            brain_window_only=True,
         ))
     return scans
 

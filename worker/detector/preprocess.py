@@ -2,7 +2,9 @@
 
 Hounsfield volume -> head crop (one square box for the whole series, so every slice keeps the
 same scale) -> in-plane resampling to a fixed working size -> three window channels scaled 0..1
-(brain 40/80, subdural 80/200, soft tissue 40/380, as in paper 004). :meth:`HeadCrop.to_volume`
+(brain 40/80, subdural 80/200, soft tissue 40/380, as in paper 004). Sources that hold only the
+brain window (RSNA PNG slices) get the other two channels as zeros, the same "not available" that
+training's channel dropout shows the members on full-HU volumes. :meth:`HeadCrop.to_volume`
 is the inverse mapping: maps at working size go back to the volume's own (rows, columns) grid.
 :func:`intracranial_mask` is where heatmaps and lesion masks may be non-zero, and where the
 U-Nets' scan-level scores look.
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 #: (centre, width) in HU of the three input channels.
 WINDOWS: tuple[tuple[float, float], ...] = ((40.0, 80.0), (80.0, 200.0), (40.0, 380.0))
+BRAIN_CHANNELS = 1  # the leading channels every source has; the rest need full HU
 AIR_HU = -1024.0
 HEAD_THRESHOLD_HU = -300.0  # skin and skull are above, air and most pillow foam below
 CROP_MARGIN = 0.05  # fraction of the head's extent added on each side
@@ -27,9 +30,12 @@ MIN_INTERIOR_FRACTION = 0.15  # of the head's non-bone area, for a skull ring to
 _IN_PLANE = np.array([np.zeros((3, 3)), ndimage.generate_binary_structure(2, 1), np.zeros((3, 3))], bool)
 
 
-def window_channels(hu: torch.Tensor) -> torch.Tensor:
-    """(slices, rows, cols) HU -> (slices, 3, rows, cols) float32 in 0..1."""
+def window_channels(hu: torch.Tensor, brain_window_only: bool = False) -> torch.Tensor:
+    """(slices, rows, cols) HU -> (slices, 3, rows, cols) float32 in 0..1; with brain_window_only
+    the channels past BRAIN_CHANNELS are zero (the source clipped HU to the brain window)."""
     channels = [((hu - (c - w / 2)) / w).clamp(0.0, 1.0) for c, w in WINDOWS]
+    if brain_window_only:
+        channels[BRAIN_CHANNELS:] = [torch.zeros_like(hu) for _ in channels[BRAIN_CHANNELS:]]
     return torch.stack(channels, dim=1).float()
 
 
@@ -117,13 +123,15 @@ class Prepared:
     inside_working: torch.Tensor  # (slices, size, size) bool: the same at working size
 
 
-def prepare(hu: np.ndarray, size: int) -> Prepared:
-    """HU volume (slices, rows, cols) -> window channels of the head at size x size."""
+def prepare(hu: np.ndarray, size: int, brain_window_only: bool = False) -> Prepared:
+    """HU volume (slices, rows, cols) -> window channels of the head at size x size.
+
+    brain_window_only: the volume's HU were clipped to the brain window (see window_channels)."""
     crop = HeadCrop.find(hu)
     working_hu = crop.to_working(torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32)), size, AIR_HU)
     inside = intracranial_mask(hu)
     inside_working = crop.to_working(torch.from_numpy(inside.astype(np.float32)), size, 0.0) >= 0.5
-    return Prepared(images=window_channels(working_hu), crop=crop, inside=inside, inside_working=inside_working)
+    return Prepared(images=window_channels(working_hu, brain_window_only), crop=crop, inside=inside, inside_working=inside_working)
 
 
 def masks_to_working(masks: np.ndarray, crop: HeadCrop, size: int) -> torch.Tensor:

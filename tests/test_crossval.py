@@ -1,0 +1,124 @@
+"""Cross-validation: folds by patient, the operating point, member weights, and a tiny whole run."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from training.crossval import choose_weights, nested_probabilities, operating_point, stratified_folds
+from training.data import Scan
+from worker.detector.members import Combiner
+from worker.geometry import Volume
+
+
+def _scan(patient: str, positive: bool) -> Scan:
+    return Scan(patient, patient, Volume.from_array(np.zeros((1, 4, 4))), {"any": int(positive)})
+
+
+def test_folds_split_patients_once_each_with_positives_spread():
+    scans = [_scan(f"p{i}", i < 10) for i in range(25)] + [_scan("p3", True)]  # p3 has two scans
+    folds = stratified_folds(scans, 5, seed=1)
+    flat = [p for fold in folds for p in fold]
+    assert sorted(flat) == sorted({s.patient_id for s in scans})  # every patient in exactly one fold
+    assert [sum(p in {f"p{i}" for i in range(10)} for p in fold) for fold in folds] == [2] * 5
+    assert folds == stratified_folds(scans, 5, seed=1)  # deterministic
+
+
+def test_operating_point_keeps_the_promised_sensitivity_and_specificity():
+    rng = np.random.default_rng(0)
+    y = np.array([1] * 22 + [0] * 28)
+    p = np.clip(np.where(y == 1, rng.normal(0.7, 0.2, 50), rng.normal(0.3, 0.2, 50)), 0, 1)
+    urgent, stat = operating_point(y, p)
+    assert (p[y == 1] >= urgent).mean() >= 0.90
+    assert (p[y == 0] < stat).mean() >= 0.95
+    assert urgent <= stat
+    # the threshold is as high as the sensitivity allows: 0.01 higher loses it
+    assert (p[y == 1] >= urgent + 0.01).mean() < 0.90 or urgent == 0.99
+
+
+def test_weights_pick_the_informative_member_and_nested_choice_is_per_fold():
+    rng = np.random.default_rng(1)
+    y = np.zeros((40, 6))
+    y[:20] = 1
+    good = (y * 2 - 1) * 2 + rng.normal(0, 1, (40, 6))
+    noise = rng.normal(0, 3, (40, 6))
+    logits = np.stack([noise, good, noise, noise], axis=-1)
+    w = choose_weights(logits, y)
+    assert w[1] > 0 and w[1] == w.max() and w[[0, 2, 3]].sum() < w.sum() / 2
+    nested = nested_probabilities(logits, y, np.arange(40) % 4)
+    assert nested.shape == (40,) and np.isfinite(nested).all()
+
+
+def test_platt_stays_finite_when_the_scans_separate_perfectly():
+    x = torch.tensor([-3.0, -2.0, 2.0, 3.0])
+    scale, bias = Combiner.platt(x, torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    assert np.isfinite(scale) and np.isfinite(bias) and scale > 0
+
+
+def test_combiner_applies_given_member_weights():
+    comb = Combiner(members=2)
+    x = torch.tensor([[[4.0, -4.0]] * 6, [[-4.0, 4.0]] * 6])
+    y = torch.tensor([[1.0] * 6, [0.0] * 6]).repeat(2, 1)
+    comb.fit(x.repeat(2, 1, 1), y, weights=torch.tensor([1.0, 0.0]))
+    assert comb.member_weights() == pytest.approx([1.0, 0.0])
+    assert float(comb(x)[0, 0]) > 0.5 > float(comb(x)[1, 0])
+
+
+def test_tiny_cross_validation_writes_out_of_fold_predictions_and_calibration(tmp_path):
+    from training.crossval import crossval_main
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(f"""
+[run]
+seed = 2
+threads = 1
+device = "cpu"
+checkpoints = "{tmp_path / 'ck'}"
+[data]
+train = ["phantom:seed=81,n=8,matrix=64,slices=6"]
+validation = ["phantom:seed=91,n=2,matrix=64,slices=6"]
+[model]
+working_size = 32
+cnn = {{ widths = [8, 8, 8, 8], groups = 2, stem = 8 }}
+mil = {{ widths = [8, 8, 8, 8], groups = 2, stem = 8 }}
+pca_components = 4
+lstm_hidden = 4
+attention_dim = 4
+unet_base = 4
+unet_depth = 2
+unet_scale = 2
+fusion_hidden = 2
+[stages]
+batch = 4
+cnn_pretrain_steps = 2
+cnn_steps = 2
+lstm_steps = 2
+mil_steps = 2
+unet_steps = 2
+unet_patch = 8
+specialist_steps = 1
+fusion_steps = 1
+[output]
+dir = "{tmp_path / 'model'}"
+[evaluate]
+out = "{tmp_path / 'eval'}"
+[cv]
+data = "phantom:seed=81,n=8,matrix=64,slices=6"
+folds = 2
+""")
+    metrics = crossval_main(config)
+    cv = tmp_path / "eval" / "cv"
+    oof = json.loads((cv / "oof_predictions.json").read_text())
+    assert len(oof) == 8 and {row["fold"] for row in oof} == {0, 1}
+    assert metrics["scans"] == 8 and 0 <= metrics["auc_any"]["auc"] <= 1
+    calibration = json.loads((cv / "calibration.json").read_text())
+    assert calibration["members"] == ["slice_cnn", "cnn_lstm", "attention_mil", "unet_ensemble"]
+    assert 0 <= calibration["urgent_probability"] <= calibration["stat_probability"] <= 1
+    assert (cv / "metrics.md").is_file() and (cv / "roc_any.png").is_file()
+    assert metrics["gallery"] and all((cv / "gallery" / name).is_file() for name in metrics["gallery"])
+    # a second run finds every fold's predictions and trains nothing again
+    fold_files = {p.name: p.stat().st_mtime_ns for p in (cv / "folds").iterdir()}
+    crossval_main(config)
+    assert {p.name: p.stat().st_mtime_ns for p in (cv / "folds").iterdir()} == fold_files

@@ -1,0 +1,115 @@
+"""The training config (`ichnode train --config FILE`, `ichnode evaluate --cv FILE`), validated at load.
+
+One pydantic model per TOML section; unknown keys are refused with their name, so a typo in a
+config never silently falls back to a default. `[model]` is the detector's own
+`worker.detector.ensemble.EnsembleConfig`.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from training.augment import AugmentConfig
+from worker.detector.ensemble import EnsembleConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(_Section):
+    seed: int = 0
+    threads: int = Field(default=0, ge=0)  # 0: up to 2
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoints: str = ""  # folder for resumable stage checkpoints; empty: no checkpoints
+    checkpoint_seconds: float = Field(default=120.0, gt=0)
+
+
+class DataSection(_Section):
+    train: list[str]  # data specs of scans with slice order (all members train on these)
+    slices: list[str] = []  # data specs of single slices (the slice CNN trains on these too)
+    validation: list[str] = []  # scans with masks for the pixel fusion (and calibration without CV)
+    validation_fraction: float = Field(default=0.0, ge=0, lt=1)  # of train, when validation is empty
+
+
+class MilSection(_Section):
+    label_source: Literal["labels", "reports"] = "labels"
+
+
+class StagesSection(_Section):
+    batch: int = Field(default=16, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    cnn_pretrain_steps: int = Field(default=0, ge=0)  # slice CNN on `slices` and phantoms only (shared by CV folds)
+    cnn_steps: int = Field(default=300, ge=0)
+    lstm_steps: int = Field(default=300, ge=0)
+    mil_steps: int = Field(default=300, ge=0)
+    unet_steps: int = Field(default=300, ge=0)
+    unet_patch: int = Field(default=0, ge=0)  # at the U-Nets' resolution; 0: whole slices
+    specialist_steps: int = Field(default=100, ge=0)
+    fusion_steps: int = Field(default=100, ge=0)
+
+
+class OutputSection(_Section):
+    dir: str
+    name: str = "ichnode-ensemble"
+    version: str = "0"
+
+
+class EvaluateSection(_Section):
+    out: str = ""  # default: <output dir>/evaluation
+    data: list[str] = []
+    calibration: str = ""  # calibration.json of a cross-validation run: member weights and Platt terms
+
+
+class CrossValidationSection(_Section):
+    data: str = "ctich:all"  # whose patients are split into folds (they must be among data.train)
+    folds: int = Field(default=5, ge=2)
+    seed: int = 0
+    out: str = ""  # default: <evaluate out>/cv
+
+
+class TrainingConfig(_Section):
+    run: RunSection = RunSection()
+    data: DataSection
+    model: dict = {}
+    mil: MilSection = MilSection()
+    stages: StagesSection = StagesSection()
+    augment: dict = {}
+    output: OutputSection
+    evaluate: EvaluateSection = EvaluateSection()
+    cv: CrossValidationSection = CrossValidationSection()
+
+    def ensemble(self) -> EnsembleConfig:
+        return EnsembleConfig.from_dict(self.model)
+
+    def augmentation(self) -> AugmentConfig:
+        return AugmentConfig(**self.augment)
+
+    @property
+    def evaluation_dir(self) -> Path:
+        return Path(self.evaluate.out) if self.evaluate.out else Path(self.output.dir) / "evaluation"
+
+    @property
+    def cv_dir(self) -> Path:
+        return Path(self.cv.out) if self.cv.out else self.evaluation_dir / "cv"
+
+
+class TrainingConfigError(ValueError):
+    """The training config is missing, not TOML, or has a bad or unknown key (named)."""
+
+
+def load_training_config(path: Path) -> TrainingConfig:
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise TrainingConfigError(f"{path}: {exc}") from exc
+    try:
+        cfg = TrainingConfig(**raw)
+        cfg.ensemble()
+        cfg.augmentation()
+    except (ValidationError, TypeError, ValueError) as exc:
+        raise TrainingConfigError(f"{path}: {exc}") from exc
+    return cfg

@@ -1,0 +1,379 @@
+"""`ichnode evaluate --cv --config FILE`: patient-level k-fold cross-validation of the whole recipe.
+
+The patients of `[cv] data` (the 50 CT-ICH patients) are split into `folds` groups, stratified by
+whether the scan shows a bleed. For each fold the complete training recipe of `training.train`
+runs without that fold's patients (the slice CNN pre-training, which sees no CT-ICH patient, is
+shared by all folds) and predicts the fold's scans: every patient gets an out-of-fold prediction.
+From those predictions alone:
+- member weights (a small grid, best out-of-fold AUC(any)) and per-label Platt calibration,
+  written to `calibration.json`, which `ichnode train` applies to the shipped model;
+- the operating point: URGENT at the highest threshold with out-of-fold sensitivity >= 0.90,
+  STAT at the lowest with specificity >= 0.95;
+- AUC(any) with bootstrap 95% CI, sensitivity and specificity at both thresholds, per-subtype and
+  per-member AUCs, AUC by extent (positive slices), and a nested estimate in which weights and
+  calibration of each fold come from the other folds only (so the choice itself is validated);
+- ROC plots and an error gallery: contact sheets of the worst false positives and false negatives,
+  key slices in the brain window beside the heatmap of the fold model that missed them.
+Each fold's predictions are written as soon as they exist, and every stage checkpoints, so a
+stopped run resumes.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from training import datasets
+from training.config import TrainingConfig, load_training_config
+from training.data import Scan
+from training.evaluate import bootstrap_ci, dice, heatmap_share_in_mask, plot_roc, roc_auc
+from training.train import (
+    Example,
+    TrainingData,
+    fit_combiner,
+    load_training_data,
+    member_logits,
+    setup,
+    train_ensemble,
+)
+from worker.detector import LABELS, load_detector
+from worker.detector.ensemble import SCAN_MEMBERS
+from worker.detector.members import Combiner
+from worker.detector.store import save_model
+
+log = logging.getLogger("ichnode.crossval")
+
+URGENT_SENSITIVITY = 0.90
+STAT_SPECIFICITY = 0.95
+WEIGHT_GRID = (0.0, 0.5, 1.0)
+GALLERY_CASES = 4  # worst false positives, and as many false negatives
+GALLERY_SLICES = 4
+EXTENT_BINS = ((1, 2), (3, 5), (6, 999))  # positive slices per scan: a size estimate without masks
+
+
+def _write_json(path: Path, data: object) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def stratified_folds(scans: list[Scan], folds: int, seed: int) -> list[list[str]]:
+    """Patient ids in `folds` groups, positives and negatives each spread evenly."""
+    positive = sorted({s.patient_id for s in scans if s.labels.get("any", 0) >= 0.5})
+    negative = sorted({s.patient_id for s in scans} - set(positive))
+    groups: list[list[str]] = [[] for _ in range(folds)]
+    for ids, offset in ((positive, 0), (negative, len(positive))):
+        parts = datasets.split_by_patient(ids, [1.0] * folds, seed=seed)
+        for k, part in enumerate(parts):
+            groups[(k + offset) % folds].extend(part)
+    return [sorted(g) for g in groups]
+
+
+def _predict_fold(cfg: TrainingConfig, data: TrainingData, heldout: list[Example], k: int, device: torch.device,
+                  checkpoints: Path) -> list[dict]:
+    ensemble, _ = train_ensemble(
+        cfg, data, device, checkpoints / f"fold-{k}", checkpoints / "slice_CNN_pretraining.pt"
+    )
+    fit_combiner(ensemble, data.validation or data.train, device)  # a usable detector for the gallery
+    save_model(ensemble, checkpoints / f"fold-{k}" / "model", f"{cfg.output.name}-fold-{k}", cfg.output.version,
+               {"fold": k, "heldout": sorted(e.patient_id for e in heldout)}, {})
+    predictions = []
+    for e in heldout:
+        scan_logits, slice_logits = member_logits(ensemble, e, device)
+        predictions.append({
+            "scan_id": e.scan_id,
+            "patient_id": e.patient_id,
+            "fold": k,
+            "labels": e.scan_labels.tolist(),
+            "slice_labels": e.slice_labels[:, 0].tolist() if e.slice_labels is not None else None,
+            "member_logits": scan_logits.tolist(),  # (6, members)
+            "slice_cnn_logits": slice_logits[:, 0].tolist(),
+        })
+    return predictions
+
+
+def _weighted(logits: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(n, 6, members) x (members,) -> (n, 6) weighted mean logit."""
+    return (logits * (w / w.sum())).sum(axis=-1)
+
+
+def choose_weights(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The grid weights with the best AUC(any); ties go to the most even weighting."""
+    best, best_key = None, None
+    for w in itertools.product(WEIGHT_GRID, repeat=logits.shape[-1]):
+        w = np.asarray(w)
+        if w.sum() == 0:
+            continue
+        auc = roc_auc(y[:, 0], _weighted(logits, w)[:, 0])
+        key = (round(auc, 6), -np.ptp(w / w.max()), w.sum())
+        if best_key is None or key > best_key:
+            best, best_key = w, key
+    return best
+
+
+def platt_terms(logits: np.ndarray, y: np.ndarray, w: np.ndarray) -> dict[str, tuple[float, float]]:
+    """label -> (scale, bias) of the weighted mean logit; (1, 0) where a label lacks either class."""
+    combined = torch.as_tensor(_weighted(logits, w), dtype=torch.float32)
+    terms = {}
+    for k, label in enumerate(LABELS):
+        target = torch.as_tensor(y[:, k], dtype=torch.float32)
+        if min(int(target.sum()), int((1 - target).sum())) < 2:
+            terms[label] = (1.0, 0.0)
+        else:
+            terms[label] = Combiner.platt(combined[:, k], target)
+    return terms
+
+
+def calibrated(logits: np.ndarray, w: np.ndarray, terms: dict[str, tuple[float, float]]) -> np.ndarray:
+    x = _weighted(logits, w)
+    scale = np.array([terms[label][0] for label in LABELS])
+    bias = np.array([terms[label][1] for label in LABELS])
+    return 1 / (1 + np.exp(-(x * scale + bias)))
+
+
+def operating_point(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+    """(urgent, stat) thresholds on p(any), rounded to 0.01 on the safe side."""
+    positives = np.sort(p[y == 1])[::-1]
+    negatives = np.sort(p[y == 0])[::-1]
+    urgent = positives[max(0, math.ceil(URGENT_SENSITIVITY * len(positives)) - 1)]
+    urgent = math.floor(urgent * 100) / 100
+    allowed_fp = int(math.floor((1 - STAT_SPECIFICITY) * len(negatives)))
+    stat = negatives[allowed_fp] if allowed_fp < len(negatives) else 0.0
+    stat = min(0.99, math.floor(stat * 100) / 100 + 0.01)
+    return urgent, max(stat, urgent)
+
+
+def _rates(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+    pred = p >= threshold
+    return {
+        "threshold": threshold,
+        "sensitivity": round(float(pred[y == 1].mean()), 4),
+        "specificity": round(float((~pred[y == 0]).mean()), 4),
+        "flagged": int(pred.sum()),
+    }
+
+
+def _auc_entry(y: np.ndarray, score: np.ndarray) -> dict:
+    auc = roc_auc(y, score)
+    low, high = bootstrap_ci(y, score)
+    r = lambda v: None if math.isnan(v) else round(v, 4)  # noqa: E731
+    return {"positives": int(y.sum()), "scans": len(y), "auc": r(auc), "auc_ci95": [r(low), r(high)]}
+
+
+def nested_probabilities(logits: np.ndarray, y: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    """p(any) of each scan with weights and calibration chosen on the other folds only."""
+    p = np.zeros(len(y))
+    for k in np.unique(folds):
+        rest = folds != k
+        w = choose_weights(logits[rest], y[rest])
+        p[~rest] = calibrated(logits[~rest], w, platt_terms(logits[rest], y[rest], w))[:, 0]
+    return p
+
+
+def summarise(predictions: list[dict], top_k: int) -> tuple[dict, dict, np.ndarray]:
+    """(metrics, calibration, calibrated out-of-fold probabilities (n, 6))."""
+    y = np.array([[float(v >= 0.5) for v in pr["labels"]] for pr in predictions])
+    logits = np.array([pr["member_logits"] for pr in predictions])  # (n, 6, members)
+    folds = np.array([pr["fold"] for pr in predictions])
+    w = choose_weights(logits, y)
+    terms = platt_terms(logits, y, w)
+    p = calibrated(logits, w, terms)
+    urgent, stat = operating_point(y[:, 0], p[:, 0])
+    nested = nested_probabilities(logits, y, folds)
+    slice_y = np.concatenate([pr["slice_labels"] for pr in predictions if pr["slice_labels"] is not None])
+    slice_s = np.concatenate([pr["slice_cnn_logits"] for pr in predictions if pr["slice_labels"] is not None])
+    extent = np.array([int(np.sum(pr["slice_labels"])) if pr["slice_labels"] is not None else 0 for pr in predictions])
+    by_extent = {}
+    for low, high in EXTENT_BINS:
+        keep = (y[:, 0] == 0) | ((extent >= low) & (extent <= high))
+        if ((extent >= low) & (extent <= high) & (y[:, 0] == 1)).any():
+            by_extent[f"{low}-{high} positive slices" if high < 999 else f">= {low} positive slices"] = _auc_entry(y[keep, 0], p[keep, 0])
+    metrics = {
+        "scans": len(y),
+        "positive_scans": int(y[:, 0].sum()),
+        "folds": int(folds.max()) + 1,
+        "auc_any": _auc_entry(y[:, 0], p[:, 0]),
+        "auc_any_nested": _auc_entry(y[:, 0], nested),
+        "urgent": _rates(y[:, 0], p[:, 0], urgent),
+        "stat": _rates(y[:, 0], p[:, 0], stat),
+        "nested_at_urgent": _rates(y[:, 0], nested, urgent),
+        "per_label": {label: _auc_entry(y[:, j], p[:, j]) for j, label in enumerate(LABELS)},
+        "per_member": {m: _auc_entry(y[:, 0], logits[:, 0, j]) for j, m in enumerate(SCAN_MEMBERS)},
+        "slice_cnn_max": _auc_entry(y[:, 0], np.array([max(pr["slice_cnn_logits"]) for pr in predictions])),
+        "by_extent": by_extent,
+        "slice_level_auc_any": _auc_entry(slice_y, slice_s),
+        "weights": dict(zip(SCAN_MEMBERS, w.tolist())),
+        "slice_top_k": top_k,
+    }
+    calibration = {
+        "members": list(SCAN_MEMBERS),
+        "weights": w.tolist(),
+        "platt": {label: list(terms[label]) for label in LABELS},
+        "urgent_probability": urgent,
+        "stat_probability": stat,
+        "scans": len(y),
+    }
+    return metrics, calibration, p
+
+
+def _markdown(cfg_path: Path, m: dict) -> str:
+    def auc(e: dict) -> str:
+        lo, hi = e["auc_ci95"]
+        return f"{e['auc']} [{lo}-{hi}]"
+
+    lines = [
+        f"# Cross-validation: {m['folds']}-fold by patient, {m['scans']} scans ({m['positive_scans']} with ICH)",
+        "",
+        f"Config: `{cfg_path}`. Out-of-fold predictions only; 95% intervals are percentile bootstraps over scans.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| AUC(any) | {auc(m['auc_any'])} |",
+        f"| AUC(any), weights and calibration chosen inside each fold (nested) | {auc(m['auc_any_nested'])} |",
+        f"| URGENT threshold {m['urgent']['threshold']}: sensitivity / specificity | {m['urgent']['sensitivity']} / {m['urgent']['specificity']} |",
+        f"| STAT threshold {m['stat']['threshold']}: sensitivity / specificity | {m['stat']['sensitivity']} / {m['stat']['specificity']} |",
+        f"| nested, at the URGENT threshold: sensitivity / specificity | {m['nested_at_urgent']['sensitivity']} / {m['nested_at_urgent']['specificity']} |",
+        f"| slice level AUC(any), slice CNN | {auc(m['slice_level_auc_any'])} |",
+        "",
+        "| label | positives | AUC [95% CI] |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {k} | {e['positives']} | {auc(e)} |" for k, e in m["per_label"].items()]
+    lines += ["", "| member (alone) | weight | AUC(any) [95% CI] |", "|---|---|---|"]
+    lines += [f"| {k} | {m['weights'][k]} | {auc(e)} |" for k, e in m["per_member"].items()]
+    lines += [f"| slice CNN, max over slices (not used) | - | {auc(m['slice_cnn_max'])} |"]
+    lines += ["", "| extent (positives against all negatives) | positives | AUC [95% CI] |", "|---|---|---|"]
+    lines += [f"| {k} | {e['positives']} | {auc(e)} |" for k, e in m["by_extent"].items()]
+    hu = m.get("real_hu_slices")
+    if hu:
+        lines += ["", f"True-HU CT-ICH slices with radiologists' masks ({hu['slices']}, each by its patient's fold model): "
+                  f"Dice(any) {hu['dice_any']}, share of the hottest 5% heatmap pixels inside the mask "
+                  f"{hu['heatmap_top5pct_in_mask']}, mean slice score {hu['slice_score_mean']}."]
+    lines += ["", "Error gallery: `gallery/` (worst false positives `fp-*.png`, false negatives `fn-*.png`)."]
+    return "\n".join(lines) + "\n"
+
+
+def _contact_sheet(scan: Scan, output, slices: list[int], title: str, path: Path, tile: int = 192) -> None:
+    """Key slices: brain window (left) and heatmap overlay (right), one row per slice."""
+    sheet = Image.new("RGB", (2 * tile, tile * len(slices) + 24), "black")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 4), title, fill="white")
+    for row, i in enumerate(slices):
+        brain = np.clip((scan.volume.hu[i] - 0.0) / 80.0, 0, 1)
+        grey = Image.fromarray((brain * 255).astype(np.uint8)).resize((tile, tile)).convert("RGB")
+        heat = np.clip(output.heatmaps[i], 0, 1)
+        rgb = np.stack([brain * (1 - heat) + heat, brain * (1 - heat), brain * (1 - heat)], axis=-1)
+        overlay = Image.fromarray((rgb * 255).astype(np.uint8)).resize((tile, tile))
+        y0 = 24 + row * tile
+        sheet.paste(grey, (0, y0))
+        sheet.paste(overlay, (tile, y0))
+        labelled = scan.slice_labels is not None and scan.slice_labels[i, 0] > 0
+        draw.text((4, y0 + 4), f"slice {i + 1}{' ICH' if labelled else ''}  p={output.slice_scores[i]:.2f}", fill="yellow")
+    sheet.save(path)
+
+
+class FoldDetectors:
+    """The detector each fold trained, loaded once: it predicts the patients it never saw."""
+
+    def __init__(self, checkpoints: Path, groups: list[list[str]]) -> None:
+        self.checkpoints = checkpoints
+        self.fold_of = {patient: k for k, group in enumerate(groups) for patient in group}
+        self._loaded: dict[int, object] = {}
+
+    def for_patient(self, patient_id: str):
+        k = self.fold_of[patient_id]
+        if k not in self._loaded:
+            self._loaded[k] = load_detector(self.checkpoints / f"fold-{k}" / "model", device="cpu")
+        return self._loaded[k]
+
+
+def real_hu_slices(detectors: FoldDetectors) -> dict:
+    """Dice and heatmap-in-mask share on the true-HU CT-ICH slices, each by its patient's fold model."""
+    scans = [s for s in datasets.ctich_hu_slices() if s.patient_id in detectors.fold_of]
+    outputs = [detectors.for_patient(s.patient_id).detect(s.volume) for s in scans]
+    per_slice = [
+        {"scan_id": s.scan_id, "dice": round(dice(np.logical_or.reduce(list(o.masks.values())), s.masks["any"]), 4),
+         "heatmap_top5pct_in_mask": round(heatmap_share_in_mask(o.heatmaps, s.masks["any"]), 4),
+         "p_any": round(o.probabilities["any"], 4), "slice_score": round(float(o.slice_scores[0]), 4)}
+        for s, o in zip(scans, outputs)
+    ]
+    mean = lambda key: round(float(np.mean([r[key] for r in per_slice])), 4) if per_slice else None  # noqa: E731
+    return {"slices": len(per_slice), "dice_any": mean("dice"), "heatmap_top5pct_in_mask": mean("heatmap_top5pct_in_mask"),
+            "slice_score_mean": mean("slice_score"), "per_slice": per_slice}
+
+
+def error_gallery(scans: dict[str, Scan], predictions: list[dict], p: np.ndarray, detectors: FoldDetectors, out: Path) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    y = np.array([pr["labels"][0] >= 0.5 for pr in predictions])
+    order = np.argsort(p[:, 0])
+    fps = [i for i in order[::-1] if not y[i]][:GALLERY_CASES]
+    fns = [i for i in order if y[i]][:GALLERY_CASES]
+    written = []
+    for kind, cases in (("fp", fps), ("fn", fns)):
+        for rank, i in enumerate(cases, 1):
+            pr = predictions[i]
+            scan = scans[pr["scan_id"]]
+            output = detectors.for_patient(scan.patient_id).detect(scan.volume)
+            if kind == "fn" and scan.slice_labels is not None:
+                candidates = np.flatnonzero(scan.slice_labels[:, 0] > 0)
+            else:
+                candidates = np.arange(len(scan.volume.hu))
+            key = sorted(candidates[np.argsort(-output.slice_scores[candidates])][:GALLERY_SLICES].tolist())
+            name = f"{kind}-{rank}-{pr['scan_id']}.png"
+            what = "false positive" if kind == "fp" else "false negative"
+            _contact_sheet(scan, output, key, f"{what}: {pr['scan_id']} p(any)={p[i, 0]:.2f} (fold {pr['fold']})", out / name)
+            written.append(name)
+    return written
+
+
+def crossval_main(config_path: Path) -> dict:
+    cfg = load_training_config(config_path)
+    device = setup(cfg)
+    out = cfg.cv_dir
+    (out / "folds").mkdir(parents=True, exist_ok=True)
+    if cfg.cv.data not in cfg.data.train:
+        raise ValueError(f"{config_path}: [cv] data {cfg.cv.data!r} must be one of [data] train")
+    if not cfg.data.validation:
+        raise ValueError(f"{config_path}: cross-validation needs [data] validation scans (none of the folds' patients)")
+    data, by_spec = load_training_data(cfg)
+    cv_scans = by_spec[cfg.cv.data]
+    groups = stratified_folds(cv_scans, cfg.cv.folds, cfg.cv.seed)
+    examples = {e.scan_id: e for e in data.train}
+    checkpoints = Path(cfg.run.checkpoints or out / "checkpoints")
+    predictions: list[dict] = []
+    for k, patients in enumerate(groups):
+        path = out / "folds" / f"fold-{k}.json"
+        if path.is_file():
+            log.info("fold %d/%d: predictions exist in %s", k + 1, len(groups), path)
+        else:
+            log.info("fold %d/%d: training without %d patients", k + 1, len(groups), len(patients))
+            heldout = [examples[s.scan_id] for s in cv_scans if s.patient_id in patients]
+            _write_json(path, _predict_fold(cfg, data.without_patients(set(patients)), heldout, k, device, checkpoints))
+        predictions.extend(json.loads(path.read_text()))
+    metrics, calibration, p = summarise(predictions, cfg.ensemble().slice_top_k)
+    detectors = FoldDetectors(checkpoints, groups)
+    metrics["gallery"] = error_gallery({s.scan_id: s for s in cv_scans}, predictions, p, detectors, out / "gallery")
+    metrics["real_hu_slices"] = real_hu_slices(detectors)
+    _write_json(out / "calibration.json", calibration)
+    _write_json(out / "metrics.json", metrics)
+    _write_json(out / "oof_predictions.json", [
+        {"scan_id": pr["scan_id"], "fold": pr["fold"], "labels": dict(zip(LABELS, pr["labels"])),
+         "probabilities": dict(zip(LABELS, map(float, p[i]))),
+         "member_logits_any": dict(zip(SCAN_MEMBERS, pr["member_logits"][0]))}
+        for i, pr in enumerate(predictions)
+    ])
+    (out / "metrics.md").write_text(_markdown(config_path, metrics))
+    y = np.array([[float(v >= 0.5) for v in pr["labels"]] for pr in predictions])
+    for j, label in enumerate(LABELS):
+        if 0 < y[:, j].sum() < len(y):
+            plot_roc(y[:, j], p[:, j], f"{label}: CV AUC {metrics['per_label'][label]['auc']}", out / f"roc_{label}.png")
+    log.info("cross-validation: AUC(any) %s (nested %s), written to %s",
+             metrics["auc_any"]["auc"], metrics["auc_any_nested"]["auc"], out)
+    return metrics
