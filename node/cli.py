@@ -128,10 +128,19 @@ def cmd_train(args) -> None:
     train_main(Path(args.config))
 
 
-def cmd_evaluate(args) -> None:
+def cmd_evaluate(args, parser: argparse.ArgumentParser) -> None:
+    _setup_logging("INFO")
+    if args.cv:
+        from training.crossval import crossval_main
+
+        if not args.config:
+            parser.error("evaluate --cv needs --config (a training config)")
+        crossval_main(Path(args.config))
+        return
     from training.evaluate import evaluate_main
 
-    _setup_logging("INFO")
+    if not (args.data and args.out):
+        parser.error("evaluate needs --data and --out (or --cv --config FILE)")
     evaluate_main(args.data, Path(args.model) if args.model else None, Path(args.out))
 
 
@@ -181,11 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the detector from a training config")
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("evaluate", help="evaluate a model: AUC with CIs, sensitivity, Dice, volumes")
-    p.add_argument("--data", required=True, help='e.g. "phantom:seed=9999,n=60", "ctich:heldout" or a folder')
+    p = sub.add_parser("evaluate", help="evaluate a model: AUC with CIs, sensitivity, Dice, volumes; or with --cv, "
+                       "cross-validate a training config by patient (out-of-fold metrics, calibration, error gallery)")
+    p.add_argument("--data", help='e.g. "phantom:seed=9999,n=60", "rsna-slices:heldout" or a folder')
     p.add_argument("--model", help="model folder (default: the shipped ensemble)")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_evaluate)
+    p.add_argument("--out", help="report folder")
+    p.add_argument("--cv", action="store_true", help="k-fold cross-validation of --config (resumes when stopped)")
+    p.add_argument("--config", help="training config, with --cv")
+    p.set_defaults(func=lambda args, p=p: cmd_evaluate(args, p))
     p = sub.add_parser("benchmark", help="time the detector per member, and the listener against DCMTK storescp")
     p.add_argument("part", nargs="?", choices=("all", "detector", "listener"), default="all")
     p.add_argument("--slices", type=int, default=40)

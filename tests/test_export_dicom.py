@@ -15,6 +15,7 @@ from tests.conftest import ROOT, analyze, dciodvfy_errors
 from training import datasets
 from training.dicom_series import write_scan_series
 from training.train import load_scans
+from worker.detector import load_detector
 from worker.volume import load_series
 
 CTICH = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct-ich"
@@ -66,12 +67,14 @@ def test_ctich_export_is_valid_and_loads_back_to_the_same_hu_and_geometry(export
 
 
 @needs_ctich
-def test_analyze_writes_findings_for_the_exported_ctich_patient(exported, tmp_path):
+def test_analyze_of_the_exported_patient_gives_the_library_paths_probabilities(exported, tmp_path):
     run = analyze(exported, tmp_path / "out")
     assert run.returncode == 0, run.stderr[-3000:]
     findings = json.loads((tmp_path / "out" / "findings.json").read_text())
     assert set(findings["probabilities"]) == {"any", "EDH", "IPH", "IVH", "SAH", "SDH"}
-    assert all(0.0 <= p <= 1.0 for p in findings["probabilities"].values())
+    # DICOM export -> node loader -> detector equals dataset adapter -> detector (HU rounded to integers)
+    direct = load_detector().detect(datasets.ctich_scans(CTICH, patients=[49])[0].volume)
+    assert findings["probabilities"] == pytest.approx(direct.probabilities, abs=0.01)
     first = pydicom.dcmread(next(exported.glob("*.dcm")), stop_before_pixels=True)
     assert findings["series_instance_uid"] == first.SeriesInstanceUID
     assert len(findings["slice_scores"]) == len(list(exported.glob("*.dcm")))

@@ -23,6 +23,7 @@ OPERATING_THRESHOLD = 0.5
 RSNA_WEIGHTS = np.array([2.0, 1, 1, 1, 1, 1])  # RSNA 2019 weighted log loss: 'any' counts twice
 TOP_SLICE_FRACTION = 0.1  # localisation: do the top 10% slices (paper 000) hit a positive slice?
 BOOTSTRAP = 1000
+HEATMAP_TOP_FRACTION = 0.05
 
 
 def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
@@ -76,6 +77,16 @@ def slice_hit(slice_scores: np.ndarray, slice_positive: np.ndarray, fraction: fl
     return bool(slice_positive[np.argsort(-slice_scores)[:k]].any())
 
 
+def heatmap_share_in_mask(heatmaps: np.ndarray, truth: np.ndarray, top: float = HEATMAP_TOP_FRACTION) -> float:
+    """Of the `top` fraction of hottest voxels (over the slices that hold blood), the share inside
+    the reference mask: does the heatmap point at the bleed?"""
+    slices = truth.any(axis=(1, 2))
+    heat, mask = heatmaps[slices].ravel(), truth[slices].ravel()
+    k = max(1, int(round(top * heat.size)))
+    hottest = np.argpartition(-heat, k - 1)[:k]
+    return float(mask[hottest].mean())
+
+
 def _nan_to_none(value: float) -> float | None:
     return None if value is None or math.isnan(value) else round(float(value), 4)
 
@@ -103,7 +114,7 @@ def score(scans: list[Scan], outputs: list[DetectorOutput]) -> dict:
         }
 
     slice_y, slice_p, hits, attention_hits = [], [], [], []
-    dices, volume_errors = [], []
+    dices, heat_shares, volume_errors = [], [], []
     for s, o in zip(scans, outputs):
         if s.slice_labels is not None:
             slice_y.append(np.asarray(s.slice_labels, dtype=float))
@@ -113,10 +124,11 @@ def score(scans: list[Scan], outputs: list[DetectorOutput]) -> dict:
                 hits.append(slice_hit(o.slice_scores, positive))
                 attention_hits.append(bool(positive[int(o.member_outputs["attention_mil"]["top_attention_slice"])]))
         if s.masks is not None:
-            truth = np.logical_or.reduce([s.masks[k] for k in SUBTYPES if k in s.masks])
+            truth = np.logical_or.reduce(list(s.masks.values()))
             pred = np.logical_or.reduce([o.masks[k] for k in SUBTYPES])
             if truth.any():
                 dices.append(dice(pred, truth))
+                heat_shares.append(heatmap_share_in_mask(o.heatmaps, truth))
             volume_errors.append(abs(o.volumes_ml["any"] - truth.sum() * s.volume.voxel_volume_ml))
 
     summary = {
@@ -130,6 +142,7 @@ def score(scans: list[Scan], outputs: list[DetectorOutput]) -> dict:
         "scan_weighted_log_loss": _nan_to_none(weighted_log_loss(y, p)),
         "slice_weighted_log_loss": _nan_to_none(weighted_log_loss(np.concatenate(slice_y), np.concatenate(slice_p))) if slice_y else None,
         "dice_any": _nan_to_none(float(np.mean(dices))) if dices else None,
+        "heatmap_top5pct_in_mask": _nan_to_none(float(np.mean(heat_shares))) if heat_shares else None,
         "volume_mae_ml": _nan_to_none(float(np.mean(volume_errors))) if volume_errors else None,
         "slice_top10pct_hit_rate": _nan_to_none(float(np.mean(hits))) if hits else None,
         "attention_top1_hit_rate": _nan_to_none(float(np.mean(attention_hits))) if attention_hits else None,
@@ -191,7 +204,7 @@ def evaluate_main(data: str, model: Path | None, out: Path) -> dict:
     detector = load_detector(model)
     outputs = []
     for i, scan in enumerate(scans, 1):
-        outputs.append(detector.detect(scan.volume))
+        outputs.append(detector.detect(scan.volume, brain_window_only=scan.brain_window_only))
         if i % 10 == 0 or i == len(scans):
             log.info("evaluated %d/%d scans", i, len(scans))
     result = score(scans, outputs)

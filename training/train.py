@@ -1,22 +1,26 @@
 """`ichnode train --config FILE`: train the ensemble detector from a TOML config.
 
-Stages, each on the training split (by patient) unless said otherwise:
-1. slice CNN on slice labels (balanced positive/negative slices);
+Stages (the training scans are `[data] train`; single slices `[data] slices` feed the slice CNN):
+0. slice CNN pre-training on the single slices and phantoms only (no CT-ICH patient, so the
+   cross-validation folds share it);
+1. slice CNN on every slice label (balanced positive/negative slices, augmented);
 2. PCA of the CNN features, then the BiLSTM over whole scans (slice labels, or the scan label
    against the max over slices when a scan has no slice labels);
 3. attention MIL on scan labels only (from report text through training.labels when asked);
 4. all-ICH U-Net with subtype head, then the SDH, SAH and small-lesion specialists fine-tuned from it;
-5. pixel weight fusion of the U-Nets on the validation split (Dice loss, paper 003);
-6. the calibrating combiner on the validation split;
+5. pixel weight fusion of the U-Nets on the validation scans (Dice loss, paper 003);
+6. the combiner: member weights and calibration from a cross-validation run's out-of-fold
+   predictions (`[evaluate] calibration`), else equal weights calibrated on the validation scans;
 then the weights and manifest are written and the `[evaluate]` data sets are scored.
+Every stage checkpoints into `[run] checkpoints` and a stopped run resumes where it was.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import time
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -25,16 +29,17 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from training.augment import AugmentConfig, augment, warp_masks
+from training.config import TrainingConfig, load_training_config
 from training.data import Scan
 from worker.detector import LABELS, SUBTYPES
 from worker.detector.detector import resolve_device
-from worker.detector.ensemble import UNET_MEMBERS, Ensemble, EnsembleConfig
+from worker.detector.ensemble import SCAN_MEMBERS, UNET_MEMBERS, Ensemble, EnsembleConfig
 from worker.detector.preprocess import masks_to_working, prepare
 from worker.detector.store import save_model, update_metrics
 
 log = logging.getLogger("ichnode.train")
 
-CTICH_ROOT = Path("/work/shared/data/ct-ich")
 CTICH_HELDOUT_FRACTION = 0.3  # of the 50 CT-ICH patients, kept out of training for evaluation
 CTICH_SPLIT_SEED = 20261123
 SMALL_LESION_ML = 5.0  # the small-lesion specialist's cases (paper 003)
@@ -70,6 +75,8 @@ def load_scans(spec: str) -> list[Scan]:
       patients, split by patient with a fixed seed so held-out patients never reach training;
       ``ctich:all,patients=49+57`` loads only the patients with those numbers (not combinable
       with train / heldout, whose split is drawn over all patients);
+    - ``rsna-slices:train`` / ``rsna-slices:heldout`` / ``rsna-slices:all`` (optionally
+      ``root=DIR``): the RSNA brain-window PNG slices, one-slice scans, a fixed 20% held out;
     - ``rsna:DIR``, ``cq500:DIR``: those datasets' adapters;
     - a folder: CT-ICH layout if it holds hemorrhage_diagnosis.csv, else written phantom studies.
     """
@@ -84,7 +91,7 @@ def load_scans(spec: str) -> list[Scan]:
             n_slices=int(opt.get("slices", 24)),
         )
     if kind == "ctich":
-        root = Path(opt.get("root", CTICH_ROOT))
+        root = Path(opt.get("root", datasets.SHARED_DATA / "ct-ich"))
         if "patients" in opt:
             if arg not in ("", "all"):
                 raise ValueError(f"{spec!r}: patients= selects from ctich:all, not from the {arg} split")
@@ -94,6 +101,8 @@ def load_scans(spec: str) -> list[Scan]:
             return scans
         train, heldout = datasets.split_by_patient(scans, CTICH_HELDOUT_FRACTION, seed=CTICH_SPLIT_SEED)
         return {"train": train, "heldout": heldout}[arg]
+    if kind == "rsna-slices":
+        return datasets.rsna_slice_scans(Path(opt.get("root", datasets.SHARED_DATA / "rsna-slices")), arg or "all")
     if kind == "rsna":
         return list(datasets.rsna_scans(Path(arg)))
     if kind == "cq500":
@@ -111,21 +120,23 @@ class Example:
     """One scan at working size, as the training stages consume it."""
 
     scan_id: str
-    images: torch.Tensor  # (slices, 3, s, s)
+    patient_id: str
+    images: torch.Tensor  # (slices, 3, s, s) float16 (halves the memory of a training set)
     scan_labels: torch.Tensor  # (6,) 0..1
     slice_labels: torch.Tensor | None  # (slices, 6)
     lesion: torch.Tensor | None  # (slices, s, s) soft, None when the masks are unknown
     subtype: torch.Tensor | None  # (slices, s, s) index into SUBTYPES of the lesion there, -1 elsewhere
     lesion_ml: float
     inside: torch.Tensor  # (slices, s, s) bool: the intracranial region, where scan scores look
+    full_hu: bool = True  # False: brain window only, the later channels are zero
 
 
 def make_example(scan: Scan, size: int) -> Example:
     """A scan through the same preprocessing as inference; masks are mapped with the same crop.
 
-    A negative scan without masks has known empty masks and slice labels.
+    A negative scan without slice labels has known (all-zero) slice labels.
     """
-    prepared = prepare(scan.volume.hu, size)
+    prepared = prepare(scan.volume.hu, size, scan.brain_window_only)
     n = scan.volume.hu.shape[0]
     labels = torch.tensor([float(scan.labels.get(k, 0)) for k in LABELS])
     negative = float(labels[0]) == 0.0
@@ -143,12 +154,12 @@ def make_example(scan: Scan, size: int) -> Example:
         if slice_labels is None:
             per_slice = np.concatenate([union[None], stack]).any(axis=(2, 3)).T  # (slices, 6)
             slice_labels = torch.as_tensor(per_slice, dtype=torch.float32)
-    elif negative:
-        lesion = torch.zeros(n, size, size)
-        subtype = torch.full(lesion.shape, -1, dtype=torch.long)
-        if slice_labels is None:
-            slice_labels = torch.zeros(n, len(LABELS))
-    return Example(scan.scan_id, prepared.images, labels, slice_labels, lesion, subtype, lesion_ml, prepared.inside_working)
+    elif negative and slice_labels is None:
+        slice_labels = torch.zeros(n, len(LABELS))
+    return Example(
+        scan.scan_id, scan.patient_id, prepared.images.half(), labels, slice_labels, lesion, subtype, lesion_ml,
+        prepared.inside_working, not scan.brain_window_only,
+    )
 
 
 def report_labels(scans: list[Scan]) -> dict[str, np.ndarray]:
@@ -167,22 +178,54 @@ def report_labels(scans: list[Scan]) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 
 
-class Trainer:
-    """Adam with autocast + gradient scaling on CUDA; logs progress on stderr."""
+def _save_atomic(obj: object, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
-    def __init__(self, device: torch.device, seed: int) -> None:
+
+class Trainer:
+    """Adam with a cosine schedule, autocast + gradient scaling on CUDA, progress with ETA on
+    stderr, and a resumable checkpoint per stage (module, optimiser, schedule, random state)."""
+
+    def __init__(self, device: torch.device, seed: int, checkpoints: Path | None = None, checkpoint_seconds: float = 120.0) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
         self.rng = random.Random(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.checkpoints = checkpoints
+        self.checkpoint_seconds = checkpoint_seconds
 
-    def run(self, name: str, module: torch.nn.Module, steps: int, lr: float, loss_fn: Callable[[], torch.Tensor]) -> float:
-        module.train()
+    def checkpoint_path(self, name: str) -> Path | None:
+        return None if self.checkpoints is None else self.checkpoints / (name.replace(" ", "_").replace("+", "_") + ".pt")
+
+    def run(self, name: str, module: torch.nn.Module, steps: int, lr: float, loss_fn: Callable[[], torch.Tensor],
+            checkpoint: Path | None = None) -> float:
+        """`steps` Adam steps on loss_fn; a finished checkpoint is loaded instead of training again."""
+        checkpoint = checkpoint or self.checkpoint_path(name)
         params = [p for p in module.parameters() if p.requires_grad]
         optimiser = torch.optim.Adam(params, lr=lr)
         scaler = torch.amp.GradScaler("cuda", enabled=self.cuda)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(steps, 1))
-        start, running = time.monotonic(), None
-        for step in range(1, steps + 1):
+        first, running = 1, None
+        if checkpoint is not None and checkpoint.is_file():
+            state = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            module.load_state_dict(state["module"])
+            if state["step"] >= steps:
+                log.info("%s: done earlier, loaded %s", name, checkpoint)
+                module.eval()
+                return state["loss"]
+            optimiser.load_state_dict(state["optimiser"])
+            schedule.load_state_dict(state["schedule"])
+            self.rng.setstate(state["rng"])
+            self.generator.set_state(state["generator"])
+            first, running = state["step"] + 1, state["loss"]
+            log.info("%s: resuming at step %d/%d from %s", name, first, steps, checkpoint)
+        module.train()
+        start = last_save = time.monotonic()
+        report_every = max(1, steps // 20)
+        for step in range(first, steps + 1):
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cuda):
                 loss = loss_fn()
             optimiser.zero_grad(set_to_none=True)
@@ -191,9 +234,19 @@ class Trainer:
             scaler.update()
             schedule.step()
             value = float(loss.detach())
-            running = value if running is None else 0.95 * running + 0.05 * value
-            if step % max(1, steps // 10) == 0 or step == steps:
-                log.info("%s: step %d/%d loss %.4f (%.0f s)", name, step, steps, running, time.monotonic() - start)
+            running = value if running is None else 0.98 * running + 0.02 * value
+            now = time.monotonic()
+            if step % report_every == 0 or step == steps:
+                done = step - first + 1
+                eta = (now - start) / done * (steps - step)
+                bar = "#" * (20 * step // steps)
+                log.info("%s [%-20s] %d/%d loss %.4f, %.0f s, ETA %.0f s", name, bar, step, steps, running, now - start, eta)
+            if checkpoint is not None and (step == steps or now - last_save >= self.checkpoint_seconds):
+                _save_atomic({
+                    "module": module.state_dict(), "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
+                    "rng": self.rng.getstate(), "generator": self.generator.get_state(), "step": step, "loss": running,
+                }, checkpoint)
+                last_save = now
         module.eval()
         return running or 0.0
 
@@ -217,41 +270,48 @@ def _balanced_slices(rng: random.Random, positives: list, negatives: list, batch
     return chosen + [rng.choice(negatives or positives) for _ in range(batch - len(chosen))]
 
 
-def train_slice_cnn(ensemble: Ensemble, data: list[Example], t: Trainer, steps: int, batch: int, lr: float) -> None:
-    """Slice labels, plus the auxiliary lesion-fraction map on slices whose masks are known."""
+def _label_weights(device: torch.device) -> torch.Tensor:
+    """RSNA weighting: 'any' counts twice."""
+    return torch.tensor([2.0, 1, 1, 1, 1, 1], device=device) / 7 * 6
+
+
+def _slice_pool(data: list[Example]) -> tuple[list, list]:
     pool = [(e, i) for e in data if e.slice_labels is not None for i in range(len(e.images))]
-    pos = [p for p in pool if p[0].slice_labels[p[1], 0] > 0]
-    neg = [p for p in pool if p[0].slice_labels[p[1], 0] == 0]
+    return [p for p in pool if p[0].slice_labels[p[1], 0] > 0], [p for p in pool if p[0].slice_labels[p[1], 0] == 0]
+
+
+def train_slice_cnn(name: str, ensemble: Ensemble, data: list[Example], t: Trainer, steps: int, batch: int, lr: float,
+                    aug: AugmentConfig, checkpoint: Path | None = None) -> None:
+    """Slice labels (augmented, channel dropout), plus the auxiliary lesion-fraction map on slices
+    whose masks are known."""
+    pos, neg = _slice_pool(data)
+    log.info("%s: %d positive and %d negative slices", name, len(pos), len(neg))
     cnn = ensemble.cnn
 
     def loss() -> torch.Tensor:
         chosen = _balanced_slices(t.rng, pos, neg, batch)
-        flip = t.coin()
-        x = _flip(torch.stack([e.images[i] for e, i in chosen]), flip).to(t.device)
+        x = torch.stack([e.images[i] for e, i in chosen]).float().to(t.device)
+        full_hu = torch.tensor([e.full_hu for e, _ in chosen])
+        x, grid = augment(x, aug, t.generator, full_hu)
         y = torch.stack([e.slice_labels[i] for e, i in chosen]).to(t.device)
         fmap = cnn.encoder(x)
         logits, _ = cnn.classify(fmap)
         total = F.binary_cross_entropy_with_logits(logits.float(), y, weight=_label_weights(t.device))
         known = [k for k, (e, _) in enumerate(chosen) if e.lesion is not None]
         if known:
-            lesion = _flip(torch.stack([chosen[k][0].lesion[chosen[k][1]] for k in known]), flip).to(t.device)
+            lesion = warp_masks(torch.stack([chosen[k][0].lesion[chosen[k][1]] for k in known]).to(t.device), grid[known])
             fraction = F.adaptive_avg_pool2d(lesion[:, None], fmap.shape[-2:])
             total = total + F.binary_cross_entropy_with_logits(cnn.lesion_head(fmap[known]).float(), fraction)
         return total
 
-    t.run("slice CNN", cnn, steps, lr, loss)
-
-
-def _label_weights(device: torch.device) -> torch.Tensor:
-    """RSNA weighting: 'any' counts twice."""
-    return torch.tensor([2.0, 1, 1, 1, 1, 1], device=device) / 7 * 6
+    t.run(name, cnn, steps, lr, loss, checkpoint)
 
 
 @torch.no_grad()
 def cnn_features(ensemble: Ensemble, e: Example, device: torch.device, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     feats, probs = [], []
     for chunk in torch.split(e.images, batch):
-        logits, f = ensemble.cnn(chunk.to(device))
+        logits, f = ensemble.cnn(chunk.float().to(device))
         feats.append(f.float().cpu())
         probs.append(torch.sigmoid(logits.float()).cpu())
     return torch.cat(feats), torch.cat(probs)
@@ -285,7 +345,7 @@ def train_mil(ensemble: Ensemble, data: list[Example], t: Trainer, steps: int, l
     def loss() -> torch.Tensor:
         e = t.rng.choice(pos if (pos and (t.rng.random() < 0.5 or not neg)) else neg)
         flip = t.coin()
-        logits, _ = ensemble.mil(_flip(e.images, flip).to(t.device))
+        logits, _ = ensemble.mil(_flip(e.images.float(), flip).to(t.device))
         return F.binary_cross_entropy_with_logits(logits.float(), e.scan_labels.to(t.device), weight=_label_weights(t.device))
 
     t.run("attention MIL", ensemble.mil, steps, lr, loss)
@@ -294,7 +354,9 @@ def train_mil(ensemble: Ensemble, data: list[Example], t: Trainer, steps: int, l
 def _unet_pool(data: list[Example], member: str) -> tuple[list, list, list]:
     """(positive slices with masks, slices known to hold no blood, positive slices without masks)
     the U-Net `member` trains on. Slice labels without masks (CT-ICH) still teach it: a slice
-    labelled free of hemorrhage is an all-zero target, a positive one a weak (top-k) target."""
+    labelled free of hemorrhage is an all-zero target, a positive one a weak (top-k) target.
+    Brain-window-only slices are left out: the U-Nets see no channel dropout."""
+    data = [e for e in data if e.full_hu]
     column = {"all": 0, "sdh": SUBTYPES.index("SDH") + 1, "sah": SUBTYPES.index("SAH") + 1, "small": None}[member]
     keep = {
         "all": lambda e: True,
@@ -311,7 +373,11 @@ def _unet_pool(data: list[Example], member: str) -> tuple[list, list, list]:
 
 def _lesion_target(e: Example, i: int) -> torch.Tensor:
     """The soft lesion mask of slice i; zeros for a slice labelled free of blood without masks."""
-    return e.lesion[i] if e.lesion is not None else e.images.new_zeros(e.images.shape[-2:])
+    return e.lesion[i] if e.lesion is not None else torch.zeros(e.images.shape[-2:])
+
+
+def _subtype_target(e: Example, i: int) -> torch.Tensor:
+    return e.subtype[i] if e.subtype is not None else torch.full(e.images.shape[-2:], -1, dtype=torch.long)
 
 
 def _patch_origin(e: Example, i: int, patch: int, rng: random.Random) -> tuple[int, int]:
@@ -327,10 +393,13 @@ def _patch_origin(e: Example, i: int, patch: int, rng: random.Random) -> tuple[i
 
 
 def train_unets(ensemble: Ensemble, data: list[Example], t: Trainer, steps: int, specialist_steps: int, batch: int, lr: float, patch: int) -> None:
-    """U-Nets train on patch x patch crops (fully convolutional, so they run on whole slices later):
-    more updates for the same CPU time. Positive slices without masks add a whole-slice weak term:
-    the mean of the WEAK_TOP_K highest lesion logits should say "blood here"."""
-    patch = min(patch or ensemble.cfg.working_size, ensemble.cfg.working_size)
+    """U-Nets train on patch x patch crops at their own resolution (fully convolutional, so they
+    run on whole slices later): more updates for the same CPU time. Positive slices without masks
+    add a whole-slice weak term: the mean of the WEAK_TOP_K highest lesion logits should say
+    "blood here"."""
+    scale = ensemble.cfg.unet_scale
+    size = ensemble.cfg.working_size
+    crop = min(patch * scale or size, size)  # at working size
     for member in UNET_MEMBERS:
         unet = ensemble.unets[member]
         pos, neg, weak = _unet_pool(data, member)
@@ -347,21 +416,21 @@ def train_unets(ensemble: Ensemble, data: list[Example], t: Trainer, steps: int,
         def loss(unet=unet, pos=pos, neg=neg, weak=weak, multi=member == "all") -> torch.Tensor:
             chosen = _balanced_slices(t.rng, pos, neg, batch)
             flip = t.coin()
-            crops = [(e, i, *_patch_origin(e, i, patch, t.rng)) for e, i in chosen]
-            x = _flip(torch.stack([e.images[i, :, r:r + patch, c:c + patch] for e, i, r, c in crops]), flip).to(t.device)
-            target = _flip(torch.stack([_lesion_target(e, i)[r:r + patch, c:c + patch] for e, i, r, c in crops]), flip).to(t.device)
+            crops = [(e, i, *_patch_origin(e, i, crop, t.rng)) for e, i in chosen]
+            x = torch.stack([e.images[i, :, r:r + crop, c:c + crop] for e, i, r, c in crops]).float()
+            target = torch.stack([_lesion_target(e, i)[r:r + crop, c:c + crop] for e, i, r, c in crops])
+            x = ensemble.unet_input(_flip(x, flip).to(t.device))
+            target = ensemble.unet_input(_flip(target, flip)[:, None].to(t.device))[:, 0]
             logits = unet(x).float()
             total = dice_loss(torch.sigmoid(logits[:, 0]), target) + F.binary_cross_entropy_with_logits(logits[:, 0], target)
             if multi:
-                sub = _flip(torch.stack([
-                    e.subtype[i, r:r + patch, c:c + patch] if e.subtype is not None else torch.full((patch, patch), -1)
-                    for e, i, r, c in crops
-                ]), flip).to(t.device)
+                sub = torch.stack([_subtype_target(e, i)[r:r + crop:scale, c:c + crop:scale] for e, i, r, c in crops])
+                sub = _flip(sub, flip).to(t.device)
                 if (sub >= 0).any():
                     total = total + F.cross_entropy(logits[:, 1:], sub, ignore_index=-1)
             if weak:
                 picked = [t.rng.choice(weak) for _ in range(max(1, batch // WEAK_FRACTION))]
-                whole = _flip(torch.stack([e.images[i] for e, i in picked]), flip).to(t.device)
+                whole = ensemble.unet_input(_flip(torch.stack([e.images[i] for e, i in picked]).float(), flip).to(t.device))
                 top = unet(whole).float()[:, 0].flatten(1).topk(WEAK_TOP_K, dim=1).values.mean(dim=1)
                 total = total + F.binary_cross_entropy_with_logits(top, torch.ones_like(top))
             return total
@@ -375,95 +444,160 @@ def train_fusion(ensemble: Ensemble, data: list[Example], t: Trainer, steps: int
         log.warning("pixel weight fusion: no slices with masks; left as initialised")
         return
     with torch.no_grad():
-        maps = torch.cat([ensemble.unet_maps(chunk.to(t.device))[0].cpu() for e in known for chunk in torch.split(e.images, batch)])
+        maps = torch.cat([
+            ensemble.unet_maps(chunk.float().to(t.device))[0].half().cpu() for e in known for chunk in torch.split(e.images, batch)
+        ])
     targets = torch.cat([e.lesion for e in known])
     pos = [i for i in range(len(targets)) if targets[i].amax() > 0.5]
     neg = [i for i in range(len(targets)) if targets[i].amax() <= 0.5]
 
     def loss() -> torch.Tensor:
         idx = _balanced_slices(t.rng, pos, neg, batch)
-        fused, _ = ensemble.fusion(maps[idx].to(t.device))
+        fused, _ = ensemble.fusion(maps[idx].float().to(t.device))
         return dice_loss(fused, targets[idx].to(t.device))
 
     t.run("pixel weight fusion", ensemble.fusion, steps, lr, loss)
 
 
-def fit_combiner(ensemble: Ensemble, data: list[Example], device: torch.device) -> None:
+@torch.no_grad()
+def member_logits(ensemble: Ensemble, e: Example, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scan logits (6, members), slice CNN logits (slices, 6)) of one example, on the CPU."""
     ensemble.eval()
-    logits = torch.stack([ensemble.scan_member_logits(ensemble.run_members(e.images.to(device)), e.inside).cpu() for e in data])
+    out = ensemble.run_members(e.images.float().to(device))
+    return ensemble.scan_member_logits(out, e.inside).cpu(), out.cnn_logits.cpu()
+
+
+def fit_combiner(ensemble: Ensemble, data: list[Example], device: torch.device) -> None:
+    logits = torch.stack([member_logits(ensemble, e, device)[0] for e in data])
     labels = torch.stack([(e.scan_labels >= 0.5).float() for e in data])
     ensemble.combiner.fit(logits, labels)
-    log.info("combiner fit on %d validation scans (%d positive)", len(data), int(labels[:, 0].sum()))
+    log.info("combiner: equal member weights, calibrated on %d validation scans (%d positive)", len(data), int(labels[:, 0].sum()))
+
+
+def apply_calibration(ensemble: Ensemble, path: Path) -> dict:
+    """Member weights and per-label Platt terms from a cross-validation run's calibration.json."""
+    calibration = json.loads(Path(path).read_text())
+    if list(calibration["members"]) != list(SCAN_MEMBERS):
+        raise ValueError(f"{path}: members {calibration['members']} are not this ensemble's {list(SCAN_MEMBERS)}")
+    weights = torch.tensor(calibration["weights"], dtype=torch.float32)
+    weights = weights / weights.sum()
+    for k, label in enumerate(LABELS):
+        scale, bias = calibration["platt"][label]
+        ensemble.combiner.coef[k] = scale * weights
+        ensemble.combiner.bias[k] = bias
+    log.info("combiner: member weights %s and calibration from %s", calibration["weights"], path)
+    return calibration
 
 
 # ---------------------------------------------------------------------------------------------
-# entry point
+# the whole recipe
 # ---------------------------------------------------------------------------------------------
 
 
-def _setup(run: dict) -> torch.device:
+@dataclass
+class TrainingData:
+    """Examples at working size: scans (all members), single slices (slice CNN), validation scans."""
+
+    train: list[Example]
+    slices: list[Example]
+    validation: list[Example]
+    mil_labels: dict[str, np.ndarray]  # scan_id -> soft scan labels from reports, for the MIL
+
+    def without_patients(self, patients: set[str]) -> "TrainingData":
+        return replace(self, train=[e for e in self.train if e.patient_id not in patients])
+
+
+def setup(cfg: TrainingConfig) -> torch.device:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    threads = int(run.get("threads", 0)) or min(2, os.cpu_count() or 1)
-    torch.set_num_threads(threads)
-    seed = int(run.get("seed", 0))
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    return resolve_device(run.get("device", "auto"))
+    torch.set_num_threads(cfg.run.threads or min(2, os.cpu_count() or 1))
+    torch.manual_seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
+    return resolve_device(cfg.run.device)
+
+
+def load_training_data(cfg: TrainingConfig) -> tuple[TrainingData, dict[str, list[Scan]]]:
+    """Every example the config names, preprocessed once; and the training scans of each `[data] train` spec."""
+    from training import datasets
+
+    started = time.monotonic()
+    size = cfg.ensemble().working_size
+    by_spec = {spec: load_scans(spec) for spec in cfg.data.train}
+    scans = [s for spec_scans in by_spec.values() for s in spec_scans]
+    if cfg.data.validation:
+        train_scans, val_scans = scans, [s for spec in cfg.data.validation for s in load_scans(spec)]
+    else:
+        train_scans, val_scans = datasets.split_by_patient(scans, cfg.data.validation_fraction, seed=cfg.run.seed)
+    slices = [make_example(s, size) for spec in cfg.data.slices for s in load_scans(spec)]
+    data = TrainingData(
+        train=[make_example(s, size) for s in train_scans],
+        slices=slices,
+        validation=[make_example(s, size) for s in val_scans],
+        mil_labels=report_labels(train_scans) if cfg.mil.label_source == "reports" else {},
+    )
+    log.info("%d training scans, %d single slices, %d validation scans, preprocessed in %.0f s",
+             len(data.train), len(data.slices), len(data.validation), time.monotonic() - started)
+    return data, by_spec
+
+
+def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device, checkpoints: Path | None,
+                   pretrain_checkpoint: Path | None = None) -> tuple[Ensemble, float]:
+    """Stages 0-5 of the module docstring on `data`; returns the ensemble and the PCA's explained variance.
+
+    pretrain_checkpoint: where stage 0 is kept (folds of a cross-validation share one)."""
+    ensemble = Ensemble(cfg.ensemble()).to(device)
+    stages, aug = cfg.stages, cfg.augmentation()
+    t = Trainer(device, cfg.run.seed, checkpoints, cfg.run.checkpoint_seconds)
+    if stages.cnn_pretrain_steps:  # scans with voxel masks (phantoms) and single slices: no CT-ICH patient
+        general = [e for e in data.train if e.lesion is not None] + data.slices
+        train_slice_cnn("slice CNN pre-training", ensemble, general, t, stages.cnn_pretrain_steps, stages.batch,
+                        stages.lr, replace(aug, channel_dropout=aug.pretrain_channel_dropout), pretrain_checkpoint)
+    train_slice_cnn("slice CNN", ensemble, data.train + data.slices, t, stages.cnn_steps, stages.batch, stages.lr, aug)
+    explained = train_sequence(ensemble, data.train, t, stages.lstm_steps, stages.lr, stages.batch)
+    mil_train = [
+        replace(e, scan_labels=torch.as_tensor(data.mil_labels[e.scan_id])) if e.scan_id in data.mil_labels else e
+        for e in data.train
+    ]
+    train_mil(ensemble, mil_train, t, stages.mil_steps, stages.lr)
+    train_unets(ensemble, data.train, t, stages.unet_steps, stages.specialist_steps, stages.batch, stages.lr, stages.unet_patch)
+    train_fusion(ensemble, data.validation or data.train, t, stages.fusion_steps, stages.batch, stages.lr)
+    return ensemble, explained
 
 
 def train_main(config_path: Path) -> None:
     """Train, save weights + manifest into [output].dir, then evaluate on [evaluate].data."""
-    from training import datasets
     from training.evaluate import evaluate_main
 
-    cfg = tomllib.loads(Path(config_path).read_text())
-    run, stages, out = cfg.get("run", {}), cfg.get("stages", {}), cfg["output"]
-    device = _setup(run)
+    cfg = load_training_config(config_path)
+    device = setup(cfg)
     started = time.monotonic()
-    model_cfg = EnsembleConfig.from_dict(cfg.get("model", {}))
-    ensemble = Ensemble(model_cfg).to(device)
-
-    scans = [s for spec in cfg["data"]["train"] for s in load_scans(spec)]
-    train_scans, val_scans = datasets.split_by_patient(scans, float(cfg["data"].get("validation_fraction", 0.2)), seed=int(run.get("seed", 0)))
-    log.info("%d training scans, %d validation scans (split by patient)", len(train_scans), len(val_scans))
-    from_reports = report_labels(train_scans) if cfg.get("mil", {}).get("label_source") == "reports" else {}
-    size = model_cfg.working_size
-    train = [make_example(s, size) for s in train_scans]
-    val = [make_example(s, size) for s in val_scans]
-    mil_train = [
-        replace(e, scan_labels=torch.as_tensor(from_reports[e.scan_id])) if e.scan_id in from_reports else e
-        for e in train
-    ]
-    log.info("preprocessed in %.0f s (%d scans labelled from reports for MIL)", time.monotonic() - started, len(from_reports))
-
-    t = Trainer(device, int(run.get("seed", 0)))
-    batch = int(stages.get("batch", 16))
-    lr = float(stages.get("lr", 1e-3))
-    train_slice_cnn(ensemble, train, t, int(stages.get("cnn_steps", 300)), batch, lr)
-    explained = train_sequence(ensemble, train, t, int(stages.get("lstm_steps", 300)), lr, batch)
-    train_mil(ensemble, mil_train, t, int(stages.get("mil_steps", 300)), lr)
-    train_unets(
-        ensemble, train, t, int(stages.get("unet_steps", 300)), int(stages.get("specialist_steps", 100)), batch, lr,
-        int(stages.get("unet_patch", 0)),
-    )
-    train_fusion(ensemble, val or train, t, int(stages.get("fusion_steps", 100)), batch, lr)
-    fit_combiner(ensemble, val or train, device)
+    data, by_spec = load_training_data(cfg)
+    checkpoints = Path(cfg.run.checkpoints) / "final" if cfg.run.checkpoints else None
+    pretrain = Path(cfg.run.checkpoints) / "slice_CNN_pretraining.pt" if cfg.run.checkpoints else None
+    ensemble, explained = train_ensemble(cfg, data, device, checkpoints, pretrain)
+    if cfg.evaluate.calibration:
+        apply_calibration(ensemble, Path(cfg.evaluate.calibration))
+    else:
+        fit_combiner(ensemble, data.validation or data.train, device)
 
     training_data = {
-        "train": cfg["data"]["train"],
-        "train_scans": len(train_scans),
-        "validation_scans": len(val_scans),
-        "patients": sorted({s.patient_id for s in scans}),
-        "mil_labels_from_reports": len(from_reports),
+        "train": cfg.data.train,
+        "slices": cfg.data.slices,
+        "validation": cfg.data.validation,
+        "train_scans": len(data.train),
+        "train_slices": len(data.slices),
+        "validation_scans": len(data.validation),
+        "patients": sorted({e.patient_id for e in data.train}),
+        "mil_labels_from_reports": len(data.mil_labels),
         "pca_explained_variance": round(explained, 4),
+        "calibration": cfg.evaluate.calibration or "validation scans",
         "training_minutes": round((time.monotonic() - started) / 60, 1),
         "config": str(config_path),
     }
-    model_dir = Path(out["dir"])
-    save_model(ensemble, model_dir, out.get("name", "ichnode-ensemble"), out.get("version", "0"), training_data, {})
+    model_dir = Path(cfg.output.dir)
+    save_model(ensemble, model_dir, cfg.output.name, cfg.output.version, training_data, {})
     log.info("weights written to %s (%.1f min)", model_dir, (time.monotonic() - started) / 60)
-    for spec in cfg.get("evaluate", {}).get("data", []):
-        report_dir = Path(cfg["evaluate"].get("out", model_dir / "evaluation")) / spec.replace(":", "_").replace(",", "_").replace("=", "")
+    for spec in cfg.evaluate.data:
+        report_dir = cfg.evaluation_dir / spec.replace(":", "_").replace(",", "_").replace("=", "")
         metrics = evaluate_main(spec, model_dir, report_dir)
         update_metrics(model_dir, {spec: metrics["summary"]})

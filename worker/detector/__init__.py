@@ -39,7 +39,7 @@ class Detector(Protocol):
     name: str
     version: str
 
-    def detect(self, volume: Volume) -> DetectorOutput: ...
+    def detect(self, volume: Volume, timings: dict[str, float] | None = None, brain_window_only: bool = False) -> DetectorOutput: ...
 
 
 class ModelLoadError(RuntimeError):

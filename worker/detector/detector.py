@@ -38,12 +38,14 @@ class EnsembleDetector:
         self.name = str(manifest["name"])
         self.version = str(manifest["version"])
 
-    def detect(self, volume: Volume, timings: dict[str, float] | None = None) -> DetectorOutput:
-        """Analyse one volume; `timings`, when given, receives seconds per step and member."""
+    def detect(self, volume: Volume, timings: dict[str, float] | None = None, brain_window_only: bool = False) -> DetectorOutput:
+        """Analyse one volume; `timings`, when given, receives seconds per step and member.
+
+        brain_window_only: the volume's HU were clipped to the brain window (RSNA PNG slices)."""
         cfg = self.ensemble.cfg
         timer = Timer(timings, self.device)
         with timer("preprocess"):
-            prepared = prepare(volume.hu, cfg.working_size)
+            prepared = prepare(volume.hu, cfg.working_size, brain_window_only)
             images = prepared.images.to(self.device)
         out = self.ensemble.run_members(images, timings)
         with timer("fusion_and_mapping"):
@@ -70,9 +72,6 @@ class EnsembleDetector:
             member: {label: float(member_probs[k, j]) for k, label in enumerate(LABELS)}
             for j, member in enumerate(SCAN_MEMBERS)
         }
-        member_outputs["slice_cnn"] = {
-            label: float(p) for label, p in zip(LABELS, to_numpy(torch.sigmoid(out.cnn_logits).amax(dim=0)))
-        }
         member_outputs["attention_mil"]["top_attention_slice"] = float(out.attention.argmax())
         p_any = float(probs[0])
         return DetectorOutput(
@@ -92,7 +91,8 @@ class EnsembleDetector:
                 "head_crop": f"top={crop.top},left={crop.left},side={crop.side}",
                 "members": "slice ResNeXt CNN + PCA/BiLSTM; attention MIL; U-Nets "
                 "(all-ICH, SDH, SAH, small lesion; each slice averaged with its mirror image) + pixel weight fusion",
-                "combiner": "per-label Platt calibration of the mean logit of " + ", ".join(SCAN_MEMBERS),
+                "combiner": "per-label Platt calibration of the weighted mean logit of "
+                + ", ".join(f"{m} {w:.2f}" for m, w in zip(SCAN_MEMBERS, self.ensemble.combiner.member_weights())),
                 "mask_threshold": f"{cfg.mask_threshold:g}",
                 "difficult_range": f"{DIFFICULT_RANGE[0]:g}-{DIFFICULT_RANGE[1]:g}",
                 "device": self.device.type,

@@ -1,11 +1,14 @@
 """The ensemble: members run on one prepared volume, then fused into a :class:`DetectorOutput`.
 
 Choices worth knowing:
-- Scan probabilities: the equally weighted mean of three members' scan logits, Platt-calibrated
-  per label on a validation split (`members.Combiner` says why the weights are not learned):
-  CNN+BiLSTM (max over slices), attention MIL, and the fused U-Net map (max of the 3x3-smoothed
-  voxel probability inside the intracranial region; for a subtype, of voxel probability x subtype
-  share), so a scan score never rests on what the masks may not show.
+- Scan probabilities: a weighted mean of four members' scan logits, Platt-calibrated per label
+  (`members.Combiner`; weights and calibration come from out-of-fold predictions on real scans):
+  the slice CNN (mean of its `slice_top_k` highest slice logits), CNN+BiLSTM (max over slices),
+  attention MIL, and the fused U-Net map (max of the 3x3-smoothed voxel probability inside the
+  intracranial region; for a subtype, of voxel probability x subtype share), so a scan score
+  never rests on what the masks may not show.
+- The U-Nets work at 1/`unet_scale` of the working size (their maps are upsampled back): the
+  classifiers need the full resolution more than the segmentation does, and the CPU budget holds.
 - The U-Nets see each slice and its left-right mirror image and average the two (test-time
   augmentation, matching the flips seen in training): fewer isolated false-positive voxels.
 - Per-slice scores are the CNN+BiLSTM's per-slice probabilities (the only member trained per slice).
@@ -39,7 +42,7 @@ from worker.detector.members import (
 from worker.detector.preprocess import WINDOWS
 
 UNET_MEMBERS: tuple[str, ...] = ("all", "sdh", "sah", "small")  # all-ICH + specialists (paper 003)
-SCAN_MEMBERS: tuple[str, ...] = ("cnn_lstm", "attention_mil", "unet_ensemble")  # combiner inputs
+SCAN_MEMBERS: tuple[str, ...] = ("slice_cnn", "cnn_lstm", "attention_mil", "unet_ensemble")  # combiner inputs
 DIFFICULT_RANGE = (0.4, 0.6)
 _EPS = 1e-4
 
@@ -57,8 +60,10 @@ class EnsembleConfig:
     lstm_dropout: float = 0.3
     mil: ResNeXtConfig = field(default_factory=ResNeXtConfig)  # same as cnn: training starts it from the CNN
     attention_dim: int = 32
+    slice_top_k: int = 1  # the slice CNN's scan logit: mean of its k highest slice logits
     unet_base: int = 8
     unet_depth: int = 3
+    unet_scale: int = 1  # U-Nets see the working-size images average-pooled by this factor
     fusion_hidden: int = 8
     mask_threshold: float = 0.5
     batch_slices: int = 16  # slices per forward pass on CPU; CUDA uses 4x
@@ -88,8 +93,7 @@ class MemberOutputs:
     lstm_logits: torch.Tensor  # (slices, 6)
     mil_logits: torch.Tensor  # (6,)
     attention: torch.Tensor  # (slices,)
-    unet_probs: torch.Tensor  # (slices, len(UNET_MEMBERS), size, size)
-    subtype_share: torch.Tensor  # (slices, 5, size, size) softmax over subtypes
+    subtype_share: torch.Tensor  # (slices, 5, size, size) float16 softmax over subtypes
     fused: torch.Tensor  # (slices, size, size) voxel probability of ICH
 
 
@@ -131,7 +135,8 @@ class Ensemble(nn.Module):
     def unet_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, 3, s, s) -> member lesion probabilities (n, members, s, s), subtype share (n, 5, s, s),
         each the mean over the slice and its mirror image."""
-        both = torch.cat([images, images.flip(-1)])
+        small = self.unet_input(images)
+        both = torch.cat([small, small.flip(-1)])
         n = len(images)
         probs, share = [], None
         for name, unet in self.unets.items():
@@ -141,7 +146,16 @@ class Ensemble(nn.Module):
             if name == "all":
                 shares = torch.softmax(logits[:, 1:], dim=1)
                 share = (shares[:n] + shares[n:].flip(-1)) / 2
-        return torch.stack(probs, dim=1), share
+        return self._to_working(torch.stack(probs, dim=1)), self._to_working(share)
+
+    def unet_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Working-size images (or masks, (n, c, s, s)) at the U-Nets' resolution."""
+        scale = self.cfg.unet_scale
+        return F.avg_pool2d(images, scale) if scale > 1 else images
+
+    def _to_working(self, maps: torch.Tensor) -> torch.Tensor:
+        scale = self.cfg.unet_scale
+        return F.interpolate(maps, scale_factor=scale, mode="bilinear", align_corners=False) if scale > 1 else maps
 
     @torch.no_grad()
     def run_members(self, images: torch.Tensor, timings: dict[str, float] | None = None) -> MemberOutputs:
@@ -160,33 +174,39 @@ class Ensemble(nn.Module):
                 lstm_logits = self.sequence(features[None], torch.sigmoid(cnn_logits)[None])[0].float()
             with timer("attention_mil"):
                 mil_logits, attention = self.mil.pool(torch.cat([self.mil.embed(c).float() for c in chunks]))
-            with timer("unets"):
-                unet_probs, share = (torch.cat(t).float() for t in zip(*(self.unet_maps(c) for c in chunks)))
-            with timer("pixel_fusion"):
-                fused, _ = self.fusion(unet_probs)
+            fused_chunks, share_chunks = [], []
+            for chunk in chunks:  # chunk by chunk: a 300-slice series stays within a few GB
+                with timer("unets"):
+                    unet_probs, share = self.unet_maps(chunk)
+                with timer("pixel_fusion"):
+                    fused_chunks.append(self.fusion(unet_probs.float())[0].float())
+                share_chunks.append(share.half())
+            fused, share = torch.cat(fused_chunks), torch.cat(share_chunks)
         return MemberOutputs(
             cnn_logits=cnn_logits,
             cam=cam,
             lstm_logits=lstm_logits,
             mil_logits=mil_logits.float(),
             attention=attention.float(),
-            unet_probs=unet_probs,
             subtype_share=share,
-            fused=fused.float(),
+            fused=fused,
         )
 
-    @staticmethod
-    def scan_member_logits(out: MemberOutputs, inside: torch.Tensor) -> torch.Tensor:
+    def scan_member_logits(self, out: MemberOutputs, inside: torch.Tensor) -> torch.Tensor:
         """(6, len(SCAN_MEMBERS)) scan-level logits of each member for each label.
 
         inside: (slices, size, size) bool, the intracranial region at working size."""
         inside = inside.to(out.fused.device)
         smooth = F.avg_pool2d(out.fused[:, None], 3, stride=1, padding=1)[:, 0] * inside
-        sub_maps = F.avg_pool2d(out.fused[:, None] * out.subtype_share, 3, stride=1, padding=1) * inside[:, None]
-        unet = torch.cat([smooth.amax()[None], sub_maps.amax(dim=(0, 2, 3))])
-        return torch.stack(
-            [out.lstm_logits.amax(dim=0), out.mil_logits, _logit(unet)], dim=-1
-        )
+        step = self.cfg.batch_slices
+        sub_max = torch.stack([  # per subtype, slice-chunk by slice-chunk (the maps are 2-D)
+            (F.avg_pool2d(f[:, None] * s.float(), 3, stride=1, padding=1) * i[:, None]).amax(dim=(0, 2, 3))
+            for f, s, i in zip(out.fused.split(step), out.subtype_share.split(step), inside.split(step))
+        ]).amax(dim=0)
+        unet = torch.cat([smooth.amax()[None], sub_max])
+        k = min(self.cfg.slice_top_k, len(out.cnn_logits))
+        cnn = out.cnn_logits.float().topk(k, dim=0).values.mean(dim=0)
+        return torch.stack([cnn, out.lstm_logits.amax(dim=0), out.mil_logits, _logit(unet)], dim=-1)
 
     def slice_probabilities(self, out: MemberOutputs) -> torch.Tensor:
         return torch.sigmoid(out.lstm_logits)
@@ -201,10 +221,12 @@ def heatmap(out: MemberOutputs, slice_any: torch.Tensor) -> torch.Tensor:
     return torch.maximum(out.fused, out.cam * slice_any[:, None, None]).clamp(0.0, 1.0)
 
 
-def subtype_maps(out: MemberOutputs) -> torch.Tensor:
-    """(5, slices, size, size): fused lesion probability kept only where the subtype head wins."""
-    winner = out.subtype_share.argmax(dim=1)
-    return torch.stack([out.fused * (winner == k) for k in range(out.subtype_share.shape[1])])
+def subtype_maps(out: MemberOutputs) -> Iterator[torch.Tensor]:
+    """Per subtype, (slices, size, size): fused lesion probability kept only where the subtype head
+    wins (one map at a time, for memory)."""
+    winner = out.subtype_share.argmax(dim=1).to(torch.uint8)
+    for k in range(out.subtype_share.shape[1]):
+        yield out.fused * (winner == k)
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
