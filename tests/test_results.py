@@ -341,3 +341,29 @@ def test_nonconformant_patient_attributes_do_not_cost_the_results():
     assert len(results) == 6
     assert {(ds.PatientSex or "", ds.PatientBirthDate or "", ds.PatientID) for ds in results} == {("", "", "R1")}
     assert sources[0].PatientSex == "U"  # the caller's datasets are left alone
+
+
+#: The source's attributes that are not Type 1 in the CT Image IOD's Patient, General Study,
+#: Patient Study, General Series, General Equipment and General/CT Image modules.
+OPTIONAL_SOURCE_ATTRIBUTES = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+    "AccessionNumber", "ReferringPhysicianName", "Manufacturer", "SeriesNumber", "InstanceNumber",
+    "BodyPartExamined", "PositionReferenceIndicator", "KVP", "AcquisitionNumber", "StudyDescription",
+)
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
+@pytest.mark.parametrize("keyword", OPTIONAL_SOURCE_ATTRIBUTES)
+def test_results_are_built_and_valid_without_any_one_optional_source_attribute(keyword, tmp_path):
+    sources, volume = ct_series(head_hu())
+    for ds in sources:
+        if keyword in ds:
+            del ds[keyword]
+    output = detector_output(volume, {"SDH": blob_mask()}, {"any": 0.9, "SDH": 0.9})
+    results = build_results(sources, volume, output, findings_for(sources, volume, output))
+    assert len(results) == 6
+    for ds in results:
+        path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        errors = dciodvfy_errors(path)
+        assert not errors, f"{ds.SOPClassUID.name} without {keyword}: " + "\n".join(errors)

@@ -62,21 +62,32 @@ def _is_valid(keyword: str, value) -> bool:
         return False
 
 
-def conformant(ds: Dataset) -> Dataset:
-    """``ds``, or a shallow copy with the patient/study values highdicom would reject emptied.
+#: Type 2 patient and study attributes highdicom reads from every source (absent ones raise).
+TYPE2_PATIENT_AND_STUDY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
+)
 
-    highdicom validates Patient's Sex and the dates and times it copies into derived objects;
-    a source that bends those rules (sex "U", a year as birth date) must not cost the series its
-    results. The emptied attributes are Type 2, so the results stay valid.
+
+def conformant(ds: Dataset) -> Dataset:
+    """``ds``, or a shallow copy with the patient/study values highdicom would reject emptied and
+    the absent Type 2 ones present and empty.
+
+    highdicom validates Patient's Sex and the dates and times it copies into derived objects, and
+    reads the Type 2 attributes unconditionally; a source that bends those rules (sex "U", a year
+    as birth date, no birth date at all) must not cost the series its results. Empty is what the
+    standard allows for Type 2, so the results stay valid.
     """
     bad = [k for k in _VALID if ds.get(k) not in (None, "") and not _is_valid(k, ds.get(k))]
+    bad += [k for k in TYPE2_PATIENT_AND_STUDY if k not in ds and k not in bad]
     if not bad:
         return ds
     fixed = Dataset(dict(ds.items()))  # own element dict; copy.copy would share it
     if hasattr(ds, "file_meta"):
         fixed.file_meta = ds.file_meta
     for keyword in bad:
-        del fixed[keyword]  # a new element, not a change to the shared one
+        if keyword in fixed:
+            del fixed[keyword]  # a new element, not a change to the shared one
         setattr(fixed, keyword, "")
     return fixed
 
