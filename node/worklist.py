@@ -23,7 +23,8 @@ from node.config import Settings
 from node.store import Store
 
 WEB_DIR = Path(__file__).parent / "web"
-UID_PATTERN = r"^[0-9.]{1,64}$"
+UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"  # digits in dot-separated components: never "." or ".."
+UID_MAX = 64
 
 State = Literal["receiving", "queued", "analysing", "done", "failed", "skipped"]
 LevelName = Literal["STAT", "URGENT", "ROUTINE"]
@@ -147,7 +148,7 @@ def make_worklist_router(store: Store, settings: Settings) -> APIRouter:
         return [item for _, item in sorted(rows, key=lambda row: row[0])]
 
     @router.post("/studies/{study_uid}/ack", response_model=WorklistItem, summary="Acknowledge a study as read")
-    def acknowledge(body: AckRequest, study_uid: str = PathParam(pattern=UID_PATTERN)) -> WorklistItem:
+    def acknowledge(body: AckRequest, study_uid: str = PathParam(pattern=UID_PATTERN, max_length=UID_MAX)) -> WorklistItem:
         if not store.acknowledge(study_uid, body.by.strip()):
             raise HTTPException(404, f"no study {study_uid}")
         study = store.study(study_uid)
@@ -159,7 +160,7 @@ def make_worklist_router(store: Store, settings: Settings) -> APIRouter:
         responses={200: {"content": {"image/png": {}}}, 404: {"description": "no such thumbnail"}},
         summary="Heatmap thumbnail of the n-th key slice",
     )
-    def thumbnail(series_uid: str = PathParam(pattern=UID_PATTERN), n: int = PathParam(ge=0, le=99)):
+    def thumbnail(series_uid: str = PathParam(pattern=UID_PATTERN, max_length=UID_MAX), n: int = PathParam(ge=0, le=99)):
         path = settings.results_dir / series_uid / f"thumb_{n}.png"
         if not path.is_file():
             raise HTTPException(404, f"no thumbnail {n} for series {series_uid}")

@@ -170,6 +170,16 @@ def test_thumbnails(site):
     assert site.client.get("/api/series/" + "1" * 65 + "/thumbnails/0.png").status_code == 422
 
 
+@pytest.mark.parametrize("series", ["..", "%2e%2e", "%2E%2E", ".", "1..4", ".1.4", "1.4."])
+def test_thumbnail_route_never_leaves_the_series_folder(site, series):
+    (site.settings.results_dir).mkdir(parents=True, exist_ok=True)
+    (site.settings.results_dir / "thumb_0.png").write_bytes(b"outside")  # what a traversal would serve
+    (site.settings.data_dir / "thumb_0.png").write_bytes(b"outside")
+    response = site.client.get(f"/api/series/{series}/thumbnails/0.png")
+    assert response.status_code in (404, 422)
+    assert response.content != b"outside"
+
+
 def test_openapi_documents_the_worklist(site):
     spec = site.client.get("/openapi.json").json()
     assert "/api/worklist" in spec["paths"] and "/api/studies/{study_uid}/ack" in spec["paths"]
