@@ -78,6 +78,7 @@ class Settings(BaseModel):
     bind: str = "0.0.0.0"
     port: Port = 11112
     allowed_calling_aets: list[str] = []  # empty: any calling AE title is accepted
+    check_called_aet: bool = True  # refuse associations addressed to another AE title than ae_title
     max_associations: int = Field(default=16, ge=1)
     # storage
     data_dir: Path = Path("var")

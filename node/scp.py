@@ -136,6 +136,7 @@ def handle_rejected(event) -> None:
 def make_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
+    ae.require_called_aet = settings.check_called_aet
     ae.add_supported_context(Verification)
     for sop_class in STORAGE_CLASSES:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)

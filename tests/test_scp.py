@@ -198,3 +198,24 @@ def test_garbage_and_truncated_streams_do_not_take_the_listener_down(listener, t
                          capture_output=True, text=True, timeout=30)
     assert run.returncode == 0
     assert spool.files() == []
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_wrong_called_ae_title_is_rejected_unless_the_check_is_off(tmp_path, check):
+    settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path / "d"), "ICHNODE_PORT": str(free_port()),
+                                      "ICHNODE_BIND": "127.0.0.1", "ICHNODE_CHECK_CALLED_AET": str(check).lower()})
+    store = Store(settings.database_path)
+    server = start_listener(settings, Spool(settings.spool_dir), store)
+    try:
+        wrong = subprocess.run([dcmtk("echoscu"), "-aec", "OTHERPACS", "127.0.0.1", str(settings.port)],
+                               capture_output=True, text=True, timeout=30)
+        right = subprocess.run([dcmtk("echoscu"), "-aec", "ICHNODE", "127.0.0.1", str(settings.port)],
+                               capture_output=True, text=True, timeout=30)
+    finally:
+        server.shutdown()
+        store.close()
+    assert right.returncode == 0
+    if check:
+        assert wrong.returncode != 0 and "called ae title not recognized" in (wrong.stderr + wrong.stdout).lower()
+    else:
+        assert wrong.returncode == 0
