@@ -15,7 +15,8 @@ From those predictions alone:
 - ROC plots and an error gallery: contact sheets of the worst false positives and false negatives,
   key slices in the brain window beside the heatmap of the fold model that missed them.
 Each fold's predictions are written as soon as they exist, and every stage checkpoints, so a
-stopped run resumes.
+stopped run resumes; a fold whose model exists but whose predictions were removed is only predicted
+again (after a change of inference code).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ from training.train import (
 from worker.detector import LABELS, load_detector
 from worker.detector.ensemble import SCAN_MEMBERS
 from worker.detector.members import Combiner
-from worker.detector.store import save_model
+from worker.detector.store import MANIFEST, load_model, save_model
 
 log = logging.getLogger("ichnode.crossval")
 
@@ -78,12 +79,16 @@ def stratified_folds(scans: list[Scan], folds: int, seed: int) -> list[list[str]
 
 def _predict_fold(cfg: TrainingConfig, data: TrainingData, heldout: list[Example], k: int, device: torch.device,
                   checkpoints: Path) -> list[dict]:
-    ensemble, _ = train_ensemble(
-        cfg, data, device, checkpoints / f"fold-{k}", checkpoints / "slice_CNN_pretraining.pt"
-    )
-    fit_combiner(ensemble, data.validation or data.train, device)  # a usable detector for the gallery
-    save_model(ensemble, checkpoints / f"fold-{k}" / "model", f"{cfg.output.name}-fold-{k}", cfg.output.version,
-               {"fold": k, "heldout": sorted(e.patient_id for e in heldout)}, {})
+    model_dir = checkpoints / f"fold-{k}" / "model"
+    if (model_dir / MANIFEST).is_file():  # trained earlier: predict again (after a change of inference)
+        ensemble, _ = load_model(model_dir, device)
+    else:
+        ensemble, _ = train_ensemble(
+            cfg, data, device, checkpoints / f"fold-{k}", checkpoints / "slice_CNN_pretraining.pt"
+        )
+        fit_combiner(ensemble, data.validation or data.train, device)  # a usable detector for the gallery
+        save_model(ensemble, model_dir, f"{cfg.output.name}-fold-{k}", cfg.output.version,
+                   {"fold": k, "heldout": sorted(e.patient_id for e in heldout)}, {})
     predictions = []
     for e in heldout:
         scan_logits, slice_logits = member_logits(ensemble, e, device)
