@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import numpy as np
@@ -153,3 +154,20 @@ def test_unet_pools_use_slice_labels_of_scans_without_masks():
     assert [i for _, i in _unet_pool([example], "sdh")[2]] == [2]
     assert _unet_pool([example], "small")[2] == []
     assert torch.equal(_lesion_target(example, 0), torch.zeros(32, 32))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "config" / "training").glob("*.toml")))
+def test_every_shipped_training_config_validates(path):
+    from training.config import load_training_config
+
+    cfg = load_training_config(path)
+    assert cfg.ensemble().working_size >= 128 and cfg.data.train
+
+
+def test_training_config_names_a_bad_key(tmp_path):
+    from training.config import TrainingConfigError, load_training_config
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[data]\ntrain = ["ctich:all"]\n[output]\ndir = "x"\n[stages]\ncnn_step = 3\n')
+    with pytest.raises(TrainingConfigError, match="cnn_step"):
+        load_training_config(bad)
