@@ -171,3 +171,13 @@ def test_training_config_names_a_bad_key(tmp_path):
     bad.write_text('[data]\ntrain = ["ctich:all"]\n[output]\ndir = "x"\n[stages]\ncnn_step = 3\n')
     with pytest.raises(TrainingConfigError, match="cnn_step"):
         load_training_config(bad)
+
+
+def test_auc_by_volume_compares_each_size_bin_with_all_negatives():
+    from training.evaluate import auc_by_volume
+
+    y = np.array([1, 1, 1, 0, 0])
+    p = np.array([0.2, 0.9, 0.95, 0.5, 0.1])
+    bins = auc_by_volume(y, p, [2.0, 10.0, 50.0, 0.0, 0.0])
+    assert bins == {"< 5 mL": 0.5, "5-30 mL": 1.0, ">= 30 mL": 1.0}
+    assert auc_by_volume(y, p, [None] * 5) == {}

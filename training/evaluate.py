@@ -87,6 +87,23 @@ def heatmap_share_in_mask(heatmaps: np.ndarray, truth: np.ndarray, top: float = 
     return float(mask[hottest].mean())
 
 
+VOLUME_BINS_ML = ((0.0, 5.0), (5.0, 30.0), (30.0, math.inf))
+
+
+def auc_by_volume(y: np.ndarray, p: np.ndarray, volumes_ml: list[float | None]) -> dict[str, float | None]:
+    """AUC(any) of the positives whose reference volume is in each bin against all negatives."""
+    known = np.array([v is not None for v in volumes_ml])
+    if not known.any():
+        return {}
+    ml = np.array([v if v is not None else np.nan for v in volumes_ml])
+    result = {}
+    for low, high in VOLUME_BINS_ML:
+        keep = known & ((y == 0) | ((ml >= low) & (ml < high)))
+        name = f"< {high:g} mL" if low == 0 else (f">= {low:g} mL" if math.isinf(high) else f"{low:g}-{high:g} mL")
+        result[name] = _nan_to_none(roc_auc(y[keep], p[keep]))
+    return result
+
+
 def _nan_to_none(value: float) -> float | None:
     return None if value is None or math.isnan(value) else round(float(value), 4)
 
@@ -115,6 +132,7 @@ def score(scans: list[Scan], outputs: list[DetectorOutput]) -> dict:
 
     slice_y, slice_p, hits, attention_hits = [], [], [], []
     dices, heat_shares, volume_errors = [], [], []
+    true_ml: dict[int, float | None] = {}  # scan index -> reference blood volume, where masks exist
     for s, o in zip(scans, outputs):
         if s.slice_labels is not None:
             slice_y.append(np.asarray(s.slice_labels, dtype=float))
@@ -130,6 +148,9 @@ def score(scans: list[Scan], outputs: list[DetectorOutput]) -> dict:
                 dices.append(dice(pred, truth))
                 heat_shares.append(heatmap_share_in_mask(o.heatmaps, truth))
             volume_errors.append(abs(o.volumes_ml["any"] - truth.sum() * s.volume.voxel_volume_ml))
+            true_ml[len(true_ml)] = float(truth.sum() * s.volume.voxel_volume_ml)
+        else:
+            true_ml[len(true_ml)] = None
 
     summary = {
         "scans": len(scans),
@@ -147,6 +168,7 @@ def score(scans: list[Scan], outputs: list[DetectorOutput]) -> dict:
         "slice_top10pct_hit_rate": _nan_to_none(float(np.mean(hits))) if hits else None,
         "attention_top1_hit_rate": _nan_to_none(float(np.mean(attention_hits))) if attention_hits else None,
         "difficult_cases": int(sum(o.difficult for o in outputs)),
+        "auc_any_by_volume_ml": auc_by_volume(y[:, 0], p[:, 0], [true_ml[i] for i in range(len(scans))]),
         "member_auc_any": {
             member: _nan_to_none(roc_auc(y[:, 0], [o.member_outputs[member]["any"] for o in outputs]))
             for member in outputs[0].member_outputs
@@ -189,7 +211,10 @@ def _markdown(data: str, model: str, result: dict) -> str:
         lo, hi = m["auc_ci95"]
         lines.append(f"| {label} | {m['positives']} | {m['auc']} | {lo}-{hi} | {m['sensitivity']} | {m['specificity']} |")
     lines += ["", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in s.items() if k not in ("scans", "positive_scans", "member_auc_any")]
+    lines += [f"| {k} | {v} |" for k, v in s.items() if k not in ("scans", "positive_scans", "member_auc_any", "auc_any_by_volume_ml")]
+    if s["auc_any_by_volume_ml"]:
+        lines += ["", "AUC(any) by reference blood volume (positives in the bin against all negatives): "
+                  + ", ".join(f"{k} {v}" for k, v in s["auc_any_by_volume_ml"].items())]
     lines += ["", "AUC(any) of each member: " + ", ".join(f"{k} {v}" for k, v in s["member_auc_any"].items())]
     return "\n".join(lines) + "\n"
 
