@@ -103,8 +103,8 @@ class Settings(BaseModel):
     api_token: str = ""  # when set, the API needs `Authorization: Bearer <token>`
     public_url: str = ""  # how users reach the web page, for links in webhooks (e.g. https://ichnode.hospital.org)
     # priority rule: level STAT / URGENT / ROUTINE
-    stat_probability: float = Field(default=0.70, ge=0, le=1)
-    urgent_probability: float = Field(default=0.30, ge=0, le=1)
+    stat_probability: float = Field(default=0.72, ge=0, le=1)  # the shipped model's CV operating point (MODEL_CARD.md)
+    urgent_probability: float = Field(default=0.29, ge=0, le=1)
     stat_volume_ml: float = Field(default=30.0, ge=0)
     # RIS and webhooks
     hl7_endpoints: list[HostPort] = []

@@ -72,3 +72,14 @@ def test_inconsistent_thresholds_are_rejected():
         PriorityRule(stat_probability=0.3, urgent_probability=0.5)
     with pytest.raises(ValueError, match="stat_volume_ml"):
         PriorityRule(stat_volume_ml=-1)
+
+
+def test_default_thresholds_are_the_shipped_models_cross_validated_operating_point():
+    import json
+
+    from worker.detector.store import SHIPPED_DIR
+
+    calibration = json.loads((SHIPPED_DIR / "evaluation" / "cv" / "calibration.json").read_text())
+    point = (calibration["urgent_probability"], calibration["stat_probability"])
+    assert (Settings().urgent_probability, Settings().stat_probability) == point
+    assert (PriorityRule().urgent_probability, PriorityRule().stat_probability) == point

@@ -110,14 +110,14 @@ def _weighted(logits: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def choose_weights(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """The grid weights with the best AUC(any); ties go to the most even weighting."""
+    """The grid weights with the best AUC(any); ties go to fewer members, then to the most even weighting."""
     best, best_key = None, None
     for w in itertools.product(WEIGHT_GRID, repeat=logits.shape[-1]):
         w = np.asarray(w)
         if w.sum() == 0:
             continue
         auc = roc_auc(y[:, 0], _weighted(logits, w)[:, 0])
-        key = (round(auc, 6), -np.ptp(w / w.max()), w.sum())
+        key = (round(auc, 6), -int((w > 0).sum()), -np.ptp(w[w > 0] / w.max()))  # ties: fewer members, then even
         if best_key is None or key > best_key:
             best, best_key = w, key
     return best
@@ -316,6 +316,8 @@ def real_hu_slices(detectors: FoldDetectors) -> dict:
 
 def error_gallery(scans: dict[str, Scan], predictions: list[dict], p: np.ndarray, detectors: FoldDetectors, out: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):  # an earlier run's cases
+        old.unlink()
     y = np.array([pr["labels"][0] >= 0.5 for pr in predictions])
     order = np.argsort(p[:, 0])
     fps = [i for i in order[::-1] if not y[i]][:GALLERY_CASES]

@@ -22,8 +22,8 @@ LEVEL_RANK = {"STAT": 2, "URGENT": 1, "ROUTINE": 0}
 
 @dataclass(frozen=True)
 class PriorityRule:
-    stat_probability: float = 0.70
-    urgent_probability: float = 0.30
+    stat_probability: float = 0.72
+    urgent_probability: float = 0.29
     stat_volume_ml: float = 30.0
 
     def __post_init__(self) -> None:
