@@ -5,6 +5,7 @@ import threading
 import hl7
 import pytest
 
+from node.config import Settings
 from node.errors import DeliveryError
 from node.hl7 import build_oru, control_id, send_mllp
 from tests.test_worklist import findings_for
@@ -93,7 +94,7 @@ def test_oru_reaches_the_ris_with_patient_order_priority_and_values(listen):
     assert values["PROB-any"] == "0.9300" and values["PROB-IPH"] == "0.8370" and values["PROB-SDH"] == "0.0400"
     assert values["VOL-any"] == "38.20"
     assert values["260870009"] == "STAT" and values["PRIOSCORE"] == "2.9300"
-    assert values["PRIORATIONALE"].startswith("ICH probability 0.93 >= 0.70")
+    assert values["PRIORATIONALE"].startswith(f"ICH probability 0.93 >= {Settings().stat_probability:.2f}")
     assert values["DIFFICULT"] == "N"
     assert values["111001"] == "ich-ensemble" and values["111003"] == "1.0.0"
     assert values["110180"] == "1.2.3" and values["112002"] == "1.2.3.4"
