@@ -24,7 +24,6 @@ import itertools
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +46,7 @@ from training.train import (
 from worker.detector import LABELS, load_detector
 from worker.detector.ensemble import SCAN_MEMBERS
 from worker.detector.members import Combiner
-from worker.detector.store import MANIFEST, load_model, save_model
+from worker.detector.store import MANIFEST, load_model, save_model, write_json
 
 log = logging.getLogger("ichnode.crossval")
 
@@ -57,12 +56,6 @@ WEIGHT_GRID = (0.0, 0.5, 1.0)
 GALLERY_CASES = 4  # worst false positives, and as many false negatives
 GALLERY_SLICES = 4
 EXTENT_BINS = ((1, 2), (3, 5), (6, 999))  # positive slices per scan: a size estimate without masks
-
-
-def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def stratified_folds(scans: list[Scan], folds: int, seed: int) -> list[list[str]]:
@@ -123,24 +116,17 @@ def choose_weights(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
     return best
 
 
-def platt_terms(logits: np.ndarray, y: np.ndarray, w: np.ndarray) -> dict[str, tuple[float, float]]:
-    """label -> (scale, bias) of the weighted mean logit; (1, 0) where a label lacks either class."""
-    combined = torch.as_tensor(_weighted(logits, w), dtype=torch.float32)
-    terms = {}
-    for k, label in enumerate(LABELS):
-        target = torch.as_tensor(y[:, k], dtype=torch.float32)
-        if min(int(target.sum()), int((1 - target).sum())) < 2:
-            terms[label] = (1.0, 0.0)
-        else:
-            terms[label] = Combiner.platt(combined[:, k], target)
-    return terms
+def calibrated_combiner(logits: np.ndarray, y: np.ndarray, w: np.ndarray) -> Combiner:
+    """The detector's own combiner, weighted by w and Platt-calibrated on these scans."""
+    combiner = Combiner(logits.shape[-1])
+    combiner.fit(torch.as_tensor(logits, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32),
+                 torch.as_tensor(w, dtype=torch.float32))
+    return combiner
 
 
-def calibrated(logits: np.ndarray, w: np.ndarray, terms: dict[str, tuple[float, float]]) -> np.ndarray:
-    x = _weighted(logits, w)
-    scale = np.array([terms[label][0] for label in LABELS])
-    bias = np.array([terms[label][1] for label in LABELS])
-    return 1 / (1 + np.exp(-(x * scale + bias)))
+def _probabilities(combiner: Combiner, logits: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return combiner(torch.as_tensor(logits, dtype=torch.float32)).numpy().astype(np.float64)
 
 
 def operating_point(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
@@ -178,7 +164,7 @@ def nested_probabilities(logits: np.ndarray, y: np.ndarray, folds: np.ndarray) -
     for k in np.unique(folds):
         rest = folds != k
         w = choose_weights(logits[rest], y[rest])
-        p[~rest] = calibrated(logits[~rest], w, platt_terms(logits[rest], y[rest], w))[:, 0]
+        p[~rest] = _probabilities(calibrated_combiner(logits[rest], y[rest], w), logits[~rest])[:, 0]
     return p
 
 
@@ -188,8 +174,8 @@ def summarise(predictions: list[dict], top_k: int) -> tuple[dict, dict, np.ndarr
     logits = np.array([pr["member_logits"] for pr in predictions])  # (n, 6, members)
     folds = np.array([pr["fold"] for pr in predictions])
     w = choose_weights(logits, y)
-    terms = platt_terms(logits, y, w)
-    p = calibrated(logits, w, terms)
+    combiner = calibrated_combiner(logits, y, w)
+    p = _probabilities(combiner, logits)
     urgent, stat = operating_point(y[:, 0], p[:, 0])
     nested = nested_probabilities(logits, y, folds)
     slice_y = np.concatenate([pr["slice_labels"] for pr in predictions if pr["slice_labels"] is not None])
@@ -220,7 +206,7 @@ def summarise(predictions: list[dict], top_k: int) -> tuple[dict, dict, np.ndarr
     calibration = {
         "members": list(SCAN_MEMBERS),
         "weights": w.tolist(),
-        "platt": {label: list(terms[label]) for label in LABELS},
+        "platt": {label: list(term) for label, term in zip(LABELS, combiner.terms())},
         "urgent_probability": urgent,
         "stat_probability": stat,
         "scans": len(y),
@@ -362,15 +348,15 @@ def crossval_main(config_path: Path) -> dict:
         else:
             log.info("fold %d/%d: training without %d patients", k + 1, len(groups), len(patients))
             heldout = [examples[s.scan_id] for s in cv_scans if s.patient_id in patients]
-            _write_json(path, _predict_fold(cfg, data.without_patients(set(patients)), heldout, k, device, checkpoints))
+            write_json(path, _predict_fold(cfg, data.without_patients(set(patients)), heldout, k, device, checkpoints))
         predictions.extend(json.loads(path.read_text()))
     metrics, calibration, p = summarise(predictions, cfg.ensemble().slice_top_k)
     detectors = FoldDetectors(checkpoints, groups)
     metrics["gallery"] = error_gallery({s.scan_id: s for s in cv_scans}, predictions, p, detectors, out / "gallery")
     metrics["real_hu_slices"] = real_hu_slices(detectors)
-    _write_json(out / "calibration.json", calibration)
-    _write_json(out / "metrics.json", metrics)
-    _write_json(out / "oof_predictions.json", [
+    write_json(out / "calibration.json", calibration)
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "oof_predictions.json", [
         {"scan_id": pr["scan_id"], "fold": pr["fold"], "labels": dict(zip(LABELS, pr["labels"])),
          "probabilities": dict(zip(LABELS, map(float, p[i]))),
          "member_logits_any": dict(zip(SCAN_MEMBERS, pr["member_logits"][0]))}

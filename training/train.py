@@ -474,19 +474,13 @@ def fit_combiner(ensemble: Ensemble, data: list[Example], device: torch.device) 
     log.info("combiner: equal member weights, calibrated on %d validation scans (%d positive)", len(data), int(labels[:, 0].sum()))
 
 
-def apply_calibration(ensemble: Ensemble, path: Path) -> dict:
+def apply_calibration(ensemble: Ensemble, path: Path) -> None:
     """Member weights and per-label Platt terms from a cross-validation run's calibration.json."""
     calibration = json.loads(Path(path).read_text())
     if list(calibration["members"]) != list(SCAN_MEMBERS):
         raise ValueError(f"{path}: members {calibration['members']} are not this ensemble's {list(SCAN_MEMBERS)}")
-    weights = torch.tensor(calibration["weights"], dtype=torch.float32)
-    weights = weights / weights.sum()
-    for k, label in enumerate(LABELS):
-        scale, bias = calibration["platt"][label]
-        ensemble.combiner.coef[k] = scale * weights
-        ensemble.combiner.bias[k] = bias
+    ensemble.combiner.calibrate(torch.tensor(calibration["weights"]), [calibration["platt"][label] for label in LABELS])
     log.info("combiner: member weights %s and calibration from %s", calibration["weights"], path)
-    return calibration
 
 
 # ---------------------------------------------------------------------------------------------

@@ -285,15 +285,25 @@ class Combiner(nn.Module):
 
         Labels with < 2 of either class keep scale 1 and bias 0."""
         member_logits, labels = member_logits.to(self.coef.device), labels.to(self.coef.device)
-        members = member_logits.shape[-1]
-        w = torch.ones(members) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        w = torch.ones(member_logits.shape[-1]) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
         w = (w / w.sum()).to(self.coef.device)
-        self.coef.copy_(w.expand_as(self.coef))
-        self.bias.zero_()
+        terms = []
         for k in range(N_LABELS):
             y = labels[:, k].float()
             if min(int(y.sum()), int((1 - y).sum())) < 2:
-                continue
-            scale, bias = self.platt((member_logits[:, k].float() * w).sum(dim=-1), y)
+                terms.append((1.0, 0.0))
+            else:
+                terms.append(self.platt((member_logits[:, k].float() * w).sum(dim=-1), y))
+        self.calibrate(w, terms)
+
+    def calibrate(self, weights: torch.Tensor, terms: list[tuple[float, float]]) -> None:
+        """Set member weights (members,) and per-label (scale, bias) Platt terms."""
+        w = torch.as_tensor(weights, dtype=torch.float32, device=self.coef.device)
+        w = w / w.sum()
+        for k, (scale, bias) in enumerate(terms):
             self.coef[k] = scale * w
             self.bias[k] = bias
+
+    def terms(self) -> list[tuple[float, float]]:
+        """Per-label (scale, bias): the inverse of :meth:`calibrate`."""
+        return [(float(self.coef[k].sum()), float(self.bias[k])) for k in range(N_LABELS)]

@@ -28,7 +28,8 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: object) -> None:
+    """JSON written aside and renamed into place: readers never see half a file."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
@@ -55,7 +56,7 @@ def save_model(ensemble: Ensemble, out_dir: Path, name: str, version: str, train
     }
     path = out_dir / MANIFEST
     os.replace(tmp_weights, weights)
-    _write_json(path, manifest)
+    write_json(path, manifest)
     return path
 
 
@@ -64,7 +65,7 @@ def update_metrics(model_dir: Path, metrics: dict) -> None:
     path = model_dir / MANIFEST
     manifest = json.loads(path.read_text())
     manifest["metrics"].update(metrics)
-    _write_json(path, manifest)
+    write_json(path, manifest)
 
 
 def read_manifest(model_dir: Path) -> dict:
