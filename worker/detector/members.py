@@ -29,6 +29,7 @@ class ResNeXtConfig:
     bottleneck: float = 0.5  # inner width / output width of each block
     stem: int = 16
     stem_pool: bool = False
+    channels: int = 3  # leading window channels read (1: the brain window alone, as every source has it)
 
 
 class Bottleneck(nn.Module):
@@ -56,12 +57,17 @@ class Bottleneck(nn.Module):
 
 
 class ResNeXtEncoder(nn.Module):
-    """Images (n, 3, h, w) -> last feature map (n, widths[-1], h/16, w/16) (h/32 with stem_pool)."""
+    """Images (n, 3, h, w) -> last feature map (n, widths[-1], h/16, w/16) (h/32 with stem_pool).
+
+    Only the first `cfg.channels` window channels are read: with 1, the encoder sees the brain
+    window alone, identical for brain-window-only slices (RSNA) and full-HU volumes (CT-ICH, DICOM).
+    """
 
     def __init__(self, cfg: ResNeXtConfig) -> None:
         super().__init__()
+        self.channels = cfg.channels
         stem: list[nn.Module] = [
-            nn.Conv2d(3, cfg.stem, 7, stride=2, padding=3, bias=False),
+            nn.Conv2d(cfg.channels, cfg.stem, 7, stride=2, padding=3, bias=False),
             nn.BatchNorm2d(cfg.stem),
             nn.ReLU(inplace=True),
         ]
@@ -77,7 +83,7 @@ class ResNeXtEncoder(nn.Module):
         self.out_dim = cin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        return self.layers(x[:, : self.channels])
 
 
 class SliceCNN(nn.Module):
