@@ -1,7 +1,8 @@
-"""The Celery application shared by the node (which sends) and the workers (which run tasks).
+"""The queue between node and workers: the task and queue names and the Celery application both
+sides build from the configuration (the node sends tasks, the workers run them).
 
 Embedded broker (default, one machine): kombu's filesystem transport (messages written
-atomically, see worker.embedded_broker) and Celery's file result backend under data_dir, so
+atomically, see ichnode.common.embedded_broker) and Celery's file result backend under data_dir, so
 `ichnode serve` needs no service. Redis (`broker_url=redis://…`): broker and result backend for
 workers on other hosts.
 
@@ -14,26 +15,31 @@ from __future__ import annotations
 
 from celery import Celery
 
-from node.config import Settings
-from worker.embedded_broker import SCHEME as EMBEDDED_SCHEME
+from ichnode.common import embedded_broker
+from ichnode.common.config import Settings
 
+#: The task that analyses one series: args (series UID, generation, instance paths relative to
+#: the spool directory); returns an ichnode.common.analysis.AnalysisResult as JSON.
 ANALYZE_TASK = "ichnode.analyze_series"
 ANALYZE_QUEUE = "ichnode.analyze"
 
 
 def make_celery(settings: Settings) -> Celery:
+    """The Celery application for `settings`; for the embedded broker, creates its folders."""
     app = Celery("ichnode")
-    if settings.broker_url:
-        broker, backend = settings.broker_url, settings.broker_url
-        transport_options = {"visibility_timeout": int(settings.task_timeout_seconds)}
+    queue = settings.queue
+    if queue.broker_url:
+        broker, backend = queue.broker_url, queue.broker_url
+        transport_options = {"visibility_timeout": int(queue.task_timeout_seconds)}
     else:
-        queue_dir = settings.broker_dir / "queue"
-        processed_dir = settings.broker_dir / "processed"
-        control_dir = settings.broker_dir / "control"
-        results_dir = settings.broker_dir / "results"
+        broker_dir = settings.storage.broker_dir
+        queue_dir = broker_dir / "queue"
+        processed_dir = broker_dir / "processed"
+        control_dir = broker_dir / "control"
+        results_dir = broker_dir / "results"
         for folder in (queue_dir, processed_dir, control_dir, results_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        broker, backend = f"{EMBEDDED_SCHEME}://", f"file://{results_dir.resolve()}"
+        broker, backend = embedded_broker.register(), f"file://{results_dir.resolve()}"
         transport_options = {
             "data_folder_in": str(queue_dir.resolve()),
             "data_folder_out": str(queue_dir.resolve()),
@@ -45,7 +51,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_url=broker,
         result_backend=backend,
         broker_transport_options=transport_options,
-        result_backend_transport_options=transport_options if settings.broker_url else {},
+        result_backend_transport_options=transport_options if queue.broker_url else {},
         broker_connection_retry_on_startup=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -59,6 +65,5 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         task_routes={ANALYZE_TASK: {"queue": ANALYZE_QUEUE}},
         task_default_queue=ANALYZE_QUEUE,
-        include=["worker.tasks"],
     )
     return app

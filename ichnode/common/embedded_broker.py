@@ -38,4 +38,7 @@ class Transport(filesystem.Transport):
     Channel = Channel
 
 
-TRANSPORT_ALIASES[SCHEME] = f"{__name__}:Transport"
+def register() -> str:
+    """Make ``SCHEME://`` name this transport for kombu; returns the broker URL."""
+    TRANSPORT_ALIASES[SCHEME] = f"{__name__}:Transport"
+    return f"{SCHEME}://"

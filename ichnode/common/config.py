@@ -1,0 +1,343 @@
+"""One typed configuration for every part of ichnode, validated at start.
+
+Keys are grouped in sections (TOML tables) by the part they configure; README "Configuration"
+lists each with its meaning. Sources, later ones winning: the built-in defaults, a TOML file
+(``--config`` or ``ICHNODE_CONFIG``), then one environment variable per key. Environment names are
+those of the flat configuration the sections replaced: ``ICHNODE_`` + the former key in upper case
+(``listener.port`` -> ``ICHNODE_PORT``, ``http.port`` -> ``ICHNODE_HTTP_PORT``), so existing
+deployments keep working. List values in the environment are comma-separated.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ichnode.common.result_folder import ResultFolder
+from ichnode.common.vocabulary import Level
+
+ENV_PREFIX = "ICHNODE_"
+_AET = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars of the default repertoire, no backslash
+
+
+class ConfigError(Exception):
+    """An invalid configuration value; the message names the key."""
+
+
+class Destination(BaseModel):
+    """A DICOM peer written as ``AET@host:port``."""
+
+    model_config = ConfigDict(frozen=True)
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Destination":
+        match = re.fullmatch(r"\s*([^@]{1,16})@([^:@\s]+):(\d{1,5})\s*", text)
+        if not match:
+            raise ValueError(f"{text!r} is not AET@host:port")
+        aet, host, port = match.group(1).strip(), match.group(2), int(match.group(3))
+        if not _AET.match(aet):
+            raise ValueError(f"{aet!r} is not a valid AE title")
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} out of range 1-65535")
+        return cls(ae_title=aet, host=host, port=port)
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class HostPort(BaseModel):
+    """A TCP endpoint written as ``host:port`` (HL7 MLLP listeners)."""
+
+    model_config = ConfigDict(frozen=True)
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "HostPort":
+        match = re.fullmatch(r"\s*([^:\s]+):(\d{1,5})\s*", text)
+        if not match or not 1 <= int(match.group(2)) <= 65535:
+            raise ValueError(f"{text!r} is not host:port")
+        return cls(host=match.group(1), port=int(match.group(2)))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Section(BaseModel):
+    """One TOML table of the configuration."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: The flat key each renamed field had before the sections (it names its environment variable).
+    former_keys: ClassVar[dict[str, str]] = {}
+
+
+class ListenerSection(Section):
+    """[listener]: the DICOM listener."""
+
+    ae_title: str = "ICHNODE"
+    bind: str = "0.0.0.0"
+    port: Port = 11112
+    allowed_calling_aets: list[str] = []  # empty: any calling AE title is accepted
+    check_called_aet: bool = True  # refuse associations addressed to another AE title than ae_title
+    max_associations: int = Field(default=16, ge=1)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_aet(cls, value: str) -> str:
+        if not _AET.match(value) or value.strip() != value:
+            raise ValueError("must be 1-16 characters, no backslash, no leading or trailing space")
+        return value
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _check_aets(cls, value: list[str]) -> list[str]:
+        for aet in value:
+            if not _AET.match(aet):
+                raise ValueError(f"{aet!r} is not a valid AE title")
+        return value
+
+
+class StorageSection(Section):
+    """[storage]: where everything lives (a path shared with remote workers) and for how long."""
+
+    data_dir: Path = Path("var")
+    retention_days: float = Field(default=7.0, ge=0)  # spooled instances and results kept after analysis; 0 = forever
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "ichnode.sqlite3"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    def result_folder(self, series_uid: str) -> ResultFolder:
+        return ResultFolder(self.results_dir / series_uid)
+
+
+class SeriesSection(Section):
+    """[series]: when a series is complete and which series are worth analysing."""
+
+    quiet_seconds: float = Field(default=10.0, gt=0, le=3600)
+    min_slices: int = Field(default=16, ge=1)
+    min_coverage_mm: float = Field(default=80.0, ge=0)
+
+
+class QueueSection(Section):
+    """[queue]: the broker between node and workers."""
+
+    broker_url: str = ""  # empty: embedded broker in data_dir; redis://host:port/db for Redis
+    workers: int = Field(default=1, ge=0)  # worker processes `serve` starts
+    task_timeout_seconds: float = Field(default=900.0, gt=0)  # analysing longer than this is re-queued
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://")):
+            raise ValueError("must be empty (embedded broker) or a redis:// URL")
+        return value
+
+
+class DetectorSection(Section):
+    """[detector]: the model the workers run."""
+
+    model_path: Path | None = None  # None: the shipped ensemble
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class PriorityRule(Section):
+    """[priority]: the thresholds of the worklist priority rule that worker.priority applies."""
+
+    stat_probability: float = Field(default=0.72, ge=0, le=1)  # the shipped model's CV operating point (MODEL_CARD.md)
+    urgent_probability: float = Field(default=0.29, ge=0, le=1)
+    stat_volume_ml: float = Field(default=30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_order(self) -> "PriorityRule":
+        if self.urgent_probability > self.stat_probability:
+            raise ValueError(f"urgent_probability {self.urgent_probability} is above stat_probability "
+                             f"{self.stat_probability}")
+        return self
+
+
+class DeliverySection(Section):
+    """[delivery]: result objects to PACS, through the persistent outbox."""
+
+    former_keys: ClassVar[dict[str, str]] = {"max_backoff_seconds": "delivery_max_backoff_seconds"}
+    destinations: list[Destination] = []
+    max_backoff_seconds: float = Field(default=300.0, gt=0)
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _parse_destinations(cls, value):
+        return [Destination.parse(v) if isinstance(v, str) else v for v in value]
+
+
+class Hl7Section(Section):
+    """[hl7]: ORU^R01 to the RIS over MLLP."""
+
+    former_keys: ClassVar[dict[str, str]] = {"endpoints": "hl7_endpoints", "sending_facility": "hl7_sending_facility"}
+    endpoints: list[HostPort] = []
+    sending_facility: str = "ICHNODE"
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _parse_endpoints(cls, value):
+        return [HostPort.parse(v) if isinstance(v, str) else v for v in value]
+
+
+class WebhookSection(Section):
+    """[webhook]: JSON POSTs per result (chat, paging, ...)."""
+
+    former_keys: ClassVar[dict[str, str]] = {
+        "urls": "webhooks", "min_level": "webhook_min_level", "include_patient": "webhook_include_patient"}
+    urls: list[str] = []
+    min_level: Level = "URGENT"
+    include_patient: bool = False  # include patient name/id in webhook payloads
+
+    @field_validator("urls")
+    @classmethod
+    def _check_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http(s) URL")
+        return value
+
+
+class HttpSection(Section):
+    """[http]: the HTTP API and the worklist page."""
+
+    former_keys: ClassVar[dict[str, str]] = {"bind": "http_bind", "port": "http_port"}
+    bind: str = "127.0.0.1"
+    port: Port = 8080
+    api_token: str = ""  # when set, the API needs `Authorization: Bearer <token>`
+    public_url: str = ""  # how users reach the web page, for links in webhooks (e.g. https://ichnode.hospital.org)
+
+
+class Settings(BaseModel):
+    """Every key of ichnode: one section per part, and the log level."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    listener: ListenerSection = ListenerSection()
+    storage: StorageSection = StorageSection()
+    series: SeriesSection = SeriesSection()
+    queue: QueueSection = QueueSection()
+    detector: DetectorSection = DetectorSection()
+    priority: PriorityRule = PriorityRule()
+    delivery: DeliverySection = DeliverySection()
+    hl7: Hl7Section = Hl7Section()
+    webhook: WebhookSection = WebhookSection()
+    http: HttpSection = HttpSection()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+def sections() -> dict[str, type[Section]]:
+    """Section name -> its model."""
+    return {name: field.annotation for name, field in Settings.model_fields.items()
+            if isinstance(field.annotation, type) and issubclass(field.annotation, Section)}
+
+
+def environment_variables() -> dict[str, tuple[str, ...]]:
+    """Each key's environment variable -> the key (section, name), or (name,) outside sections."""
+    names: dict[str, tuple[str, ...]] = {}
+    for name in Settings.model_fields:
+        section = sections().get(name)
+        if section is None:
+            names[ENV_PREFIX + name.upper()] = (name,)
+            continue
+        for key in section.model_fields:
+            names[ENV_PREFIX + section.former_keys.get(key, key).upper()] = (name, key)
+    return names
+
+
+def _field(path: tuple[str, ...]):
+    model = sections()[path[0]] if len(path) == 2 else Settings
+    return model.model_fields[path[-1]]
+
+
+def _from_env(environ: dict[str, str]) -> dict[tuple[str, ...], object]:
+    values: dict[tuple[str, ...], object] = {}
+    for variable, path in environment_variables().items():
+        raw = environ.get(variable)
+        if raw is None:
+            continue
+        if get_origin(_field(path).annotation) is list:
+            values[path] = [item.strip() for item in raw.split(",") if item.strip()]
+        elif path[-1] == "model_path" and raw == "":
+            values[path] = None
+        else:
+            values[path] = raw
+    return values
+
+
+def _former_location(key: str) -> str | None:
+    """Where a flat key of the configuration before sections lives now, e.g. '[listener] port'."""
+    for path in environment_variables().values():
+        if len(path) == 2 and sections()[path[0]].former_keys.get(path[1], path[1]) == key:
+            return f"[{path[0]}] {path[1]}"
+    return None
+
+
+def read_toml(path: str | Path) -> dict:
+    """A TOML file as a dict; ConfigError naming the file when it is missing or not TOML."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def load_settings(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Defaults, then the TOML file, then the environment. Raises ConfigError naming the key."""
+    environ = dict(os.environ if environ is None else environ)
+    path = path or environ.get(ENV_PREFIX + "CONFIG") or None
+    values = read_toml(path) if path else {}
+    env_values = _from_env(environ)
+    for key_path, value in env_values.items():
+        if len(key_path) == 2 and isinstance(values.get(key_path[0]), dict):
+            values[key_path[0]] = dict(values[key_path[0]], **{key_path[1]: value})
+        elif len(key_path) == 2:
+            values[key_path[0]] = {key_path[1]: value}
+        else:
+            values[key_path[0]] = value
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0], path, env_values)) from None
+
+
+def _describe(error: dict, path, env_values: dict[tuple[str, ...], object]) -> str:
+    """One line naming the key (its environment variable when it came from there) and the problem."""
+    loc = tuple(str(part) for part in error["loc"])
+    key_path = loc[:2] if loc and loc[0] in sections() else loc[:1]
+    dotted = ".".join(key_path)
+    if error["type"] == "extra_forbidden":
+        moved = _former_location(dotted) if len(key_path) == 1 else None
+        return f"config key {dotted!r} (in {path}): " + (f"moved to {moved}" if moved else "unknown key")
+    if len(loc) == 1 and loc[0] in sections():  # a rule across the section's keys: its message names them
+        given = [name for name, key in environment_variables().items() if key in env_values and key[0] == loc[0]]
+        where = ", ".join(given) if given else f"in {path or 'defaults'}"
+        return f"config [{loc[0]}] ({where}): {error['msg']}"
+    variable = next((name for name, key in environment_variables().items() if key == key_path), None)
+    origin = variable if key_path in env_values else f"{dotted} (in {path or 'defaults'})"
+    return f"config {origin}: {error['msg']} (got {error.get('input')!r})"
