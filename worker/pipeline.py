@@ -2,12 +2,11 @@
 
 The one analysis path shared by the Celery task and `ichnode analyze`: load the Hounsfield
 volume, run the detector, assign the priority, build the result objects, write them with
-findings.json and PNG thumbnails of the heatmap captures into the output folder.
+findings.json and PNG thumbnails of the heatmap captures into the result folder.
 """
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -16,15 +15,16 @@ from typing import Sequence
 
 from PIL import Image
 
+from ichnode.common.analysis import Findings
+from ichnode.common.config import PriorityRule
+from ichnode.common.result_folder import ResultFolder
 from worker.detector import Detector
-from worker.findings import Findings
-from worker.priority import PriorityRule, assign_priority
+from worker.findings import findings_from_output
+from worker.priority import assign_priority
 from worker.results import build_results
 from worker.volume import load_series
 
 log = logging.getLogger("ichnode.worker")
-
-FINDINGS_FILE = "findings.json"
 
 
 @dataclass
@@ -49,7 +49,7 @@ def _thumbnail(ds, size: int = 256) -> bytes:
     return buffer.getvalue()
 
 
-def analyze_series(paths: Sequence[Path], detector: Detector, rule: PriorityRule, out_dir: Path) -> Analysis:
+def analyze_series(paths: Sequence[Path], detector: Detector, rule: PriorityRule, folder: ResultFolder) -> Analysis:
     started = time.monotonic()
     loaded = load_series(paths)
     for warning in loaded.warnings:
@@ -57,21 +57,21 @@ def analyze_series(paths: Sequence[Path], detector: Detector, rule: PriorityRule
     first = loaded.sources[0]
     output = detector.detect(loaded.volume)
     priority = assign_priority(rule, output.probabilities, output.volumes_ml, output.difficult)
-    findings = Findings.from_output(
+    findings = findings_from_output(
         str(first.StudyInstanceUID), str(first.SeriesInstanceUID), loaded.volume, output, priority
     )
     objects = build_results(loaded.sources, loaded.volume, output, findings)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder.path.mkdir(parents=True, exist_ok=True)
     result_files = []
     thumbnails = 0
     for ds in objects:
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
-        path = out_dir / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"
+        path = folder.object_file(ds.Modality, ds.SOPInstanceUID)
         _write_atomic(path, buffer.getvalue())
         result_files.append(path)
         if ds.Modality == "OT" or "SECONDARY" in (ds.get("ImageType") or []):
-            _write_atomic(out_dir / f"thumb_{thumbnails}.png", _thumbnail(ds))
+            _write_atomic(folder.thumbnail(thumbnails), _thumbnail(ds))
             thumbnails += 1
-    _write_atomic(out_dir / FINDINGS_FILE, json.dumps(findings.as_json(), indent=2).encode())
+    _write_atomic(folder.findings_file, findings.model_dump_json(indent=2).encode())
     return Analysis(findings, result_files, loaded.warnings, time.monotonic() - started)

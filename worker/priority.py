@@ -1,6 +1,6 @@
 """The worklist priority rule: findings -> level, sort score and a short rationale.
 
-Levels, checked in this order (thresholds from the config keys of the same name):
+Levels, checked in this order (thresholds from the keys of the same name in [priority]):
 
 * STAT (read now): p(any) >= `stat_probability`, or p(any) >= `urgent_probability` with an
   estimated blood volume >= `stat_volume_ml` (a large bleed is urgent even at moderate confidence).
@@ -15,39 +15,10 @@ which condition decided the level, the leading subtypes, the volume and the diff
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
-LEVEL_RANK = {"STAT": 2, "URGENT": 1, "ROUTINE": 0}
-
-
-@dataclass(frozen=True)
-class PriorityRule:
-    stat_probability: float = 0.72
-    urgent_probability: float = 0.29
-    stat_volume_ml: float = 30.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.urgent_probability <= self.stat_probability <= 1.0:
-            raise ValueError(
-                f"priority thresholds need 0 <= urgent_probability ({self.urgent_probability}) "
-                f"<= stat_probability ({self.stat_probability}) <= 1"
-            )
-        if self.stat_volume_ml < 0:
-            raise ValueError(f"stat_volume_ml must be >= 0, got {self.stat_volume_ml}")
-
-    @classmethod
-    def from_settings(cls, settings) -> "PriorityRule":
-        return cls(settings.stat_probability, settings.urgent_probability, settings.stat_volume_ml)
-
-
-@dataclass(frozen=True)
-class Priority:
-    level: str
-    score: float
-    rationale: str
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+from ichnode.common.analysis import Priority
+from ichnode.common.config import PriorityRule
+from ichnode.common.vocabulary import LEVEL_RANK
 
 
 def assign_priority(

@@ -39,17 +39,11 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
+from ichnode.common.slice_geometry import SAME_POSITION_MM, slice_normal, slice_spacing
+from ichnode.common.vocabulary import CT_IMAGE_SOP_CLASSES, MULTI_FRAME_CT_SOP_CLASSES
 from worker.geometry import SliceRef, Volume
 
 AIR_HU = -1024.0
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-MULTI_FRAME_CT_STORAGE = {
-    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image Storage
-}
-DUPLICATE_MM = 0.01  # slices closer than this along the normal are the same position
-UNEVEN_FRACTION = 0.10  # a gap deviating more than this from the median makes spacing uneven
-MISSING_GAP_FACTOR = 1.5  # a gap above this many median gaps has missing slices in it
 MIN_TILT_DEG = 0.1  # shear below this is rounding in the stored positions
 MAX_LISTED = 5  # instances named in one warning
 
@@ -124,7 +118,7 @@ def load_series(paths: Sequence[Path]) -> LoadedSeries:
     if not decoded:
         raise VolumeError("no usable CT slices" + _because(warnings))
 
-    normal = _unit_normal(decoded[0][0].orientation)
+    normal = slice_normal(decoded[0][0].orientation)
     decoded = _ordered_without_duplicates(decoded, normal, warnings)
     if len(decoded) < 2:
         raise VolumeError(f"only {len(decoded)} usable slice (need at least 2)" + _because(warnings))
@@ -167,7 +161,7 @@ def _read(path: Path, warnings: list[str]) -> Dataset | None:
         return None
     sop_class = str(ds.get("SOPClassUID", ""))
     uid = ds.get("SOPInstanceUID", path.name)
-    if sop_class != CT_IMAGE_STORAGE and sop_class not in MULTI_FRAME_CT_STORAGE:
+    if sop_class not in CT_IMAGE_SOP_CLASSES:
         warnings.append(f"instance {uid}: {UID(sop_class).name or 'no SOP class'} is not a CT image: left out")
         return None
     if "PixelData" not in ds:
@@ -193,7 +187,7 @@ def _frame_attribute(ds: Dataset, index: int | None, group: str, keyword: str) -
 
 
 def _frames(ds: Dataset, warnings: list[str]) -> list[_Frame]:
-    multi_frame = str(ds.SOPClassUID) in MULTI_FRAME_CT_STORAGE
+    multi_frame = str(ds.SOPClassUID) in MULTI_FRAME_CT_SOP_CLASSES
     indices: list[int | None] = list(range(int(ds.get("NumberOfFrames", 1)))) if multi_frame else [None]
     frames = []
     for index in indices:
@@ -266,18 +260,13 @@ def _hounsfield(stored: np.ndarray, frame: _Frame) -> np.ndarray:
     return np.maximum(hu, np.float32(AIR_HU), out=hu)
 
 
-def _unit_normal(orientation: np.ndarray) -> np.ndarray:
-    normal = np.cross(orientation[:3], orientation[3:])
-    return normal / np.linalg.norm(normal)
-
-
 def _ordered_without_duplicates(
     decoded: list[tuple[_Frame, np.ndarray]], normal: np.ndarray, warnings: list[str]
 ) -> list[tuple[_Frame, np.ndarray]]:
     ordered = sorted(decoded, key=lambda item: float(item[0].position @ normal))
     kept, duplicates = [ordered[0]], []
     for item in ordered[1:]:
-        if float((item[0].position - kept[-1][0].position) @ normal) < DUPLICATE_MM:
+        if float((item[0].position - kept[-1][0].position) @ normal) < SAME_POSITION_MM:
             duplicates.append(item[0].label)
         else:
             kept.append(item)
@@ -289,17 +278,14 @@ def _ordered_without_duplicates(
 
 def _spacing(along_normal: np.ndarray, warnings: list[str]) -> tuple[float, bool, int]:
     """(median gap, uneven, missing slice count) of the sorted positions along the normal."""
-    gaps = np.diff(along_normal)
-    median = float(np.median(gaps))
-    uneven = bool(np.any(np.abs(gaps - median) > UNEVEN_FRACTION * median))
-    large = gaps[gaps > MISSING_GAP_FACTOR * median]
-    missing = int(sum(round(gap / median) - 1 for gap in large))
-    if missing:
+    spacing = slice_spacing(along_normal)
+    gaps, median, large = spacing.gaps_mm, spacing.median_mm, spacing.large_gaps_mm
+    if spacing.missing:
         gaps_text = f"{len(large)} gap(s) up to {large.max():.2f} mm, median {median:.2f} mm"
-        warnings.append(f"{missing} missing slice(s): {gaps_text}")
-    if uneven:
+        warnings.append(f"{spacing.missing} missing slice(s): {gaps_text}")
+    if spacing.uneven:
         warnings.append(f"uneven spacing: gaps {gaps.min():.2f}-{gaps.max():.2f} mm, median {median:.2f} mm")
-    return median, uneven, missing
+    return median, spacing.uneven, spacing.missing
 
 
 def _gantry_tilt(positions: np.ndarray, normal: np.ndarray, first: _Frame, warnings: list[str]) -> float:

@@ -5,45 +5,12 @@ worker all call :func:`load_detector` then :meth:`Detector.detect`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
-import numpy as np
+from ichnode.common.vocabulary import LABELS, SUBTYPES
+from worker.detector.interface import Detector, DetectorOutput, ModelLoadError
 
-from worker.geometry import Volume
-
-#: Output order of every member and of the ensemble.
-SUBTYPES: tuple[str, ...] = ("EDH", "IPH", "IVH", "SAH", "SDH")
-LABELS: tuple[str, ...] = ("any",) + SUBTYPES
-
-
-@dataclass
-class DetectorOutput:
-    """What the detector says about one volume. Arrays follow the volume's slice order."""
-
-    probabilities: dict[str, float]  # keys LABELS, calibrated scan-level probabilities 0..1
-    slice_scores: np.ndarray  # (slices,) probability of any ICH per slice
-    slice_probabilities: np.ndarray  # (slices, len(LABELS))
-    heatmaps: np.ndarray  # (slices, rows, columns) float32 0..1, in the volume's grid
-    masks: dict[str, np.ndarray]  # subtype -> (slices, rows, columns) bool, in the volume's grid
-    volumes_ml: dict[str, float]  # keys LABELS where segmented
-    difficult: bool  # a probability near the operating threshold: a human should look closely
-    model_name: str
-    model_version: str
-    member_outputs: dict[str, dict[str, float]] = field(default_factory=dict)  # per member, for the SR
-    parameters: dict[str, str] = field(default_factory=dict)  # algorithm parameters, for TID 4019
-
-
-class Detector(Protocol):
-    name: str
-    version: str
-
-    def detect(self, volume: Volume, timings: dict[str, float] | None = None, brain_window_only: bool = False) -> DetectorOutput: ...
-
-
-class ModelLoadError(RuntimeError):
-    """The model files are missing, corrupt or do not match their manifest."""
+__all__ = ["LABELS", "SUBTYPES", "Detector", "DetectorOutput", "ModelLoadError", "load_detector"]
 
 
 def load_detector(path: Path | None = None, device: str = "auto") -> Detector:

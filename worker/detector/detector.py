@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from worker.detector import LABELS, SUBTYPES, DetectorOutput
+from ichnode.common.vocabulary import LABELS, SUBTYPES
+from worker.detector.interface import DetectorOutput
 from worker.detector.ensemble import (
     DIFFICULT_RANGE,
     SCAN_MEMBERS,

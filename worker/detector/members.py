@@ -15,7 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-N_LABELS = 6  # worker.detector.LABELS: any + 5 subtypes
+from ichnode.common.vocabulary import LABELS
+
+N_LABELS = len(LABELS)
 
 
 @dataclass(frozen=True)

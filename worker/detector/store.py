@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from worker.detector import ModelLoadError
+from worker.detector.interface import ModelLoadError
 from worker.detector.ensemble import Ensemble, EnsembleConfig
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pydicom
 
+from ichnode.common.analysis import Findings
 from worker.detector import DetectorOutput
-from worker.findings import Findings
 from worker.geometry import Volume
 from worker.results.kos import build_kos
 from worker.results.sc import build_scs

@@ -8,7 +8,7 @@ Sources of the codes (see docs/CONFORMANCE.md "Codes"):
   International value-set expansions (tx.fhir.org) and published finding lists.
 * Extradural and intraventricular hemorrhage, the worklist priority and the triage attributes
   could not be checked against a SNOMED CT source available to the project and use the local
-  coding scheme ``99ICHNODE`` (a private scheme, PS3.3 8.1: "99" prefix), declared in every
+  coding scheme ``99ICHNODE`` (ichnode.common.vocabulary.LOCAL_CODING_SCHEME), declared in every
   object's Coding Scheme Identification Sequence.
 """
 from __future__ import annotations
@@ -19,9 +19,16 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 
-LOCAL_SCHEME = "99ICHNODE"
+from ichnode.common.vocabulary import (
+    DIFFICULT_CASE_CODE,
+    LABEL_NAMES,
+    LEVEL_MEANINGS,
+    LOCAL_CODING_SCHEME,
+    PRIORITY_RATIONALE_CODE,
+    PRIORITY_SCORE_CODE,
+)
+
 MANUFACTURER = "ichnode"
-DISCLAIMER = "NOT FOR DIAGNOSTIC USE - triage aid"  # ASCII: goes into DICOM text attributes
 
 
 def _version() -> str:
@@ -35,15 +42,15 @@ NODE_VERSION = _version()
 
 
 def local(value: str, meaning: str) -> CodedConcept:
-    return CodedConcept(value, LOCAL_SCHEME, meaning)
+    return CodedConcept(value, LOCAL_CODING_SCHEME, meaning)
 
 
-#: The finding each detector label stands for, keyed like ``worker.detector.LABELS``.
+#: The finding each detector label stands for, keyed like ``vocabulary.LABELS``.
 FINDINGS: dict[str, CodedConcept] = {
     "any": CodedConcept("1386000", "SCT", "Intracranial hemorrhage"),
-    "EDH": local("EDH", "Extradural hemorrhage"),
+    "EDH": local("EDH", LABEL_NAMES["EDH"].capitalize()),
     "IPH": CodedConcept("274100004", "SCT", "Cerebral hemorrhage"),
-    "IVH": local("IVH", "Intraventricular hemorrhage"),
+    "IVH": local("IVH", LABEL_NAMES["IVH"].capitalize()),
     "SAH": CodedConcept("21454007", "SCT", "Subarachnoid intracranial hemorrhage"),
     "SDH": CodedConcept("35486000", "SCT", "Subdural intracranial hemorrhage"),
 }
@@ -59,20 +66,16 @@ COMMENT = codes.DCM.Comment  # (121106, DCM)
 UNIT_PROBABILITY = CodedConcept("{probability}", "UCUM", "probability")
 UNIT_ML = CodedConcept("ml", "UCUM", "milliliter")
 UNIT_NONE = codes.UCUM.NoUnits  # ("1", UCUM)
-PRIORITY_LEVELS = {
-    "STAT": local("STAT", "Read immediately"),
-    "URGENT": local("URGENT", "Read soon"),
-    "ROUTINE": local("ROUTINE", "Routine reading"),
-}
-PRIORITY_SCORE = local("PRIOSCORE", "Worklist priority score")
-PRIORITY_RATIONALE = local("PRIORATIONALE", "Worklist priority rationale")
-DIFFICULT = local("DIFFICULT", "Difficult case")
+PRIORITY_LEVELS = {level: local(level, meaning) for level, meaning in LEVEL_MEANINGS.items()}
+PRIORITY_SCORE = local(*PRIORITY_SCORE_CODE)
+PRIORITY_RATIONALE = local(*PRIORITY_RATIONALE_CODE)
+DIFFICULT = local(*DIFFICULT_CASE_CODE)
 
 
 #: Declares the local scheme in each object's Coding Scheme Identification Sequence.
 CODING_SCHEMES = [
     CodingSchemeIdentificationItem(
-        designator=LOCAL_SCHEME,
+        designator=LOCAL_CODING_SCHEME,
         name="ichnode local codes",
         responsible_organization="ichnode project",
     )

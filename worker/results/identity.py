@@ -4,8 +4,9 @@ from __future__ import annotations
 import highdicom as hd
 from pydicom.sr.codedict import codes
 
+from ichnode.common.vocabulary import DISCLAIMER
 from worker.detector import DetectorOutput
-from worker.results.codes import DISCLAIMER, MANUFACTURER, NODE_VERSION
+from worker.results.codes import MANUFACTURER, NODE_VERSION
 
 
 def parameters(output: DetectorOutput) -> dict[str, str]:

@@ -5,9 +5,11 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from ichnode.common.analysis import Findings
+from ichnode.common.vocabulary import DISCLAIMER
 from worker.detector import DetectorOutput
-from worker.findings import Findings
-from worker.results.codes import DISCLAIMER, MANUFACTURER
+from worker.findings import key_slice_indices
+from worker.results.codes import MANUFACTURER
 from worker.results.identity import object_identity
 from worker.results.sources import distinct
 from worker.results.uids import ResultUIDs
@@ -18,7 +20,7 @@ SERIES_NUMBER = 9903
 def build_kos(
     sources: list[Dataset], output: DetectorOutput, findings: Findings, uids: ResultUIDs
 ) -> Dataset:
-    key_images = distinct([sources[i] for i in findings.key_slice_indices])
+    key_images = distinct([sources[i] for i in key_slice_indices(output)])
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=uids.device(), name=output.model_name, manufacturer_name=MANUFACTURER
     )

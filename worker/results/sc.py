@@ -11,16 +11,17 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
-from worker.detector import LABELS, SUBTYPES, DetectorOutput
-from worker.findings import Findings
+from ichnode.common.analysis import Findings
+from ichnode.common.vocabulary import DISCLAIMER, LABELS, SUBTYPES
+from worker.detector import DetectorOutput
+from worker.findings import key_slice_indices
 from worker.geometry import Volume
-from worker.results.codes import DISCLAIMER
 from worker.results.identity import object_identity
 from worker.results.sources import copy_patient_and_study, slice_source
 from worker.results.uids import ResultUIDs
 
 SERIES_NUMBER = 9904
-BANNER = DISCLAIMER  # ASCII: Pillow's default font has no em dash
+BANNER = DISCLAIMER
 BANNER_RGB = (200, 0, 0)
 WINDOW_CENTER, WINDOW_WIDTH = 40.0, 80.0  # brain window
 HEAT_FLOOR = 0.2  # heat below this is not drawn, so normal brain stays grey
@@ -122,7 +123,7 @@ def build_scs(
     """One secondary capture per key slice, instance n for the n-th key slice (kind "sc:<n>")."""
     return [
         _build_sc(rank, index, sources, volume, output, findings, uids)
-        for rank, index in enumerate(findings.key_slice_indices, start=1)
+        for rank, index in enumerate(key_slice_indices(output), start=1)
     ]
 
 

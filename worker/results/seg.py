@@ -13,9 +13,10 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from worker.detector import SUBTYPES, DetectorOutput
+from ichnode.common.vocabulary import DISCLAIMER, SUBTYPES
+from worker.detector import DetectorOutput
 from worker.geometry import Volume
-from worker.results.codes import CODING_SCHEMES, DISCLAIMER, FINDINGS
+from worker.results.codes import CODING_SCHEMES, FINDINGS
 from worker.results.identity import object_identity, seg_algorithm
 from worker.results.sources import in_source_order
 from worker.results.uids import ResultUIDs

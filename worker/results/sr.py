@@ -19,10 +19,12 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from worker.detector import LABELS, DetectorOutput
-from worker.findings import Findings
+import worker.results.codes as rc
+from ichnode.common.analysis import Findings
+from ichnode.common.vocabulary import DISCLAIMER, LABELS
+from worker.detector import DetectorOutput
+from worker.findings import key_slice_indices
 from worker.geometry import Volume
-from worker.results import codes as rc
 from worker.results.identity import object_identity, sr_algorithm
 from worker.results.seg import segmented_subtypes
 from worker.results.sources import distinct, slice_source
@@ -62,7 +64,7 @@ def build_sr(
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
-        **object_identity(uids, output, "sr", SERIES_NUMBER, f"AI ICH triage report - {rc.DISCLAIMER}"),
+        **object_identity(uids, output, "sr", SERIES_NUMBER, f"AI ICH triage report - {DISCLAIMER}"),
         is_complete=True,
         coding_schemes=rc.CODING_SCHEMES,
     )
@@ -86,7 +88,7 @@ def _key_slices(label: str, output: DetectorOutput, findings: Findings) -> list[
     """The slices that illustrate a label: the study's key slices for "any", else the
     subtype's highest-scoring slice when the subtype is present."""
     if label == "any":
-        return list(findings.key_slice_indices)
+        return key_slice_indices(output)
     if findings.probabilities[label] < PRESENCE_THRESHOLD:
         return []
     return [int(np.argmax(output.slice_probabilities[:, LABELS.index(label)]))]
@@ -165,7 +167,7 @@ def _triage_group(
     )
     # TID 1501 allows TEXT qualitative evaluations; highdicom builds only coded ones.
     container = group[0]
-    for name, text in ((rc.PRIORITY_RATIONALE, priority.rationale), (rc.COMMENT, rc.DISCLAIMER)):
+    for name, text in ((rc.PRIORITY_RATIONALE, priority.rationale), (rc.COMMENT, DISCLAIMER)):
         container.ContentSequence.append(
             hd.sr.TextContentItem(name=name, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
         )
