@@ -9,48 +9,116 @@ import time
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
-from node.config import Settings
-from node.store import Store
+from ichnode.common.analysis import SeriesFindings, Skipped
+from ichnode.common.config import Settings
+from node.metrics import CONTENT_TYPE, exposition
+from node.store import Channel, DeliveryRow, SeriesRow, SeriesState, Store, StudyRow
 from node.worklist import iso, make_worklist_router, mount_web
 
 
-def series_view(series: dict) -> dict:
+class SeriesTimings(BaseModel):
+    """When the series reached each step (ISO-8601 UTC)."""
+
+    received: str | None
+    last_received: str | None
+    completed: str | None
+    queued: str | None
+    started: str | None
+    analysed: str | None
+
+
+class SeriesView(BaseModel):
     """One series as the API shows it: state, reason, timings and findings."""
-    findings = series.get("findings")
-    return {
-        "series_instance_uid": series["series_uid"],
-        "state": series["state"],
-        "reason": series["reason"],
-        "modality": series["modality"],
-        "body_part": series["body_part"],
-        "description": series["description"],
-        "kernel": series["kernel"],
-        "instances": series["instance_count"],
-        "generation": series["generation"],
-        "timings": {
-            "received": iso(series["received_at"]),
-            "last_received": iso(series["last_received_at"]),
-            "completed": iso(series["completed_at"]),
-            "queued": iso(series["queued_at"]),
-            "started": iso(series["started_at"]),
-            "analysed": iso(series["analysed_at"]),
-        },
-        "findings": findings if findings else ({"skipped": series["reason"]} if series["state"] == "skipped" else None),
-    }
+
+    series_instance_uid: str
+    state: SeriesState
+    reason: str | None
+    modality: str | None
+    body_part: str | None
+    description: str | None
+    kernel: str | None
+    instances: int
+    generation: int
+    timings: SeriesTimings
+    findings: SeriesFindings | Skipped | None
+
+    @classmethod
+    def of(cls, series: SeriesRow) -> "SeriesView":
+        skipped = Skipped(skipped=series.reason) if series.state == "skipped" else None
+        return cls(
+            series_instance_uid=series.series_uid,
+            state=series.state,
+            reason=series.reason,
+            modality=series.modality,
+            body_part=series.body_part,
+            description=series.description,
+            kernel=series.kernel,
+            instances=series.instance_count,
+            generation=series.generation,
+            timings=SeriesTimings(
+                received=iso(series.received_at),
+                last_received=iso(series.last_received_at),
+                completed=iso(series.completed_at),
+                queued=iso(series.queued_at),
+                started=iso(series.started_at),
+                analysed=iso(series.analysed_at),
+            ),
+            findings=series.findings or skipped,
+        )
+
+
+class DeliveryView(BaseModel):
+    id: int
+    series_instance_uid: str
+    generation: int
+    channel: Channel
+    target: str
+    object: str  # the result file for DICOM; the other channels' messages are not shown
+    state: str
+    attempts: int
+    last_error: str | None
+    next_attempt: str | None
+    sent: str | None
+
+    @classmethod
+    def of(cls, item: DeliveryRow) -> "DeliveryView":
+        return cls(
+            id=item.id, series_instance_uid=item.series_uid, generation=item.generation, channel=item.channel,
+            target=item.target, object=item.payload if item.channel == "dicom" else f"<{item.channel} message>",
+            state=item.state, attempts=item.attempts, last_error=item.last_error,
+            next_attempt=iso(item.next_attempt_at) if item.state == "pending" else None, sent=iso(item.sent_at),
+        )
+
+
+class SeriesWithDeliveries(SeriesView):
+    deliveries: list[DeliveryView]
+
+
+class StudyView(BaseModel):
+    study_instance_uid: str
+    patient_id: str | None
+    patient_name: str | None
+    accession_number: str | None
+    study_date: str | None
+    received: str | None
+    acknowledged: str | None
+    acknowledged_by: str | None
+    series: list[SeriesView]
 
 
 def create_app(store: Store, settings: Settings, health: dict | None = None) -> FastAPI:
     """`health` is a live dict the service fills (listener, workers); /healthz reports it."""
     health = health if health is not None else {}
+    api_token = settings.http.api_token
 
     def require_token(request: Request) -> None:
-        if not settings.api_token:
+        if not api_token:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), settings.api_token):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), api_token):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     app = FastAPI(
@@ -70,59 +138,44 @@ def create_app(store: Store, settings: Settings, health: dict | None = None) -> 
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics():
-        return PlainTextResponse(generate_latest().decode(), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(exposition(), media_type=CONTENT_TYPE)
 
-    def with_series(study: dict) -> dict:
-        return dict(_study_view(study), series=[series_view(x) for x in store.study_series(study["study_uid"])])
+    def study_view(study: StudyRow) -> StudyView:
+        return StudyView(
+            study_instance_uid=study.study_uid,
+            patient_id=study.patient_id,
+            patient_name=study.patient_name,
+            accession_number=study.accession_number,
+            study_date=study.study_date,
+            received=iso(study.received_at),
+            acknowledged=iso(study.acknowledged_at),
+            acknowledged_by=study.acknowledged_by,
+            series=[SeriesView.of(s) for s in store.study_series(study.study_uid)],
+        )
 
-    @app.get("/api/studies", dependencies=guarded)
+    @app.get("/api/studies", dependencies=guarded, response_model=list[StudyView])
     def studies():
-        return [with_series(s) for s in store.studies()]
+        return [study_view(s) for s in store.studies()]
 
-    @app.get("/api/studies/{study_uid}", dependencies=guarded)
+    @app.get("/api/studies/{study_uid}", dependencies=guarded, response_model=StudyView)
     def study(study_uid: str):
         found = store.study(study_uid)
         if not found:
             raise HTTPException(404, f"no study {study_uid}")
-        return with_series(found)
+        return study_view(found)
 
-    @app.get("/api/series/{series_uid}", dependencies=guarded)
+    @app.get("/api/series/{series_uid}", dependencies=guarded, response_model=SeriesWithDeliveries)
     def series(series_uid: str):
         found = store.series(series_uid)
         if not found:
             raise HTTPException(404, f"no series {series_uid}")
-        return dict(series_view(found), deliveries=[_delivery_view(d) for d in store.deliveries(series_uid)])
+        deliveries = [DeliveryView.of(d) for d in store.deliveries(series_uid)]
+        return SeriesWithDeliveries(**dict(SeriesView.of(found)), deliveries=deliveries)
 
-    @app.get("/api/deliveries", dependencies=guarded)
+    @app.get("/api/deliveries", dependencies=guarded, response_model=list[DeliveryView])
     def deliveries():
-        return [_delivery_view(d) for d in store.deliveries()]
+        return [DeliveryView.of(d) for d in store.deliveries()]
 
-    app.include_router(make_worklist_router(store, settings), dependencies=guarded)
+    app.include_router(make_worklist_router(store, settings.storage), dependencies=guarded)
     mount_web(app)
     return app
-
-
-def _study_view(study: dict) -> dict:
-    return {
-        "study_instance_uid": study["study_uid"],
-        "patient_id": study["patient_id"],
-        "patient_name": study["patient_name"],
-        "accession_number": study["accession_number"],
-        "study_date": study["study_date"],
-        "received": iso(study["received_at"]),
-        "acknowledged": iso(study["acknowledged_at"]),
-        "acknowledged_by": study["acknowledged_by"],
-    }
-
-
-def _delivery_view(item: dict) -> dict:
-    payload = item["payload"] if item["channel"] == "dicom" else f"<{item['channel']} message>"
-    return {
-        "id": item["id"], "series_instance_uid": item["series_uid"], "generation": item["generation"],
-        "channel": item["channel"], "target": item["target"], "object": payload, "state": item["state"],
-        "attempts": item["attempts"], "last_error": item["last_error"],
-        "next_attempt": iso(item["next_attempt_at"]) if item["state"] == "pending" else None,
-        "sent": iso(item["sent_at"]),
-    }
-
-

@@ -13,69 +13,69 @@ from typing import Callable
 
 import numpy as np
 
-from node.config import Settings
+from ichnode.common.config import Settings
+from ichnode.common.slice_geometry import slice_normal, slice_spacing
+from node.headers import InstanceHeader
 from node.metrics import SERIES
 from node.selection import choose_series
-from node.store import Store
+from node.store import SeriesRow, Store
 
 log = logging.getLogger("ichnode.assembler")
 
 EARLY_SETTLE_SECONDS = 1.0
 
 
-def positions_continuous(headers: list[dict]) -> bool:
+def positions_continuous(headers: list[InstanceHeader]) -> bool:
     """Evenly spaced slice positions along the normal, no gap and no duplicate."""
-    orientation = next((h["image_orientation"] for h in headers if h.get("image_orientation")), None)
-    positions = [h["image_position"] for h in headers if h.get("image_position")]
+    orientation = next((h.image_orientation for h in headers if h.image_orientation), None)
+    positions = [h.image_position for h in headers if h.image_position]
     if orientation is None or len(positions) != len(headers) or len(positions) < 3:
         return False
-    normal = np.cross(orientation[:3], orientation[3:])
-    gaps = np.diff(np.sort(np.asarray(positions) @ normal))
-    median = float(np.median(gaps))
-    return median > 0 and bool(np.all(np.abs(gaps - median) <= 0.1 * median))
+    return slice_spacing(np.sort(np.asarray(positions) @ slice_normal(orientation))).continuous
 
 
 class SeriesAssembler:
     def __init__(self, store: Store, settings: Settings, dispatch: Callable[[str, float], None]):
         self.store = store
-        self.settings = settings
+        self.rule = settings.series
         self.dispatch = dispatch  # (series_uid, last_received_at) -> queue it
 
-    def is_complete(self, series: dict, now: float) -> bool:
-        idle = now - series["last_received_at"]
-        if idle >= self.settings.quiet_seconds:
+    def _headers(self, series_uid: str) -> list[InstanceHeader]:
+        return [instance.header for instance in self.store.instances(series_uid)]
+
+    def is_complete(self, series: SeriesRow, now: float) -> bool:
+        idle = now - series.last_received_at
+        if idle >= self.rule.quiet_seconds:
             return True
-        expected = series.get("images_in_acquisition")
-        if not expected or series["instance_count"] < expected or idle < EARLY_SETTLE_SECONDS:
+        expected = series.images_in_acquisition
+        if not expected or series.instance_count < expected or idle < EARLY_SETTLE_SECONDS:
             return False
-        return positions_continuous(self.store.instance_headers(series["series_uid"]))
+        return positions_continuous(self._headers(series.series_uid))
 
     def tick(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         studies: set[str] = set()
         for series in self.store.series_in_state("receiving"):
-            if series["completed_at"] is not None and series["completed_at"] >= series["last_received_at"]:
-                studies.add(series["study_uid"])  # complete, waiting for its study siblings
-            elif self.is_complete(series, now) and self.store.mark_complete(
-                series["series_uid"], series["last_received_at"]
-            ):
-                log.info("series %s complete with %d instances", series["series_uid"], series["instance_count"])
-                studies.add(series["study_uid"])
+            if series.completed_at is not None and series.completed_at >= series.last_received_at:
+                studies.add(series.study_uid)  # complete, waiting for its study siblings
+            elif self.is_complete(series, now) and self.store.mark_complete(series.series_uid, series.last_received_at):
+                log.info("series %s complete with %d instances", series.series_uid, series.instance_count)
+                studies.add(series.study_uid)
         for study_uid in studies:
             self.select(study_uid)
 
     def select(self, study_uid: str) -> None:
         series = self.store.study_series(study_uid)
-        waiting = [s for s in series if s["state"] == "receiving"]
-        if any(s["completed_at"] is None or s["completed_at"] < s["last_received_at"] for s in waiting):
+        waiting = [s for s in series if s.state == "receiving"]
+        if any(s.completed_at is None or s.completed_at < s.last_received_at for s in waiting):
             return  # a sibling series is still arriving: choose once the study is in
-        analysed = [s for s in series if s["state"] in ("queued", "analysing", "done", "failed")]
-        candidates = {s["series_uid"]: self.store.instance_headers(s["series_uid"]) for s in waiting + analysed}
-        chosen, skipped = choose_series(candidates, self.settings.min_slices, self.settings.min_coverage_mm)
+        analysed = [s for s in series if s.state in ("queued", "analysing", "done", "failed")]
+        candidates = {s.series_uid: self._headers(s.series_uid) for s in waiting + analysed}
+        chosen, skipped = choose_series(candidates, self.rule.min_slices, self.rule.min_coverage_mm)
         for s in waiting:
-            uid = s["series_uid"]
+            uid = s.series_uid
             if uid == chosen:
-                self.dispatch(uid, s["last_received_at"])
+                self.dispatch(uid, s.last_received_at)
             else:
                 reason = skipped.get(uid) or f"another series was chosen: {chosen}"
                 log.info("series %s skipped: %s", uid, reason)

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from node.config import load_settings
+from ichnode.common.config import load_settings
 from node.scp import start_listener
 from node.spool import Spool
 from node.store import Store
@@ -46,25 +46,19 @@ def _wait_listening(port: int) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def benchmark_listener(series: Path | None = None, repeats: int = 3, slices: int = 40, matrix: int = 512) -> dict:
+def benchmark_listener(series: Path, repeats: int = 3) -> dict:
+    """C-STORE the DICOM files in the folder `series` into both listeners `repeats` times."""
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        if series is None:
-            from training.phantom import make_study
-
-            series = tmp / "series"
-            series.mkdir()
-            for ds in make_study(1, positive=True, matrix=matrix, n_slices=slices).datasets:
-                ds.save_as(series / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
         count = len(list(series.glob("*.dcm")))
         timings: dict[str, list[float]] = {"ichnode": [], "dcmtk storescp": []}
         for run in range(repeats):
             settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp / f"node{run}"),
                                               "ICHNODE_PORT": str(_free_port()), "ICHNODE_BIND": "127.0.0.1"})
-            store = Store(settings.database_path)
-            server = start_listener(settings, Spool(settings.spool_dir), store)
+            store = Store(settings.storage.database_path)
+            server = start_listener(settings.listener, Spool(settings.storage.spool_dir), store)
             try:
-                timings["ichnode"].append(_send(series, settings.port, settings.ae_title))
+                timings["ichnode"].append(_send(series, settings.listener.port, settings.listener.ae_title))
             finally:
                 server.shutdown()
                 store.close()

@@ -18,11 +18,12 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from node.config import Destination, Settings
+from ichnode.common.analysis import SeriesFindings
+from ichnode.common.config import Destination, Settings
 from node.errors import DeliveryError
 from node.hl7 import build_oru, send_mllp
 from node.metrics import DELIVERIES
-from node.store import Store
+from node.store import DeliveryRow, SeriesRow, Store
 from node.webhooks import build_webhook_payload, post_webhook, should_notify
 
 log = logging.getLogger("ichnode.delivery")
@@ -30,20 +31,22 @@ log = logging.getLogger("ichnode.delivery")
 BACKOFF_BASE_SECONDS = 2.0
 
 
-def plan_deliveries(store: Store, settings: Settings, series: dict, generation: int, findings: dict) -> None:
-    uid = series["series_uid"]
-    study = store.study(series["study_uid"]) or {}
-    for destination in settings.destinations:
-        for path in findings["result_files"]:
+def plan_deliveries(store: Store, settings: Settings, series: SeriesRow, generation: int,
+                    findings: SeriesFindings) -> None:
+    uid = series.series_uid
+    study = store.study(series.study_uid)
+    for destination in settings.delivery.destinations:
+        for path in findings.result_files:
             store.enqueue_delivery(uid, generation, "dicom", str(destination), path)
-    if settings.hl7_endpoints:
-        message = build_oru(findings, study, settings.hl7_sending_facility)
-        for endpoint in settings.hl7_endpoints:
+    if settings.hl7.endpoints:
+        message = build_oru(findings, study, settings.hl7.sending_facility)
+        for endpoint in settings.hl7.endpoints:
             store.enqueue_delivery(uid, generation, "hl7", str(endpoint), message)
-    if settings.webhooks and should_notify(findings["priority"]["level"], settings.webhook_min_level):
-        payload = json.dumps(build_webhook_payload(findings, study, settings.webhook_include_patient,
-                                                   base_url=settings.public_url))
-        for url in settings.webhooks:
+    webhook = settings.webhook
+    if webhook.urls and should_notify(findings.priority.level, webhook.min_level):
+        payload = json.dumps(build_webhook_payload(findings, study, webhook.include_patient,
+                                                   base_url=settings.http.public_url))
+        for url in webhook.urls:
             store.enqueue_delivery(uid, generation, "webhook", url, payload)
 
 
@@ -80,47 +83,47 @@ class Deliverer:
         self.settings = settings
 
     def _backoff(self, attempts: int) -> float:
-        delay = min(self.settings.delivery_max_backoff_seconds, BACKOFF_BASE_SECONDS * 2 ** attempts)
+        delay = min(self.settings.delivery.max_backoff_seconds, BACKOFF_BASE_SECONDS * 2 ** attempts)
         return delay * random.uniform(0.8, 1.0)
 
-    def _failed(self, item: dict, error: str, now: float) -> None:
-        DELIVERIES.labels(channel=item["channel"], outcome="failed").inc()
-        delay = self._backoff(item["attempts"])
+    def _failed(self, item: DeliveryRow, error: str, now: float) -> None:
+        DELIVERIES.labels(channel=item.channel, outcome="failed").inc()
+        delay = self._backoff(item.attempts)
         log.warning("delivery %d (%s to %s) failed, attempt %d, next in %.0f s: %s",
-                    item["id"], item["channel"], item["target"], item["attempts"] + 1, delay, error)
-        self.store.delivery_failed(item["id"], error, now + delay)
+                    item.id, item.channel, item.target, item.attempts + 1, delay, error)
+        self.store.delivery_failed(item.id, error, now + delay)
 
-    def _sent(self, item: dict) -> None:
-        DELIVERIES.labels(channel=item["channel"], outcome="sent").inc()
-        self.store.delivery_sent(item["id"])
+    def _sent(self, item: DeliveryRow) -> None:
+        DELIVERIES.labels(channel=item.channel, outcome="sent").inc()
+        self.store.delivery_sent(item.id)
 
     def run_once(self, now: float | None = None) -> int:
         """Send everything due; returns how many items were sent."""
         now = time.time() if now is None else now
         due = self.store.due_deliveries(now)
         sent = 0
-        by_destination: dict[str, list[dict]] = defaultdict(list)
+        by_destination: dict[str, list[DeliveryRow]] = defaultdict(list)
         for item in due:
-            if item["channel"] == "dicom":
-                by_destination[item["target"]].append(item)
+            if item.channel == "dicom":
+                by_destination[item.target].append(item)
                 continue
             try:
-                if item["channel"] == "hl7":
-                    send_mllp(item["target"], item["payload"])
+                if item.channel == "hl7":
+                    send_mllp(item.target, item.payload)
                 else:
-                    post_webhook(item["target"], json.loads(item["payload"]))
+                    post_webhook(item.target, json.loads(item.payload))
             except DeliveryError as exc:
                 self._failed(item, str(exc), now)
                 continue
             self._sent(item)
             sent += 1
         for target, items in by_destination.items():
-            paths = {self.settings.data_dir / item["payload"]: item for item in items}
+            paths = {self.settings.storage.data_dir / item.payload: item for item in items}
             missing = [p for p in paths if not p.exists()]
             for path in missing:
                 self._failed(paths.pop(path), f"result file {path} is missing", now)
             try:
-                outcome = send_dicom(self.settings.ae_title, Destination.parse(target), list(paths))
+                outcome = send_dicom(self.settings.listener.ae_title, Destination.parse(target), list(paths))
             except Exception as exc:  # a broken file or socket error: retry later, never drop
                 outcome = {path: f"{target}: {type(exc).__name__}: {exc}" for path in paths}
             for path, error in outcome.items():

@@ -12,30 +12,31 @@ import time
 from typing import Callable
 
 from celery import Celery
+from pydantic import ValidationError
 
-from node.config import Settings
+from ichnode.common.analysis import AnalysisResult, SeriesFindings, Skipped
+from ichnode.common.config import Settings
+from ichnode.common.queue import ANALYZE_TASK
 from node.metrics import ANALYSIS_SECONDS, SERIES
-from node.store import Store
-from worker.celery_app import ANALYZE_TASK
+from node.store import SeriesRow, Store
 
 log = logging.getLogger("ichnode.dispatcher")
 
 
 class Dispatcher:
     def __init__(self, store: Store, settings: Settings, celery: Celery,
-                 on_result: Callable[[dict, int, dict], None]):
+                 on_result: Callable[[SeriesRow, int, SeriesFindings], None]):
         self.store = store
-        self.settings = settings
+        self.task_timeout_seconds = settings.queue.task_timeout_seconds
         self.celery = celery
         self.on_result = on_result  # (series, generation, findings) -> deliver
 
     def dispatch(self, series_uid: str, last_received_at: float | None = None) -> None:
-        series = self.store.series(series_uid)
-        generation = series["generation"] + 1
+        generation = self.store.series(series_uid).generation + 1
         task_id = f"analyze-{series_uid}-g{generation}"
         if self.store.mark_queued(series_uid, task_id, last_received_at) is None:
             return  # an instance arrived meanwhile: the assembler will come back to it
-        paths = [h["path"] for h in self.store.instance_headers(series_uid)]
+        paths = [instance.path for instance in self.store.instances(series_uid)]
         try:
             self.celery.send_task(ANALYZE_TASK, args=[series_uid, generation, paths], task_id=task_id)
         except Exception as exc:  # broker down: the time-out re-queues it
@@ -55,10 +56,10 @@ class Dispatcher:
         taken from the embedded queue), is queued again."""
         now = time.time() if now is None else now
         for series in self.store.series_in_state("queued", "analysing"):
-            uid, generation = series["series_uid"], series["generation"]
-            result = self.celery.AsyncResult(series["task_id"])
+            uid, generation = series.series_uid, series.generation
+            result = self.celery.AsyncResult(series.task_id)
             state = result.state
-            if state == "PENDING" and series["queued_at"] < worker_died_at:
+            if state == "PENDING" and series.queued_at < worker_died_at:
                 self.requeue(uid, "a worker process died; it may have taken this task")
                 continue
             if state == "STARTED":
@@ -66,34 +67,40 @@ class Dispatcher:
                 if info.get("pid") in dead_worker_pids:
                     self.requeue(uid, f"worker process {info.get('pid')} died while analysing it")
                     continue
-                if series["state"] == "queued":
+                if series.state == "queued":
                     self.store.mark_analysing(uid, generation, now)
             elif state == "SUCCESS":
-                self._finish(series, result.result)
+                try:
+                    self._finish(series, AnalysisResult.model_validate(result.result))
+                except ValidationError as exc:  # a worker of another version: its result cannot be read
+                    self._fail(uid, generation, f"result does not match the contract: {exc.errors()[0]['msg']}")
                 continue
             elif state in ("FAILURE", "REVOKED"):
-                reason = f"analysis failed: {type(result.result).__name__}: {result.result}"
-                log.error("series %s %s", uid, reason)
-                if self.store.mark_result(uid, generation, "failed", None, reason):
-                    SERIES.labels(state="failed").inc()
+                self._fail(uid, generation, f"{type(result.result).__name__}: {result.result}")
                 continue
-            since = series["started_at"] or series["queued_at"] or now
-            if now - since > self.settings.task_timeout_seconds:
-                self.requeue(uid, f"no result after {self.settings.task_timeout_seconds:.0f} s")
+            since = series.started_at or series.queued_at or now
+            if now - since > self.task_timeout_seconds:
+                self.requeue(uid, f"no result after {self.task_timeout_seconds:.0f} s")
 
-    def _finish(self, series: dict, result: dict) -> None:
-        uid, generation = series["series_uid"], series["generation"]
-        if "skipped" in result:
-            if self.store.mark_result(uid, generation, "skipped", None, result["skipped"]):
+    def _fail(self, series_uid: str, generation: int, why: str) -> None:
+        reason = f"analysis failed: {why}"
+        log.error("series %s %s", series_uid, reason)
+        if self.store.mark_result(series_uid, generation, "failed", None, reason):
+            SERIES.labels(state="failed").inc()
+
+    def _finish(self, series: SeriesRow, result: AnalysisResult) -> None:
+        uid, generation = series.series_uid, result.generation
+        if isinstance(result.outcome, Skipped):
+            reason = result.outcome.skipped
+            if self.store.mark_result(uid, generation, "skipped", None, reason):
                 SERIES.labels(state="skipped").inc()
-            log.info("series %s skipped by the worker: %s", uid, result["skipped"])
+            log.info("series %s skipped by the worker: %s", uid, reason)
             return
-        findings = dict(result["findings"], result_files=result["result_files"],
-                        warnings=result.get("warnings", []), seconds=result.get("seconds"))
+        findings = result.outcome
         if not self.store.mark_result(uid, generation, "done", findings, None):
             log.info("series %s: result of generation %d superseded, not delivered", uid, generation)
             return
         SERIES.labels(state="done").inc()
-        ANALYSIS_SECONDS.observe(result.get("seconds") or 0)
-        log.info("series %s done: %s %s", uid, findings["priority"]["level"], findings["probabilities"])
+        ANALYSIS_SECONDS.observe(findings.seconds or 0)
+        log.info("series %s done: %s %s", uid, findings.priority.level, findings.probabilities)
         self.on_result(series, generation, findings)

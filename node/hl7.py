@@ -19,17 +19,21 @@ from datetime import datetime, timezone
 
 import hl7
 
-from node.config import HostPort
+from ichnode.common.analysis import Findings
+from ichnode.common.config import HostPort
+from ichnode.common.vocabulary import (
+    DIFFICULT_CASE_CODE,
+    DISCLAIMER,
+    LABEL_NAMES,
+    LEVEL_MEANINGS,
+    LOCAL_CODING_SCHEME as LOCAL,
+    PRIORITY_RATIONALE_CODE,
+    PRIORITY_SCORE_CODE,
+)
 from node.errors import DeliveryError
+from node.store import StudyRow
 
-LOCAL = "99ICHNODE"  # the local coding scheme of the DICOM results
-DISCLAIMER = "NOT FOR DIAGNOSTIC USE - triage aid"  # ASCII: many RIS still read Latin-1
 ORDER_PRIORITY = {"STAT": "S", "URGENT": "A", "ROUTINE": "R"}  # HL7 table 0027
-LEVEL_MEANINGS = {"STAT": "Read immediately", "URGENT": "Read soon", "ROUTINE": "Routine reading"}
-FINDING_NAMES = {
-    "any": "intracranial hemorrhage", "EDH": "extradural hemorrhage", "IPH": "intraparenchymal hemorrhage",
-    "IVH": "intraventricular hemorrhage", "SAH": "subarachnoid hemorrhage", "SDH": "subdural hemorrhage",
-}
 ACK_MEANINGS = {
     "AE": "application error", "AR": "application reject",
     "CE": "commit error", "CR": "commit reject",
@@ -67,62 +71,56 @@ def _segment(name: str, fields: dict[int, str]) -> str:
     return "|".join([name, *values])
 
 
-def control_id(findings: dict) -> str:
+def control_id(findings: Findings) -> str:
     """Deterministic MSH-10 (20 characters): the same result always gets the same id."""
-    content = json.dumps({k: findings.get(k) for k in _CONTENT_KEYS}, sort_keys=True)
+    content = json.dumps(findings.model_dump(mode="json", include=set(_CONTENT_KEYS)), sort_keys=True)
     return hashlib.sha256(content.encode()).hexdigest()[:20]
 
 
-def _observations(findings: dict) -> list[tuple[str, str, str, str]]:
+def _observations(findings: Findings) -> list[tuple[str, str, str, str]]:
     """(value type, OBX-3 identifier, OBX-5 value, OBX-6 units) for each reported value."""
     probability_unit = _composite("{probability}", "probability", "UCUM")
     ml = _composite("ml", "milliliter", "UCUM")
-    labels = sorted(findings["probabilities"], key=lambda k: (k != "any", k))  # any, EDH, IPH, ...
+    labels = sorted(findings.probabilities, key=lambda k: (k != "any", k))  # any, EDH, IPH, ...
     rows = [
-        ("NM", _composite(f"PROB-{label}", f"Probability of {FINDING_NAMES.get(label, label)}", LOCAL),
-         f"{findings['probabilities'][label]:.4f}", probability_unit)
+        ("NM", _composite(f"PROB-{label}", f"Probability of {LABEL_NAMES.get(label, label)}", LOCAL),
+         f"{findings.probabilities[label]:.4f}", probability_unit)
         for label in labels
     ]
     rows += [
-        ("NM", _composite(f"VOL-{label}", f"Estimated volume of {FINDING_NAMES.get(label, label)}", LOCAL),
+        ("NM", _composite(f"VOL-{label}", f"Estimated volume of {LABEL_NAMES.get(label, label)}", LOCAL),
          f"{volume:.2f}", ml)
-        for label, volume in sorted(findings["volumes_ml"].items(), key=lambda kv: (kv[0] != "any", kv[0]))
+        for label, volume in sorted(findings.volumes_ml.items(), key=lambda kv: (kv[0] != "any", kv[0]))
     ]
-    priority, model = findings["priority"], findings["model"]
-    level = priority["level"]
+    priority, model = findings.priority, findings.model
+    level = priority.level
     rows += [
         ("CWE", _composite("260870009", "Priority", "SCT"), _composite(level, LEVEL_MEANINGS[level], LOCAL), ""),
-        ("NM", _composite("PRIOSCORE", "Worklist priority score", LOCAL), f"{priority['score']:.4f}",
-         _composite("1", "no units", "UCUM")),
-        ("ST", _composite("PRIORATIONALE", "Worklist priority rationale", LOCAL), escape(priority["rationale"]), ""),
-        ("CWE", _composite("DIFFICULT", "Difficult case", LOCAL),
-         _composite("Y", "Yes", "HL70136") if findings["difficult"] else _composite("N", "No", "HL70136"), ""),
-        ("ST", _composite("111001", "Algorithm Name", "DCM"), escape(model["name"]), ""),
-        ("ST", _composite("111003", "Algorithm Version", "DCM"), escape(model["version"]), ""),
-        ("ST", _composite("110180", "Study Instance UID", "DCM"), escape(findings["study_instance_uid"]), ""),
-        ("ST", _composite("112002", "Series Instance UID", "DCM"), escape(findings["series_instance_uid"]), ""),
+        ("NM", _composite(*PRIORITY_SCORE_CODE, LOCAL), f"{priority.score:.4f}", _composite("1", "no units", "UCUM")),
+        ("ST", _composite(*PRIORITY_RATIONALE_CODE, LOCAL), escape(priority.rationale), ""),
+        ("CWE", _composite(*DIFFICULT_CASE_CODE, LOCAL),
+         _composite("Y", "Yes", "HL70136") if findings.difficult else _composite("N", "No", "HL70136"), ""),
+        ("ST", _composite("111001", "Algorithm Name", "DCM"), escape(model.name), ""),
+        ("ST", _composite("111003", "Algorithm Version", "DCM"), escape(model.version), ""),
+        ("ST", _composite("110180", "Study Instance UID", "DCM"), escape(findings.study_instance_uid), ""),
+        ("ST", _composite("112002", "Series Instance UID", "DCM"), escape(findings.series_instance_uid), ""),
     ]
     return rows
 
 
-def build_oru(findings: dict, study: dict, sending_facility: str) -> str:
-    """The ORU^R01 for one analysed series; segments end with CR. `study` is a Store study row.
-
-    Raises ValueError for a priority level the RIS mapping does not know.
-    """
-    level = findings["priority"]["level"]
-    if level not in ORDER_PRIORITY:
-        raise ValueError(f"unknown priority level {level!r}")
+def build_oru(findings: Findings, study: StudyRow, sending_facility: str) -> str:
+    """The ORU^R01 for one analysed series; segments end with CR."""
+    level = findings.priority.level
     now = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S+0000")
-    accession = escape(study.get("accession_number"))
+    accession = escape(study.accession_number)
     segments = [
         _segment("MSH", {2: "^~\\&", 3: "ICHNODE", 4: escape(sending_facility), 7: now,
                          9: "ORU^R01^ORU_R01", 10: control_id(findings), 11: "P", 12: "2.5.1",
                          18: "UNICODE UTF-8"}),
-        _segment("PID", {1: "1", 3: escape(study.get("patient_id")), 5: _person_name(study.get("patient_name"))}),
+        _segment("PID", {1: "1", 3: escape(study.patient_id), 5: _person_name(study.patient_name)}),
         _segment("OBR", {1: "1", 2: accession, 3: accession,
                          4: _composite("ICHTRIAGE", "AI intracranial hemorrhage triage (head CT)", LOCAL),
-                         5: ORDER_PRIORITY[level], 7: escape(study.get("study_date")), 22: now, 24: "CT",
+                         5: ORDER_PRIORITY[level], 7: escape(study.study_date), 22: now, 24: "CT",
                          25: "P", 27: "^^^^^" + ORDER_PRIORITY[level]}),
         _segment("NTE", {1: "1", 2: "L", 3: DISCLAIMER}),
     ]

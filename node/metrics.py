@@ -1,8 +1,14 @@
 """Prometheus metrics of the node, served at /metrics."""
-from prometheus_client import Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 INSTANCES = Counter("ichnode_instances_received_total", "C-STORE requests by outcome", ["outcome"])
 SERIES = Counter("ichnode_series_total", "Series reaching a state", ["state"])
 DELIVERIES = Counter("ichnode_deliveries_total", "Delivery attempts by channel and outcome", ["channel", "outcome"])
 ANALYSIS_SECONDS = Histogram("ichnode_analysis_seconds", "Worker time per analysed series",
                              buckets=(1, 2, 5, 10, 15, 20, 30, 60, 120, 300))
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def exposition() -> str:
+    """Every metric in the Prometheus text format."""
+    return generate_latest().decode()

@@ -10,25 +10,25 @@ import logging
 import shutil
 import time
 
-from node.config import Settings
+from ichnode.common.config import StorageSection
 from node.spool import Spool
 from node.store import Store
 
 log = logging.getLogger("ichnode.retention")
 
 
-def purge_expired(store: Store, spool: Spool, settings: Settings, now: float | None = None) -> int:
-    if not settings.retention_days:
+def purge_expired(store: Store, spool: Spool, storage: StorageSection, now: float | None = None) -> int:
+    if not storage.retention_days:
         return 0
     now = time.time() if now is None else now
     purged = 0
-    for series in store.expired_series(now - settings.retention_days * 86400):
-        for folder in (spool.series_dir(series["study_uid"], series["series_uid"]),
-                       settings.results_dir / series["series_uid"]):
+    for series in store.expired_series(now - storage.retention_days * 86400):
+        for folder in (spool.series_dir(series.study_uid, series.series_uid),
+                       storage.result_folder(series.series_uid).path):
             shutil.rmtree(folder, ignore_errors=True)
-        store.mark_purged(series["series_uid"])
+        store.mark_purged(series.series_uid)
         purged += 1
     if purged:
         log.info("retention: removed the files of %d series finished over %g days ago", purged,
-                 settings.retention_days)
+                 storage.retention_days)
     return purged

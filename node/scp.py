@@ -9,13 +9,13 @@ Statuses returned (PS3.4 Table B.2-1), each with an Error Comment saying why:
          or SOP Instance UID differs from the command's Affected SOP Instance UID
   0xC000 cannot understand: the data set could not be parsed
   0xC001 cannot understand: a UID is not valid (it would not be safe as a file name)
-SOP classes other than Verification, CT Image Storage and Enhanced CT Image Storage are refused
-at association negotiation (presentation context rejected: abstract syntax not supported).
+SOP classes other than Verification and the CT image storage classes (CT, Enhanced CT, Legacy
+Converted Enhanced CT) are refused at association negotiation (presentation context rejected:
+abstract syntax not supported).
 """
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -33,9 +33,10 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
+from pynetdicom.sop_class import Verification
 
-from node.config import Settings
+from ichnode.common.config import ListenerSection
+from ichnode.common.vocabulary import CT_IMAGE_SOP_CLASSES
 from node.headers import instance_header
 from node.metrics import INSTANCES
 from node.spool import InvalidUID, Spool, check_uid
@@ -43,7 +44,6 @@ from node.store import Store
 
 log = logging.getLogger("ichnode.scp")
 
-STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
 TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -74,10 +74,9 @@ def _status(code: int, comment: str) -> Dataset:
 class StoreHandler:
     """Handles EVT_C_STORE: spool first, then record, then answer."""
 
-    def __init__(self, spool: Spool, store: Store, on_instance: Callable[[str], None] | None = None):
+    def __init__(self, spool: Spool, store: Store):
         self.spool = spool
         self.store = store
-        self.on_instance = on_instance
 
     def __call__(self, event) -> Dataset | int:
         calling = event.assoc.requestor.ae_title
@@ -85,7 +84,7 @@ class StoreHandler:
         try:
             ds = event.dataset
             missing = [kw for kw in REQUIRED_ATTRIBUTES if not ds.get(kw)]
-            header = None if missing else instance_header(ds)
+            header = None if missing else instance_header(ds, str(event.context.transfer_syntax))
         except Exception as exc:  # a malformed stream must not take the listener down
             log.warning("C-STORE %s from %s refused: cannot parse data set (%s)", sop_uid, calling, exc)
             return _status(0xC000, f"cannot parse data set: {exc}")
@@ -95,30 +94,27 @@ class StoreHandler:
         if "PixelData" not in ds:
             log.warning("C-STORE %s from %s refused: no Pixel Data", sop_uid, calling)
             return _status(0xA900, "no Pixel Data in the data set")
-        if header["sop_instance_uid"] != sop_uid:
+        if header.sop_instance_uid != sop_uid:
             log.warning("C-STORE %s from %s refused: SOP Instance UID in data set differs", sop_uid, calling)
             return _status(0xA900, "SOP Instance UID differs from Affected SOP Instance UID")
         try:
             for key in ("study_instance_uid", "series_instance_uid", "sop_instance_uid"):
-                check_uid(header[key], key)
+                check_uid(getattr(header, key), key)
         except InvalidUID as exc:
             log.warning("C-STORE from %s refused: %s", calling, exc)
             return _status(0xC001, str(exc))
         try:
             path, new = self.spool.write(
-                header["study_instance_uid"], header["series_instance_uid"], sop_uid, event.encoded_dataset()
+                header.study_instance_uid, header.series_instance_uid, sop_uid, event.encoded_dataset()
             )
             if new:
-                header["transfer_syntax"] = str(event.context.transfer_syntax)
                 self.store.record_instance(header, self.spool.relative(path), calling)
         except OSError as exc:
             log.error("C-STORE %s from %s: could not be stored: %s", sop_uid, calling, exc)
             return _status(0xA700, f"could not be stored: {exc.strerror or exc}")
         INSTANCES.labels(outcome="stored" if new else "duplicate").inc()
         if new:
-            log.debug("stored %s (series %s) from %s", sop_uid, header["series_instance_uid"], calling)
-            if self.on_instance:
-                self.on_instance(header["series_instance_uid"])
+            log.debug("stored %s (series %s) from %s", sop_uid, header.series_instance_uid, calling)
         else:
             log.info("duplicate %s from %s: already stored, kept the first copy", sop_uid, calling)
         return 0x0000
@@ -133,26 +129,26 @@ def handle_rejected(event) -> None:
     log.warning("association from %s@%s rejected", event.assoc.requestor.ae_title, event.assoc.requestor.address)
 
 
-def make_ae(settings: Settings) -> AE:
-    ae = AE(ae_title=settings.ae_title)
-    ae.maximum_associations = settings.max_associations
-    ae.require_called_aet = settings.check_called_aet
+def make_ae(listener: ListenerSection) -> AE:
+    ae = AE(ae_title=listener.ae_title)
+    ae.maximum_associations = listener.max_associations
+    ae.require_called_aet = listener.check_called_aet
     ae.add_supported_context(Verification)
-    for sop_class in STORAGE_CLASSES:
+    for sop_class in CT_IMAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
-    if settings.allowed_calling_aets:
-        ae.require_calling_aet = list(settings.allowed_calling_aets)
+    if listener.allowed_calling_aets:
+        ae.require_calling_aet = list(listener.allowed_calling_aets)
     return ae
 
 
-def start_listener(settings: Settings, spool: Spool, store: Store, on_instance=None):
+def start_listener(listener: ListenerSection, spool: Spool, store: Store):
     """Start the SCP in its own threads; returns the pynetdicom server (call .shutdown())."""
-    ae = make_ae(settings)
+    ae = make_ae(listener)
     handlers = [
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, StoreHandler(spool, store, on_instance)),
+        (evt.EVT_C_STORE, StoreHandler(spool, store)),
         (evt.EVT_REJECTED, handle_rejected),
     ]
-    server = ae.start_server((settings.bind, settings.port), block=False, evt_handlers=handlers)
-    log.info("DICOM listener %s on %s:%d", settings.ae_title, settings.bind, settings.port)
+    server = ae.start_server((listener.bind, listener.port), block=False, evt_handlers=handlers)
+    log.info("DICOM listener %s on %s:%d", listener.ae_title, listener.bind, listener.port)
     return server

@@ -47,14 +47,12 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.uid import UID
 
-CT_IMAGE_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image Storage
-}
+from ichnode.common.slice_geometry import SAME_POSITION_MM, slice_normal, slice_spacing
+from ichnode.common.vocabulary import CT_IMAGE_SOP_CLASSES
+from node.headers import InstanceHeader
+
 MAX_AXIAL_TILT_DEG = 30.0
 PREFERRED_THICKNESS_MM = 5.0
-SAME_POSITION_MM = 0.01
 
 LOCALIZER_WORDS = re.compile(r"SCOUT|TOPO|LOCALI[SZ]ER|SURVIEW|SCANOGRAM")
 HEAD_WORDS = re.compile(r"\b(HEAD|BRAIN|SKULL|CR[AÁÂ]N[IE]|INTRACRANI|CEREBR|KOPF|SCH(AE|Ä|A)DEL|(GE)?HIRN|CCT\b)")
@@ -139,32 +137,29 @@ def _most_common(values: list) -> object:
     return min(counts, key=lambda value: (-counts[value], str(value))) if counts else None
 
 
-def _text(headers: list[dict], key: str) -> str:
-    return str(_most_common([h[key] for h in headers if h.get(key)]) or "").strip()
+def _text(headers: list[InstanceHeader], key: str) -> str:
+    return str(_most_common([getattr(h, key) for h in headers if getattr(h, key)]) or "").strip()
 
 
-def _orientation(header: dict) -> tuple[float, ...] | None:
+def _orientation(header: InstanceHeader) -> tuple[float, ...] | None:
     """ImageOrientationPatient rounded so that equal orientations compare equal."""
-    cosines = header.get("image_orientation")
+    cosines = header.image_orientation
     return tuple(round(v, 3) for v in cosines) if cosines else None
 
 
-def _summarise(headers: list[dict]) -> _Series:
-    orientation = _most_common([_orientation(h) for h in headers if h.get("image_orientation")])
-    normal = None
+def _summarise(headers: list[InstanceHeader]) -> _Series:
+    orientation = _most_common([_orientation(h) for h in headers if h.image_orientation])
+    normal = slice_normal(orientation) if orientation is not None else None
     along: list[float] = []
     frames = 0
-    if orientation is not None:
-        normal = np.cross(orientation[:3], orientation[3:])
-        normal = normal / np.linalg.norm(normal)
     for h in headers:
-        if (h.get("number_of_frames") or 1) > 1 and not h.get("image_position"):
-            frames += h["number_of_frames"]
-        elif h.get("image_position") and orientation is not None and _orientation(h) == orientation:
-            along.append(float(np.dot(h["image_position"], normal)))
+        if h.number_of_frames > 1 and not h.image_position:
+            frames += h.number_of_frames
+        elif h.image_position and orientation is not None and _orientation(h) == orientation:
+            along.append(float(np.dot(h.image_position, normal)))
     distinct = np.unique(np.round(np.array(along) / SAME_POSITION_MM)) * SAME_POSITION_MM
-    gap = float(np.median(np.diff(distinct))) if len(distinct) >= 2 else None
-    thicknesses = [h["slice_thickness"] for h in headers if h.get("slice_thickness")]
+    gap = slice_spacing(distinct).median_mm if len(distinct) >= 2 else None
+    thicknesses = [h.slice_thickness for h in headers if h.slice_thickness]
     thickness = float(np.median(thicknesses)) if thicknesses else gap
     if frames:
         coverage = None
@@ -172,7 +167,7 @@ def _summarise(headers: list[dict]) -> _Series:
         coverage = float(distinct[-1] - distinct[0]) + gap
     else:
         coverage = thickness or 0.0
-    image_types = [tuple(h.get("image_type") or ()) for h in headers]
+    image_types = [tuple(h.image_type) for h in headers]
     return _Series(
         modality=_text(headers, "modality"),
         sop_class=_text(headers, "sop_class_uid"),
@@ -248,14 +243,14 @@ def _judge(series: _Series, min_slices: int, min_coverage_mm: float) -> Eligibil
     return Eligibility(eligible=reason is None, reason=reason, rank=_rank(series) if reason is None else ())
 
 
-def eligibility(headers: list[dict], min_slices: int, min_coverage_mm: float) -> Eligibility:
+def eligibility(headers: list[InstanceHeader], min_slices: int, min_coverage_mm: float) -> Eligibility:
     if not headers:
         return Eligibility(eligible=False, reason="no instances", rank=())
     return _judge(_summarise(headers), min_slices, min_coverage_mm)
 
 
 def choose_series(
-    candidates: dict[str, list[dict]], min_slices: int, min_coverage_mm: float
+    candidates: dict[str, list[InstanceHeader]], min_slices: int, min_coverage_mm: float
 ) -> tuple[str | None, dict[str, str]]:
     """(chosen series UID or None, {uid: skip reason} for every other series)."""
     series = {uid: _summarise(headers) for uid, headers in candidates.items() if headers}

@@ -6,20 +6,20 @@ selection, task state), the delivery loop, and uvicorn for the HTTP API in the m
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
+from typing import Callable
 
 import uvicorn
 from pydicom import dcmread
 
+from ichnode.common.config import Settings
+from ichnode.common.queue import make_celery
 from node.api import create_app
 from node.assembler import SeriesAssembler
-from node.config import Settings
 from node.delivery import Deliverer, plan_deliveries
 from node.dispatcher import Dispatcher
 from node.headers import instance_header
@@ -27,7 +27,6 @@ from node.retention import purge_expired
 from node.scp import start_listener
 from node.spool import Spool
 from node.store import Store
-from worker.celery_app import ANALYZE_QUEUE, make_celery
 
 log = logging.getLogger("ichnode.node")
 
@@ -56,22 +55,20 @@ def reindex_spool(spool: Spool, store: Store) -> int:
 
 
 class WorkerPool:
-    """Celery worker processes (solo pool: one task, one model per process), restarted on exit."""
+    """Worker processes (one task, one model per process), restarted on exit.
 
-    def __init__(self, settings: Settings, count: int, config_path: str | None):
-        self.settings = settings
+    `command` gives the command line of the worker with a name."""
+
+    def __init__(self, count: int, command: Callable[[str], list[str]]):
         self.count = count
-        self.env = dict(os.environ)
-        if config_path:
-            self.env["ICHNODE_CONFIG"] = str(Path(config_path).resolve())
+        self.command = command
         self.procs: list[subprocess.Popen | None] = [None] * count
         self.started: list[float] = [0.0] * count
         self.dead_pids: set[int] = set()
         self.last_death = 0.0  # when a worker was last seen dead
 
     def _spawn(self, index: int) -> None:
-        cmd = worker_command(self.settings, name=f"worker{index + 1}")
-        self.procs[index] = subprocess.Popen(cmd, env=self.env)
+        self.procs[index] = subprocess.Popen(self.command(f"worker{index + 1}"))
         self.started[index] = time.time()
         log.info("worker %d started (pid %d)", index + 1, self.procs[index].pid)
 
@@ -106,16 +103,11 @@ class WorkerPool:
                     proc.kill()
 
 
-def worker_command(settings: Settings, name: str = "worker") -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "worker.tasks:app", "worker", "--pool=solo",
-            "-Q", ANALYZE_QUEUE, "-n", f"{name}@%h", f"--loglevel={settings.log_level}"]
-
-
 class NodeService:
-    def __init__(self, settings: Settings, workers: int = 0, config_path: str | None = None):
+    def __init__(self, settings: Settings, workers: WorkerPool | None = None):
         self.settings = settings
-        self.store = Store(settings.database_path)
-        self.spool = Spool(settings.spool_dir)
+        self.store = Store(settings.storage.database_path)
+        self.spool = Spool(settings.storage.spool_dir)
         self.celery = make_celery(settings)
         self.dispatcher = Dispatcher(
             self.store, settings, self.celery,
@@ -123,7 +115,7 @@ class NodeService:
         )
         self.assembler = SeriesAssembler(self.store, settings, self.dispatcher.dispatch)
         self.deliverer = Deliverer(self.store, settings)
-        self.workers = WorkerPool(settings, workers, config_path) if workers else None
+        self.workers = workers
         self.health: dict[str, object] = {"dicom_listener": "starting"}
         self.stopping = threading.Event()
         self.server = None
@@ -148,15 +140,15 @@ class NodeService:
             self.dispatcher.poll()
 
     def start(self) -> None:
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
         reindex_spool(self.spool, self.store)
-        self.server = start_listener(self.settings, self.spool, self.store)
+        self.server = start_listener(self.settings.listener, self.spool, self.store)
         self.health["dicom_listener"] = True
         if self.workers:
             self.workers.start()
         loops = (("assembly", self._assembly_step, LOOP_SECONDS),
                  ("delivery", self.deliverer.run_once, LOOP_SECONDS),
-                 ("retention", lambda: purge_expired(self.store, self.spool, self.settings), RETENTION_SECONDS))
+                 ("retention", lambda: purge_expired(self.store, self.spool, self.settings.storage), RETENTION_SECONDS))
         for name, step, interval in loops:
             thread = threading.Thread(target=self._loop, args=(name, step, interval), name=name, daemon=True)
             thread.start()
@@ -178,7 +170,7 @@ class NodeService:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         self.start()
         app = create_app(self.store, self.settings, self.health)
-        config = uvicorn.Config(app, host=self.settings.http_bind, port=self.settings.http_port,
+        config = uvicorn.Config(app, host=self.settings.http.bind, port=self.settings.http.port,
                                 log_level=self.settings.log_level.lower(), access_log=False)
         try:
             uvicorn.Server(config).run()

@@ -10,13 +10,20 @@ result from an older generation is recognised as superseded.
 """
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from ichnode.common.analysis import SeriesFindings
+from node.headers import InstanceHeader
+
+SeriesState = Literal["receiving", "queued", "analysing", "done", "failed", "skipped"]
+Channel = Literal["dicom", "hl7", "webhook"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -72,6 +79,73 @@ CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
 """
 
 
+class _Row(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class StudyRow(_Row):
+    study_uid: str
+    patient_id: str | None
+    patient_name: str | None
+    accession_number: str | None
+    study_date: str | None
+    study_description: str | None
+    received_at: float
+    acknowledged_at: float | None
+    acknowledged_by: str | None
+
+
+class SeriesRow(_Row):
+    series_uid: str
+    study_uid: str
+    state: SeriesState
+    reason: str | None  # why it was skipped or failed
+    modality: str | None
+    body_part: str | None
+    description: str | None
+    protocol: str | None
+    kernel: str | None
+    images_in_acquisition: int | None
+    instance_count: int
+    received_at: float
+    last_received_at: float
+    completed_at: float | None
+    queued_at: float | None
+    started_at: float | None
+    analysed_at: float | None
+    generation: int
+    task_id: str | None
+    findings: SeriesFindings | None  # of the latest analysis; kept while a late instance is received
+    purged_at: float | None
+
+
+class InstanceRow(_Row):
+    sop_uid: str
+    series_uid: str
+    sop_class_uid: str
+    path: str  # relative to the spool directory
+    header: InstanceHeader
+    calling_aet: str | None
+    received_at: float
+
+
+class DeliveryRow(_Row):
+    """One item of the outbox: a result for one destination."""
+
+    id: int
+    series_uid: str
+    generation: int
+    channel: Channel
+    target: str  # AET@host:port, host:port or URL
+    payload: str  # dicom: the result file relative to data_dir; hl7: the message; webhook: the JSON body
+    state: Literal["pending", "sent"]
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    created_at: float
+    sent_at: float | None
+
+
 class Store:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,81 +169,84 @@ class Store:
                 raise
             self._db.execute("COMMIT")
 
-    def _query(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
+    def _query(self, sql: str, args: tuple = ()) -> list[dict]:
         with self._lock:
             return [dict(row) for row in self._db.execute(sql, args).fetchall()]
+
+    def _series(self, sql: str, args: tuple = ()) -> list[SeriesRow]:
+        return [SeriesRow(**dict(row, findings=SeriesFindings.model_validate_json(row["findings"])
+                                 if row["findings"] else None)) for row in self._query(sql, args)]
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     # --- receiving -------------------------------------------------------------------------
-    def record_instance(self, header: dict[str, Any], path: str, calling_aet: str) -> bool:
+    def record_instance(self, header: InstanceHeader, path: str, calling_aet: str) -> bool:
         """Record a stored instance; returns False when the SOP Instance UID was already known.
 
         A new instance for a series that was already dispatched puts it back to receiving.
         """
         now = time.time()
         with self.transaction() as db:
-            if db.execute("SELECT 1 FROM instances WHERE sop_uid=?", (header["sop_instance_uid"],)).fetchone():
+            if db.execute("SELECT 1 FROM instances WHERE sop_uid=?", (header.sop_instance_uid,)).fetchone():
                 return False
             db.execute(
                 """INSERT INTO studies(study_uid, patient_id, patient_name, accession_number, study_date,
                    study_description, received_at) VALUES(?,?,?,?,?,?,?)
                    ON CONFLICT(study_uid) DO NOTHING""",
-                (header["study_instance_uid"], header.get("patient_id"), header.get("patient_name"),
-                 header.get("accession_number"), header.get("study_date"), header.get("study_description"), now),
+                (header.study_instance_uid, header.patient_id, header.patient_name,
+                 header.accession_number, header.study_date, header.study_description, now),
             )
-            row = db.execute("SELECT state FROM series WHERE series_uid=?", (header["series_instance_uid"],)).fetchone()
+            row = db.execute("SELECT state FROM series WHERE series_uid=?", (header.series_instance_uid,)).fetchone()
             if row is None:
                 db.execute(
                     """INSERT INTO series(series_uid, study_uid, state, modality, body_part, description, protocol,
                        kernel, images_in_acquisition, received_at, last_received_at)
                        VALUES(?,?,?,?,?,?,?,?,?,?,?)""",
-                    (header["series_instance_uid"], header["study_instance_uid"], "receiving", header.get("modality"),
-                     header.get("body_part"), header.get("series_description"), header.get("protocol_name"),
-                     header.get("kernel"), header.get("images_in_acquisition"), now, now),
+                    (header.series_instance_uid, header.study_instance_uid, "receiving", header.modality,
+                     header.body_part, header.series_description, header.protocol_name,
+                     header.kernel, header.images_in_acquisition, now, now),
                 )
             else:
                 # late or continuing instance: the series is (again) being received
                 db.execute(
                     "UPDATE series SET state='receiving', reason=NULL, last_received_at=? WHERE series_uid=?",
-                    (now, header["series_instance_uid"]),
+                    (now, header.series_instance_uid),
                 )
             db.execute(
                 """INSERT INTO instances(sop_uid, series_uid, sop_class_uid, path, header, calling_aet, received_at)
                    VALUES(?,?,?,?,?,?,?)""",
-                (header["sop_instance_uid"], header["series_instance_uid"], header["sop_class_uid"], path,
-                 json.dumps(header), calling_aet, now),
+                (header.sop_instance_uid, header.series_instance_uid, header.sop_class_uid, path,
+                 header.model_dump_json(), calling_aet, now),
             )
             db.execute(
                 "UPDATE series SET instance_count=instance_count+1 WHERE series_uid=?",
-                (header["series_instance_uid"],),
+                (header.series_instance_uid,),
             )
             return True
 
     def instance_paths(self) -> set[str]:
         return {r["path"] for r in self._query("SELECT path FROM instances")}
 
-    def instance_headers(self, series_uid: str) -> list[dict[str, Any]]:
-        rows = self._query("SELECT header, path FROM instances WHERE series_uid=?", (series_uid,))
-        return [dict(json.loads(r["header"]), path=r["path"]) for r in rows]
+    def instances(self, series_uid: str) -> list[InstanceRow]:
+        rows = self._query("SELECT * FROM instances WHERE series_uid=?", (series_uid,))
+        return [InstanceRow(**dict(r, header=InstanceHeader.model_validate_json(r["header"]))) for r in rows]
 
     # --- series state ----------------------------------------------------------------------
-    def series(self, series_uid: str) -> dict[str, Any] | None:
-        rows = self._query("SELECT * FROM series WHERE series_uid=?", (series_uid,))
-        return _decode_series(rows[0]) if rows else None
+    def series(self, series_uid: str) -> SeriesRow | None:
+        rows = self._series("SELECT * FROM series WHERE series_uid=?", (series_uid,))
+        return rows[0] if rows else None
 
-    def series_in_state(self, *states: str) -> list[dict[str, Any]]:
+    def series_in_state(self, *states: SeriesState) -> list[SeriesRow]:
         marks = ",".join("?" * len(states))
-        return [_decode_series(r) for r in self._query(
-            f"SELECT * FROM series WHERE state IN ({marks}) ORDER BY received_at", states)]
+        return self._series(f"SELECT * FROM series WHERE state IN ({marks}) ORDER BY received_at", states)
 
-    def expired_series(self, finished_before: float) -> list[dict[str, Any]]:
+    def expired_series(self, finished_before: float) -> list[SeriesRow]:
         """Finished series whose files may go: analysed (or skipped) before the cut-off, nothing
         left to deliver, files not yet purged."""
-        return self._query(
-            """SELECT series_uid, study_uid FROM series s
+        return self._series(
+            """SELECT * FROM series s
                WHERE state IN ('done','failed','skipped') AND purged_at IS NULL
                AND COALESCE(analysed_at, completed_at, last_received_at) < ?
                AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.series_uid=s.series_uid AND o.state='pending')""",
@@ -179,9 +256,8 @@ class Store:
         with self.transaction() as db:
             db.execute("UPDATE series SET purged_at=? WHERE series_uid=?", (time.time(), series_uid))
 
-    def study_series(self, study_uid: str) -> list[dict[str, Any]]:
-        return [_decode_series(r) for r in self._query(
-            "SELECT * FROM series WHERE study_uid=? ORDER BY received_at", (study_uid,))]
+    def study_series(self, study_uid: str) -> list[SeriesRow]:
+        return self._series("SELECT * FROM series WHERE study_uid=? ORDER BY received_at", (study_uid,))
 
     def mark_complete(self, series_uid: str, last_received_at: float) -> bool:
         """Completion seen by the assembler; False when an instance arrived meanwhile."""
@@ -215,25 +291,25 @@ class Store:
                 (started_at, series_uid, generation),
             )
 
-    def mark_result(self, series_uid: str, generation: int, state: str, findings: dict | None,
+    def mark_result(self, series_uid: str, generation: int, state: SeriesState, findings: SeriesFindings | None,
                     reason: str | None) -> bool:
         """Store a finished task's outcome; False when the series moved on (superseded result)."""
         with self.transaction() as db:
             cur = db.execute(
                 """UPDATE series SET state=?, reason=?, findings=?, analysed_at=?
                    WHERE series_uid=? AND generation=? AND state IN ('queued','analysing')""",
-                (state, reason, json.dumps(findings) if findings is not None else None, time.time(),
+                (state, reason, findings.model_dump_json() if findings is not None else None, time.time(),
                  series_uid, generation),
             )
             return cur.rowcount == 1
 
     # --- studies ---------------------------------------------------------------------------
-    def study(self, study_uid: str) -> dict[str, Any] | None:
+    def study(self, study_uid: str) -> StudyRow | None:
         rows = self._query("SELECT * FROM studies WHERE study_uid=?", (study_uid,))
-        return rows[0] if rows else None
+        return StudyRow(**rows[0]) if rows else None
 
-    def studies(self) -> list[dict[str, Any]]:
-        return self._query("SELECT * FROM studies ORDER BY received_at DESC")
+    def studies(self) -> list[StudyRow]:
+        return [StudyRow(**row) for row in self._query("SELECT * FROM studies ORDER BY received_at DESC")]
 
     def acknowledge(self, study_uid: str, by: str) -> bool:
         with self.transaction() as db:
@@ -242,7 +318,7 @@ class Store:
             return cur.rowcount == 1
 
     # --- outbox ----------------------------------------------------------------------------
-    def enqueue_delivery(self, series_uid: str, generation: int, channel: str, target: str, payload: str) -> None:
+    def enqueue_delivery(self, series_uid: str, generation: int, channel: Channel, target: str, payload: str) -> None:
         with self.transaction() as db:
             db.execute(
                 """INSERT INTO outbox(series_uid, generation, channel, target, payload, next_attempt_at, created_at)
@@ -250,14 +326,16 @@ class Store:
                 (series_uid, generation, channel, target, payload, time.time(), time.time()),
             )
 
-    def due_deliveries(self, now: float, limit: int = 200) -> list[dict[str, Any]]:
-        return self._query(
-            "SELECT * FROM outbox WHERE state='pending' AND next_attempt_at<=? ORDER BY id LIMIT ?", (now, limit))
+    def due_deliveries(self, now: float, limit: int = 200) -> list[DeliveryRow]:
+        return [DeliveryRow(**row) for row in self._query(
+            "SELECT * FROM outbox WHERE state='pending' AND next_attempt_at<=? ORDER BY id LIMIT ?", (now, limit))]
 
-    def deliveries(self, series_uid: str | None = None) -> list[dict[str, Any]]:
+    def deliveries(self, series_uid: str | None = None) -> list[DeliveryRow]:
         if series_uid:
-            return self._query("SELECT * FROM outbox WHERE series_uid=? ORDER BY id", (series_uid,))
-        return self._query("SELECT * FROM outbox ORDER BY id")
+            rows = self._query("SELECT * FROM outbox WHERE series_uid=? ORDER BY id", (series_uid,))
+        else:
+            rows = self._query("SELECT * FROM outbox ORDER BY id")
+        return [DeliveryRow(**row) for row in rows]
 
     def delivery_sent(self, item_id: int) -> None:
         with self.transaction() as db:
@@ -268,9 +346,3 @@ class Store:
         with self.transaction() as db:
             db.execute("UPDATE outbox SET attempts=attempts+1, last_error=?, next_attempt_at=? WHERE id=?",
                        (error[:500], next_attempt_at, item_id))
-
-
-def _decode_series(row: dict[str, Any]) -> dict[str, Any]:
-    if row.get("findings"):
-        row["findings"] = json.loads(row["findings"])
-    return row

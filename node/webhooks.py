@@ -8,46 +8,44 @@ from __future__ import annotations
 
 import httpx
 
+from ichnode.common.analysis import Findings
+from ichnode.common.vocabulary import DISCLAIMER, LEVEL_RANK, Level
 from node.errors import DeliveryError
-from node.hl7 import DISCLAIMER
-from worker.priority import LEVEL_RANK
+from node.store import StudyRow
+from node.worklist import thumbnail_url
 
 EVENT = "ich.result"
 
 
-def should_notify(level: str, min_level: str) -> bool:
+def should_notify(level: Level, min_level: Level) -> bool:
     """True when `level` is at least as urgent as `min_level` (STAT > URGENT > ROUTINE)."""
-    for name in (level, min_level):
-        if name not in LEVEL_RANK:
-            raise ValueError(f"unknown priority level {name!r}, expected one of {', '.join(LEVEL_RANK)}")
     return LEVEL_RANK[level] >= LEVEL_RANK[min_level]
 
 
-def build_webhook_payload(findings: dict, study: dict, include_patient: bool, base_url: str = "") -> dict:
+def build_webhook_payload(findings: Findings, study: StudyRow, include_patient: bool, base_url: str = "") -> dict:
     """The JSON body for one result. Links are relative to the node unless `base_url` is given."""
-    series_uid = findings["series_instance_uid"]
+    series_uid = findings.series_instance_uid
     base = base_url.rstrip("/")
     payload = {
         "event": EVENT,
         "disclaimer": DISCLAIMER,
-        "study_instance_uid": findings["study_instance_uid"],
+        "study_instance_uid": findings.study_instance_uid,
         "series_instance_uid": series_uid,
-        "priority": findings["priority"],
-        "probabilities": findings["probabilities"],
-        "volumes_ml": findings["volumes_ml"],
-        "difficult": findings["difficult"],
-        "key_slices": findings["key_slices"],
-        "model": findings["model"],
+        "priority": findings.priority.model_dump(),
+        "probabilities": findings.probabilities,
+        "volumes_ml": findings.volumes_ml,
+        "difficult": findings.difficult,
+        "key_slices": findings.key_slices,
+        "model": findings.model.model_dump(),
         "links": {
             "worklist": f"{base}/",
             "series": f"{base}/api/series/{series_uid}",
-            "thumbnails": [f"{base}/api/series/{series_uid}/thumbnails/{n}.png"
-                           for n in range(len(findings["key_slices"]))],
+            "thumbnails": [base + thumbnail_url(series_uid, n) for n in range(len(findings.key_slices))],
         },
     }
     if include_patient:
-        payload["patient"] = {"id": study.get("patient_id"), "name": study.get("patient_name")}
-        payload["accession_number"] = study.get("accession_number")
+        payload["patient"] = {"id": study.patient_id, "name": study.patient_name}
+        payload["accession_number"] = study.accession_number
     return payload
 
 

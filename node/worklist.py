@@ -12,31 +12,23 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
 
 from fastapi import APIRouter, FastAPI, HTTPException, Path as PathParam, Query
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from node.config import Settings
-from node.store import Store
+from ichnode.common.analysis import Priority
+from ichnode.common.config import StorageSection
+from ichnode.common.vocabulary import Level
+from node.store import SeriesRow, SeriesState, Store, StudyRow
 
 WEB_DIR = Path(__file__).parent / "web"
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"  # digits in dot-separated components: never "." or ".."
 UID_MAX = 64
 
-State = Literal["receiving", "queued", "analysing", "done", "failed", "skipped"]
-LevelName = Literal["STAT", "URGENT", "ROUTINE"]
-
 # which series stands for its study when none has findings: the one furthest along
 _STATE_RANK = {"analysing": 5, "queued": 4, "receiving": 3, "done": 2, "failed": 1, "skipped": 0}
-
-
-class PriorityView(BaseModel):
-    level: LevelName
-    score: float
-    rationale: str
 
 
 class Timings(BaseModel):
@@ -56,9 +48,9 @@ class WorklistItem(BaseModel):
     patient_id: str | None
     patient_name: str | None
     accession_number: str | None
-    state: State | None = Field(description="state of the chosen series; None for a study without series")
+    state: SeriesState | None = Field(description="state of the chosen series; None for a study without series")
     reason: str | None = Field(description="why the series was skipped or failed")
-    priority: PriorityView | None = Field(description="None until the study has findings")
+    priority: Priority | None = Field(description="None until the study has findings")
     probabilities: dict[str, float] = Field(description="p(any) and per subtype: EDH, IPH, IVH, SAH, SDH")
     volumes_ml: dict[str, float]
     difficult: bool
@@ -76,45 +68,45 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat() if ts else None
 
 
-def _chosen_series(series: list[dict]) -> dict | None:
-    analysed = [s for s in series if s.get("findings")]
+def thumbnail_url(series_uid: str, index: int) -> str:
+    """Where the API serves the index-th heatmap thumbnail of a series."""
+    return f"/api/series/{series_uid}/thumbnails/{index}.png"
+
+
+def _chosen_series(series: list[SeriesRow]) -> SeriesRow | None:
+    analysed = [s for s in series if s.findings]
     if analysed:
-        return max(analysed, key=lambda s: s["findings"]["priority"]["score"])
-    return max(series, key=lambda s: _STATE_RANK[s["state"]], default=None)
+        return max(analysed, key=lambda s: s.findings.priority.score)
+    return max(series, key=lambda s: _STATE_RANK[s.state], default=None)
 
 
-def _thumbnail_urls(settings: Settings, series_uid: str, findings: dict) -> list[str]:
-    folder = settings.results_dir / series_uid
-    return [
-        f"/api/series/{series_uid}/thumbnails/{n}.png"
-        for n in range(len(findings.get("key_slices", [])))
-        if (folder / f"thumb_{n}.png").is_file()
-    ]
-
-
-def _item(settings: Settings, study: dict, series: dict | None) -> WorklistItem:
-    findings = (series or {}).get("findings") or {}
+def _item(storage: StorageSection, study: StudyRow, series: SeriesRow | None) -> WorklistItem:
+    findings = series.findings if series else None
     acknowledged = (
-        Acknowledgement(by=study["acknowledged_by"], at=iso(study["acknowledged_at"]))
-        if study["acknowledged_at"] else None
+        Acknowledgement(by=study.acknowledged_by, at=iso(study.acknowledged_at)) if study.acknowledged_at else None
     )
+    thumbnails = []
+    if findings:
+        folder = storage.result_folder(series.series_uid)
+        thumbnails = [thumbnail_url(series.series_uid, n) for n in range(len(findings.key_slices))
+                      if folder.thumbnail(n).is_file()]
     return WorklistItem(
-        study_instance_uid=study["study_uid"],
-        series_instance_uid=series["series_uid"] if series else None,
-        patient_id=study["patient_id"],
-        patient_name=study["patient_name"],
-        accession_number=study["accession_number"],
-        state=series["state"] if series else None,
-        reason=series["reason"] if series else None,
-        priority=findings.get("priority"),
-        probabilities=findings.get("probabilities", {}),
-        volumes_ml=findings.get("volumes_ml", {}),
-        difficult=findings.get("difficult", False),
-        thumbnails=_thumbnail_urls(settings, series["series_uid"], findings) if findings else [],
+        study_instance_uid=study.study_uid,
+        series_instance_uid=series.series_uid if series else None,
+        patient_id=study.patient_id,
+        patient_name=study.patient_name,
+        accession_number=study.accession_number,
+        state=series.state if series else None,
+        reason=series.reason if series else None,
+        priority=findings.priority if findings else None,
+        probabilities=findings.probabilities if findings else {},
+        volumes_ml=findings.volumes_ml if findings else {},
+        difficult=findings.difficult if findings else False,
+        thumbnails=thumbnails,
         timings=Timings(
-            received=iso(study["received_at"]),
-            completed=iso(series["completed_at"]) if series else None,
-            analysed=iso(series["analysed_at"]) if series else None,
+            received=iso(study.received_at),
+            completed=iso(series.completed_at) if series else None,
+            analysed=iso(series.analysed_at) if series else None,
         ),
         acknowledged=acknowledged,
     )
@@ -126,33 +118,32 @@ def _sort_key(item: WorklistItem, received_at: float) -> tuple:
     return (0, -item.priority.score, received_at)
 
 
-def make_worklist_router(store: Store, settings: Settings) -> APIRouter:
+def make_worklist_router(store: Store, storage: StorageSection) -> APIRouter:
     router = APIRouter(prefix="/api", tags=["worklist"])
 
     @router.get("/worklist", response_model=list[WorklistItem], summary="Studies in reading order")
     def worklist(
-        state: State | None = Query(None, description="only studies whose chosen series is in this state"),
-        level: LevelName | None = Query(None, description="only studies with this priority level"),
+        state: SeriesState | None = Query(None, description="only studies whose chosen series is in this state"),
+        level: Level | None = Query(None, description="only studies with this priority level"),
         include_acknowledged: bool = Query(True, description="false: hide studies already acknowledged"),
     ) -> list[WorklistItem]:
         rows = []
         for study in store.studies():
-            item = _item(settings, study, _chosen_series(store.study_series(study["study_uid"])))
+            item = _item(storage, study, _chosen_series(store.study_series(study.study_uid)))
             if state and item.state != state:
                 continue
             if level and (item.priority is None or item.priority.level != level):
                 continue
             if not include_acknowledged and item.acknowledged:
                 continue
-            rows.append((_sort_key(item, study["received_at"]), item))
+            rows.append((_sort_key(item, study.received_at), item))
         return [item for _, item in sorted(rows, key=lambda row: row[0])]
 
     @router.post("/studies/{study_uid}/ack", response_model=WorklistItem, summary="Acknowledge a study as read")
     def acknowledge(body: AckRequest, study_uid: str = PathParam(pattern=UID_PATTERN, max_length=UID_MAX)) -> WorklistItem:
         if not store.acknowledge(study_uid, body.by.strip()):
             raise HTTPException(404, f"no study {study_uid}")
-        study = store.study(study_uid)
-        return _item(settings, study, _chosen_series(store.study_series(study_uid)))
+        return _item(storage, store.study(study_uid), _chosen_series(store.study_series(study_uid)))
 
     @router.get(
         "/series/{series_uid}/thumbnails/{n}.png",
@@ -161,7 +152,7 @@ def make_worklist_router(store: Store, settings: Settings) -> APIRouter:
         summary="Heatmap thumbnail of the n-th key slice",
     )
     def thumbnail(series_uid: str = PathParam(pattern=UID_PATTERN, max_length=UID_MAX), n: int = PathParam(ge=0, le=99)):
-        path = settings.results_dir / series_uid / f"thumb_{n}.png"
+        path = storage.result_folder(series_uid).thumbnail(n)
         if not path.is_file():
             raise HTTPException(404, f"no thumbnail {n} for series {series_uid}")
         return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-cache"})

@@ -1,15 +1,23 @@
-"""`ichnode`: the command line of the node, the worker and the training tools."""
+"""`ichnode`: the command line that joins the node, the worker and the training tools.
+
+Each command imports the parts it runs when it runs, so `ichnode serve`, `node` and `worker`
+never import the training code.
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
-from node.config import ConfigError, Settings, load_settings
+from ichnode.common.config import ENV_PREFIX, ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from node.headers import InstanceHeader
 
 log = logging.getLogger("ichnode")
 
@@ -25,83 +33,89 @@ def _settings(args) -> Settings:
     return settings
 
 
+def _worker_command(config_path: str | None) -> Callable[[str], list[str]]:
+    """`ichnode worker --name NAME` as `serve` starts it, with the same configuration file."""
+    config = ["--config", str(Path(config_path).resolve())] if config_path else []
+    return lambda name: [sys.executable, "-m", "ichnode.cli", "worker", "--name", name, *config]
+
+
 def cmd_serve(args) -> None:
     settings = _settings(args)
-    from node.service import NodeService
+    from node.service import NodeService, WorkerPool
     from worker.detector import load_detector
 
-    workers = settings.workers if args.workers is None else args.workers
+    workers = settings.queue.workers if args.workers is None else args.workers
+    pool = None
     if workers:
-        load_detector(settings.model_path, "cpu")  # fail fast on missing or corrupt weights
-    NodeService(settings, workers=workers, config_path=args.config or os.environ.get("ICHNODE_CONFIG")).run()
+        load_detector(settings.detector.model_path, "cpu")  # fail fast on missing or corrupt weights
+        pool = WorkerPool(workers, _worker_command(args.config or os.environ.get(ENV_PREFIX + "CONFIG")))
+    NodeService(settings, pool).run()
 
 
 def cmd_node(args) -> None:
     settings = _settings(args)
     from node.service import NodeService
 
-    NodeService(settings, workers=0).run()
+    NodeService(settings).run()
 
 
 def cmd_worker(args) -> None:
-    from node.service import worker_command
-
     settings = _settings(args)
-    if args.config:
-        os.environ["ICHNODE_CONFIG"] = str(Path(args.config).resolve())
-    cmd = worker_command(settings)
-    os.execv(cmd[0], cmd)
+    from worker.tasks import run_worker
+
+    run_worker(settings, args.name)
 
 
-def read_folder(folder: Path) -> dict[str, list[dict]]:
-    """Instance headers of every DICOM file below folder, by Series Instance UID."""
+def read_folder(folder: Path) -> dict[str, list[tuple[Path, InstanceHeader]]]:
+    """Every DICOM file below folder with its instance header, by Series Instance UID."""
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
 
     from node.headers import instance_header
 
-    by_series: dict[str, list[dict]] = defaultdict(list)
+    by_series: dict[str, list[tuple[Path, InstanceHeader]]] = defaultdict(list)
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
             header = instance_header(dcmread(path, stop_before_pixels=True))
         except (InvalidDicomError, AttributeError, OSError) as exc:
             log.info("%s: not a usable DICOM instance (%s)", path, exc)
             continue
-        by_series[header["series_instance_uid"]].append(dict(header, path=str(path)))
+        by_series[header.series_instance_uid].append((path, header))
     return by_series
 
 
 def cmd_analyze(args) -> int:
+    from ichnode.common.analysis import Skipped
+    from ichnode.common.result_folder import ResultFolder
     from node.selection import choose_series
     from worker.detector import load_detector
-    from worker.findings import skipped_json
-    from worker.pipeline import FINDINGS_FILE, analyze_series
-    from worker.priority import PriorityRule
+    from worker.pipeline import analyze_series
     from worker.volume import VolumeError
 
     settings = _settings(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = ResultFolder(Path(args.out))
+    folder.path.mkdir(parents=True, exist_ok=True)
     by_series = read_folder(Path(args.series_dir))
-    chosen, skipped = choose_series(by_series, settings.min_slices, settings.min_coverage_mm)
+    headers = {uid: [header for _, header in files] for uid, files in by_series.items()}
+    chosen, skipped = choose_series(headers, settings.series.min_slices, settings.series.min_coverage_mm)
     for uid, reason in skipped.items():
         log.info("series %s skipped: %s", uid, reason)
     if chosen is None:
         reason = "; ".join(f"{uid}: {why}" for uid, why in skipped.items()) or "no DICOM instances found"
-        (out / FINDINGS_FILE).write_text(json.dumps(skipped_json(reason), indent=2))
+        folder.findings_file.write_text(Skipped(skipped=reason).model_dump_json(indent=2))
         print(f"not analysed: {reason}", file=sys.stderr)
         return 1
-    detector = load_detector(Path(args.model) if args.model else settings.model_path, settings.device)
-    paths = [Path(h["path"]) for h in by_series[chosen]]
+    detector = load_detector(Path(args.model) if args.model else settings.detector.model_path, settings.detector.device)
+    paths = [path for path, _ in by_series[chosen]]
     try:
-        analysis = analyze_series(paths, detector, PriorityRule.from_settings(settings), out)
+        analysis = analyze_series(paths, detector, settings.priority, folder)
     except VolumeError as exc:
-        (out / FINDINGS_FILE).write_text(json.dumps(skipped_json(str(exc)), indent=2))
+        folder.findings_file.write_text(Skipped(skipped=str(exc)).model_dump_json(indent=2))
         print(f"not analysed: {exc}", file=sys.stderr)
         return 1
     findings = analysis.findings
     print(f"{findings.priority.level} p(any)={findings.probabilities['any']:.3f} "
-          f"({analysis.seconds:.1f} s) -> {out / FINDINGS_FILE}")
+          f"({analysis.seconds:.1f} s) -> {folder.findings_file}")
     return 0
 
 
@@ -113,8 +127,8 @@ def cmd_phantom(args) -> None:
 
 
 def cmd_export_dicom(args) -> None:
+    from training.datasets import load_scans
     from training.dicom_series import write_scan_series
-    from training.train import load_scans
 
     _setup_logging("INFO")
     for scan in load_scans(args.data):
@@ -152,8 +166,12 @@ def cmd_benchmark(args) -> None:
         benchmark_main(slices=args.slices, matrix=args.matrix)
     if args.part in ("listener", "all"):
         from node.benchmark import benchmark_listener
+        from training.phantom import make_study
 
-        benchmark_listener(slices=args.slices, matrix=args.matrix)
+        with tempfile.TemporaryDirectory() as series:
+            for ds in make_study(1, positive=True, matrix=args.matrix, n_slices=args.slices).datasets:
+                ds.save_as(Path(series) / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+            benchmark_listener(Path(series))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="worker processes to start (default: config key workers)")
     p.set_defaults(func=cmd_serve)
     with_config(sub.add_parser("node", help="the node alone (listener, assembly, delivery, HTTP); workers run elsewhere")).set_defaults(func=cmd_node)
-    with_config(sub.add_parser("worker", help="one analysis worker (needs broker_url=redis://… to serve a remote node)")).set_defaults(func=cmd_worker)
+    p = with_config(sub.add_parser("worker", help="one analysis worker (needs broker_url=redis://… to serve a remote node)"))
+    p.add_argument("--name", default="worker", help="the worker's name among the queue's workers (default: worker)")
+    p.set_defaults(func=cmd_worker)
     p = with_config(sub.add_parser("analyze", help="analyse a folder of DICOM files offline"))
     p.add_argument("series_dir")
     p.add_argument("--out", required=True)
