@@ -6,12 +6,12 @@ config never silently falls back to a default. `[model]` is the detector's own
 """
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ichnode.common.config import ConfigError, read_toml
 from training.augment import AugmentConfig
 from worker.detector.ensemble import EnsembleConfig
 
@@ -97,19 +97,13 @@ class TrainingConfig(_Section):
         return Path(self.cv.out) if self.cv.out else self.evaluation_dir / "cv"
 
 
-class TrainingConfigError(ValueError):
-    """The training config is missing, not TOML, or has a bad or unknown key (named)."""
-
-
 def load_training_config(path: Path) -> TrainingConfig:
-    try:
-        raw = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise TrainingConfigError(f"{path}: {exc}") from exc
+    """Read and validate, as the node's configuration is: ConfigError names the file and the key."""
+    raw = read_toml(path)
     try:
         cfg = TrainingConfig(**raw)
         cfg.ensemble()
         cfg.augmentation()
     except (ValidationError, TypeError, ValueError) as exc:
-        raise TrainingConfigError(f"{path}: {exc}") from exc
+        raise ConfigError(f"{path}: {exc}") from exc
     return cfg

@@ -13,7 +13,7 @@ class Scan:
     scan_id: str
     patient_id: str  # split by this, never by slice
     volume: Volume
-    labels: dict[str, int] | dict[str, float]  # worker.detector.LABELS -> scan-level 0/1 (or soft)
+    labels: dict[str, int] | dict[str, float]  # vocabulary.LABELS -> scan-level 0/1 (or soft)
     slice_labels: np.ndarray | None = None  # (slices, len(LABELS)) 0/1, in volume order, when known
     masks: dict[str, np.ndarray] | None = None  # subtype ("any" if unknown) -> (slices, rows, columns) bool
     report: str | None = None  # free-text radiology report, when known

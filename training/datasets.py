@@ -1,7 +1,8 @@
-"""Dataset adapters: phantoms, CT-ICH, RSNA 2019 and CQ500 as :class:`training.data.Scan`.
+"""Dataset adapters: phantoms, CT-ICH, RSNA 2019 and CQ500 as :class:`training.data.Scan`, and
+:func:`load_scans` for the data specs that name them.
 
 Every adapter returns volumes in the project's slice order (ascending along the slice normal,
-index 0 most inferior) with scan labels keyed by worker.detector.LABELS. DICOM series go through
+index 0 most inferior) with scan labels keyed by ichnode.common.vocabulary.LABELS. DICOM series go through
 the node's own loader (worker.volume.load_series), so training sees exactly what inference sees.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -18,9 +20,9 @@ import numpy as np
 import pydicom
 from PIL import Image
 
+from ichnode.common.vocabulary import LABELS, SUBTYPES
 from training.data import Scan
 from training.phantom import PhantomStudy, make_studies
-from worker.detector import LABELS, SUBTYPES
 from worker.geometry import SliceRef, Volume
 from worker.volume import VolumeError, load_series
 
@@ -31,6 +33,8 @@ T = TypeVar("T")
 #: The shared data folder beside the repository checkout (../shared/data), as laid out for
 #: development and CI.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CTICH_HELDOUT_FRACTION = 0.3  # of the 50 CT-ICH patients, kept out of training for evaluation
+CTICH_SPLIT_SEED = 20261123
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,3 +402,68 @@ def split_by_patient(items: Iterable[T], fractions: float | Sequence[float], see
     for item in items:
         groups[group_of[patient(item)]].append(item)
     return groups
+
+
+# --------------------------------------------------------------------------------------------
+# Data specs
+
+
+def _parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
+    """'kind:arg,key=value,...' -> (kind, arg, options); a bare path is ('folder', path, {})."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or os.sep in kind:
+        return "folder", spec, {}
+    arg, options = "", {}
+    for part in filter(None, rest.split(",")):
+        key, eq, value = part.partition("=")
+        if eq:
+            options[key.strip()] = value.strip()
+        else:
+            arg = part.strip()
+    return kind, arg, options
+
+
+def load_scans(spec: str) -> list[Scan]:
+    """Scans named by a data spec.
+
+    - ``phantom:seed=S,n=N[,matrix=M,slices=K]``: N synthetic studies from helper phantoms;
+    - ``ctich:train`` / ``ctich:heldout`` / ``ctich:all`` (optionally ``root=DIR``): the CT-ICH
+      patients, split by patient with a fixed seed so held-out patients never reach training;
+      ``ctich:all,patients=49+57`` loads only the patients with those numbers (not combinable
+      with train / heldout, whose split is drawn over all patients);
+    - ``rsna-slices:train`` / ``rsna-slices:heldout`` / ``rsna-slices:all`` (optionally
+      ``root=DIR``): the RSNA brain-window PNG slices, one-slice scans, a fixed 20% held out;
+    - ``rsna:DIR``, ``cq500:DIR``: those datasets' adapters;
+    - a folder: CT-ICH layout if it holds hemorrhage_diagnosis.csv, else written phantom studies.
+    """
+    kind, arg, opt = _parse_spec(spec)
+    if kind == "phantom":
+        return phantom_scans(
+            seed=int(opt.get("seed", 0)),
+            n=int(opt.get("n", 20)),
+            matrix=int(opt.get("matrix", 128)),
+            n_slices=int(opt.get("slices", 24)),
+        )
+    if kind == "ctich":
+        root = Path(opt.get("root", SHARED_DATA / "ct-ich"))
+        if "patients" in opt:
+            if arg not in ("", "all"):
+                raise ValueError(f"{spec!r}: patients= selects from ctich:all, not from the {arg} split")
+            return ctich_scans(root, [int(n) for n in opt["patients"].split("+")])
+        scans = ctich_scans(root)
+        if arg in ("", "all"):
+            return scans
+        train, heldout = split_by_patient(scans, CTICH_HELDOUT_FRACTION, seed=CTICH_SPLIT_SEED)
+        return {"train": train, "heldout": heldout}[arg]
+    if kind == "rsna-slices":
+        return rsna_slice_scans(Path(opt.get("root", SHARED_DATA / "rsna-slices")), arg or "all")
+    if kind == "rsna":
+        return list(rsna_scans(Path(arg)))
+    if kind == "cq500":
+        return list(cq500_scans(Path(arg)))
+    if kind == "folder":
+        root = Path(arg)
+        if (root / "hemorrhage_diagnosis.csv").is_file():
+            return ctich_scans(root)
+        return folder_scans(root)
+    raise ValueError(f"unknown data spec {spec!r}")

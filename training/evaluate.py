@@ -221,7 +221,7 @@ def _markdown(data: str, model: str, result: dict) -> str:
 
 def evaluate_main(data: str, model: Path | None, out: Path) -> dict:
     """Run the detector in `model` (None: shipped) on the scans of `data`; write reports into out."""
-    from training.train import load_scans
+    from training.datasets import load_scans
 
     scans = load_scans(data)
     if not scans:

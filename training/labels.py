@@ -6,7 +6,7 @@ NegEx-style context: a mention is *negated* ("no ...", "without ...", "negative 
 "... has resolved"), *uncertain* ("cannot be excluded", "possible ...", "questionable ...") or
 *affirmed*. A Dawid-Skene label model then learns, without ground truth, how each LF's votes
 (abstaining included) depend on the true label, by EM on a set of unlabelled reports, and turns
-the votes of a report into a probability per label (worker.detector.LABELS).
+the votes of a report into a probability per label (ichnode.common.vocabulary.LABELS).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from worker.detector import LABELS, SUBTYPES
+from ichnode.common.vocabulary import LABELS, SUBTYPES
 
 ABSTAIN = -1
 

@@ -35,8 +35,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from ichnode.common.vocabulary import LABELS, SUBTYPES
 from training.dicom_series import ct_series_datasets
-from worker.detector import LABELS, SUBTYPES
 
 #: Transfer syntaxes make_study can write. JPEG Lossless SV1 has no encoder in pydicom 3, so it
 #: is refused with a clear error rather than silently written as something else.

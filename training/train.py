@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from training.augment import AugmentConfig, augment, warp_masks
 from training.config import TrainingConfig, load_training_config
 from training.data import Scan
+from training.datasets import load_scans
 from worker.detector import LABELS, SUBTYPES
 from worker.detector.detector import resolve_device
 from worker.detector.ensemble import SCAN_MEMBERS, UNET_MEMBERS, Ensemble, EnsembleConfig
@@ -40,8 +41,6 @@ from worker.detector.store import save_model, update_metrics
 
 log = logging.getLogger("ichnode.train")
 
-CTICH_HELDOUT_FRACTION = 0.3  # of the 50 CT-ICH patients, kept out of training for evaluation
-CTICH_SPLIT_SEED = 20261123
 SMALL_LESION_ML = 5.0  # the small-lesion specialist's cases (paper 003)
 WEAK_TOP_K = 16  # pixels whose mean lesion logit stands for a whole weakly labelled slice
 WEAK_FRACTION = 8  # one weakly labelled whole slice per this many patches
@@ -50,69 +49,6 @@ WEAK_FRACTION = 8  # one weakly labelled whole slice per this many patches
 # ---------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------
-
-
-def _parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
-    """'kind:arg,key=value,...' -> (kind, arg, options); a bare path is ('folder', path, {})."""
-    kind, sep, rest = spec.partition(":")
-    if not sep or os.sep in kind:
-        return "folder", spec, {}
-    arg, options = "", {}
-    for part in filter(None, rest.split(",")):
-        key, eq, value = part.partition("=")
-        if eq:
-            options[key.strip()] = value.strip()
-        else:
-            arg = part.strip()
-    return kind, arg, options
-
-
-def load_scans(spec: str) -> list[Scan]:
-    """Scans named by a data spec.
-
-    - ``phantom:seed=S,n=N[,matrix=M,slices=K]``: N synthetic studies from helper phantoms;
-    - ``ctich:train`` / ``ctich:heldout`` / ``ctich:all`` (optionally ``root=DIR``): the CT-ICH
-      patients, split by patient with a fixed seed so held-out patients never reach training;
-      ``ctich:all,patients=49+57`` loads only the patients with those numbers (not combinable
-      with train / heldout, whose split is drawn over all patients);
-    - ``rsna-slices:train`` / ``rsna-slices:heldout`` / ``rsna-slices:all`` (optionally
-      ``root=DIR``): the RSNA brain-window PNG slices, one-slice scans, a fixed 20% held out;
-    - ``rsna:DIR``, ``cq500:DIR``: those datasets' adapters;
-    - a folder: CT-ICH layout if it holds hemorrhage_diagnosis.csv, else written phantom studies.
-    """
-    from training import datasets
-
-    kind, arg, opt = _parse_spec(spec)
-    if kind == "phantom":
-        return datasets.phantom_scans(
-            seed=int(opt.get("seed", 0)),
-            n=int(opt.get("n", 20)),
-            matrix=int(opt.get("matrix", 128)),
-            n_slices=int(opt.get("slices", 24)),
-        )
-    if kind == "ctich":
-        root = Path(opt.get("root", datasets.SHARED_DATA / "ct-ich"))
-        if "patients" in opt:
-            if arg not in ("", "all"):
-                raise ValueError(f"{spec!r}: patients= selects from ctich:all, not from the {arg} split")
-            return datasets.ctich_scans(root, [int(n) for n in opt["patients"].split("+")])
-        scans = datasets.ctich_scans(root)
-        if arg in ("", "all"):
-            return scans
-        train, heldout = datasets.split_by_patient(scans, CTICH_HELDOUT_FRACTION, seed=CTICH_SPLIT_SEED)
-        return {"train": train, "heldout": heldout}[arg]
-    if kind == "rsna-slices":
-        return datasets.rsna_slice_scans(Path(opt.get("root", datasets.SHARED_DATA / "rsna-slices")), arg or "all")
-    if kind == "rsna":
-        return list(datasets.rsna_scans(Path(arg)))
-    if kind == "cq500":
-        return list(datasets.cq500_scans(Path(arg)))
-    if kind == "folder":
-        root = Path(arg)
-        if (root / "hemorrhage_diagnosis.csv").is_file():
-            return datasets.ctich_scans(root)
-        return datasets.folder_scans(root)
-    raise ValueError(f"unknown data spec {spec!r}")
 
 
 @dataclass
