@@ -3,16 +3,8 @@ from __future__ import annotations
 
 import re
 
-import pytest
-
 from node.hl7 import ORDER_PRIORITY
-from tests.conftest import series_uid_of, study_uid_of, wait_for
-from tests.test_e2e import ANALYSIS_BUDGET, done
-from tests.test_hl7 import ack, listen  # noqa: F401 (fixture)
-from tests.test_webhooks import receive  # noqa: F401 (fixture)
-from tests.test_webpage import chromium
-
-pytestmark = pytest.mark.integration
+from tests.helpers import ANALYSIS_BUDGET, ack, chromium, done, series_uid_of, study_uid_of, wait_for
 
 
 def test_positive_study_first_everywhere(node_factory, positive_series, negative_series, listen, receive, tmp_path):

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from tests.helpers import ROOT
+from training.datasets import _parse_spec
 from training.evaluate import bootstrap_ci, dice, roc_auc, roc_curve, slice_hit, weighted_log_loss
-from training.train import _parse_spec
 
 torch.set_num_threads(1)
 
@@ -138,7 +138,7 @@ def test_unet_pools_use_slice_labels_of_scans_without_masks():
     bleeding slices weak positives for the all-ICH U-Net (and the SDH specialist where labelled SDH)."""
     from training.data import Scan
     from training.train import _lesion_target, _unet_pool, make_example
-    from worker.detector import LABELS
+    from ichnode.common.vocabulary import LABELS
     from worker.geometry import Volume
 
     hu = np.full((4, 32, 32), 30.0, np.float32)
@@ -156,7 +156,7 @@ def test_unet_pools_use_slice_labels_of_scans_without_masks():
     assert torch.equal(_lesion_target(example, 0), torch.zeros(32, 32))
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "config" / "training").glob("*.toml")))
+@pytest.mark.parametrize("path", sorted((ROOT / "config" / "training").glob("*.toml")))
 def test_every_shipped_training_config_validates(path):
     from training.config import load_training_config
 
@@ -165,11 +165,12 @@ def test_every_shipped_training_config_validates(path):
 
 
 def test_training_config_names_a_bad_key(tmp_path):
-    from training.config import TrainingConfigError, load_training_config
+    from ichnode.common.config import ConfigError
+    from training.config import load_training_config
 
     bad = tmp_path / "bad.toml"
     bad.write_text('[data]\ntrain = ["ctich:all"]\n[output]\ndir = "x"\n[stages]\ncnn_step = 3\n')
-    with pytest.raises(TrainingConfigError, match="cnn_step"):
+    with pytest.raises(ConfigError, match="cnn_step"):
         load_training_config(bad)
 
 

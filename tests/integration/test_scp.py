@@ -5,68 +5,28 @@ import socket
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
-from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-import uuid
-
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+from pydicom import Dataset, dcmread
+from pydicom.uid import ExplicitVRLittleEndian, LegacyConvertedEnhancedCTImageStorage, RLELossless
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, MRImageStorage
+from pynetdicom.sop_class import MRImageStorage
 
-from node.config import load_settings
+from ichnode.common.config import load_settings
 from node.scp import start_listener
 from node.spool import Spool
 from node.store import Store
-from tests.conftest import dcmtk, free_port
-
-pytestmark = pytest.mark.integration
-
-
-def ct_instance(series_uid: str, index: int, sop_class=CTImageStorage, pixels: bool = True,
-                study_uid: str = "1.2.826.0.1.3680043.8.498.1") -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = f"{series_uid}.{index + 1}"
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.Modality = "CT" if sop_class == CTImageStorage else "MR"
-    ds.PatientID = "P1"
-    ds.PatientName = "Test^Patient"
-    ds.ImagePositionPatient = [0, 0, index * 5.0]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.InstanceNumber = index + 1
-    if pixels:
-        ds.Rows = ds.Columns = 16
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.RescaleIntercept = 0
-        ds.RescaleSlope = 1
-        ds.PixelData = (np.full((16, 16), 40 + index, dtype=np.int16)).tobytes()
-    return ds
-
-
-def new_uid() -> str:
-    """A short unique UID (2.25 + UUID digits), leaving room for instance suffixes."""
-    return "2.25." + str(uuid.uuid4().int)[:30]
+from tests.helpers import ct_instance, dcmtk, free_port, new_uid
 
 
 @pytest.fixture
 def listener(tmp_path):
+    """A running listener: yields its [listener] settings, store and spool."""
     settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path / "data"), "ICHNODE_PORT": str(free_port()),
                                       "ICHNODE_BIND": "127.0.0.1", "ICHNODE_ALLOWED_CALLING_AETS": ""})
-    store = Store(settings.database_path)
-    spool = Spool(settings.spool_dir)
-    server = start_listener(settings, spool, store)
-    yield settings, store, spool
+    store = Store(settings.storage.database_path)
+    spool = Spool(settings.storage.spool_dir)
+    server = start_listener(settings.listener, spool, store)
+    yield settings.listener, store, spool
     server.shutdown()
     store.close()
 
@@ -78,10 +38,10 @@ def write(ds: Dataset, folder: Path) -> Path:
     return path
 
 
-def pynetdicom_store(settings, ds: Dataset, calling: str = "TESTSCU"):
+def pynetdicom_store(scp, ds: Dataset, calling: str = "TESTSCU"):
     ae = AE(ae_title=calling)
     ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", settings.port, ae_title=settings.ae_title)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title=scp.ae_title)
     assert assoc.is_established
     try:
         return assoc.send_c_store(ds)
@@ -90,79 +50,83 @@ def pynetdicom_store(settings, ds: Dataset, calling: str = "TESTSCU"):
 
 
 def test_echoscu_is_answered(listener):
-    settings, _, _ = listener
-    run = subprocess.run([dcmtk("echoscu"), "-aec", settings.ae_title, "127.0.0.1", str(settings.port)],
+    scp, _, _ = listener
+    run = subprocess.run([dcmtk("echoscu"), "-aec", scp.ae_title, "127.0.0.1", str(scp.port)],
                          capture_output=True, text=True, timeout=30)
     assert run.returncode == 0, run.stderr
 
 
 def test_storescu_series_is_spooled_and_recorded_once(listener, tmp_path):
-    settings, store, spool = listener
+    scp, store, spool = listener
     series = new_uid()
     folder = tmp_path / "send"
     for i in range(3):
         write(ct_instance(series, i), folder)
     for _ in range(2):  # the second run sends the same SOP Instance UIDs again
-        run = subprocess.run([dcmtk("storescu"), "-aec", settings.ae_title, "+sd", "127.0.0.1", str(settings.port),
+        run = subprocess.run([dcmtk("storescu"), "-aec", scp.ae_title, "+sd", "127.0.0.1", str(scp.port),
                               str(folder)], capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr
     assert len(spool.files()) == 3
-    assert store.series(series)["instance_count"] == 3
-    assert store.series(series)["state"] == "receiving"
+    assert store.series(series).instance_count == 3
+    assert store.series(series).state == "receiving"
     # the spooled file is the received data set, readable as DICOM with pixel data
-    from pydicom import dcmread
-
     stored = dcmread(spool.files()[0])
     assert stored.SeriesInstanceUID == series and stored.pixel_array.shape == (16, 16)
 
 
 def test_compressed_transfer_syntax_is_accepted(listener, tmp_path):
-    settings, store, spool = listener
+    scp, store, spool = listener
     ds = ct_instance(new_uid(), 0)
     ds.compress(RLELossless)
     path = write(ds, tmp_path / "rle")
-    run = subprocess.run([dcmtk("storescu"), "-xr", "-aec", settings.ae_title, "127.0.0.1", str(settings.port),
+    run = subprocess.run([dcmtk("storescu"), "-xr", "-aec", scp.ae_title, "127.0.0.1", str(scp.port),
                           str(path)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
-    from pydicom import dcmread
-
     stored = dcmread(spool.files()[0])
     assert stored.file_meta.TransferSyntaxUID == RLELossless
     assert int(stored.pixel_array[0, 0]) == 40
 
 
 def test_other_sop_class_is_refused_at_negotiation(listener, tmp_path):
-    settings, store, spool = listener
+    scp, store, spool = listener
     path = write(ct_instance(new_uid(), 0, sop_class=MRImageStorage), tmp_path / "mr")
-    run = subprocess.run([dcmtk("storescu"), "-aec", settings.ae_title, "127.0.0.1", str(settings.port), str(path)],
+    run = subprocess.run([dcmtk("storescu"), "-aec", scp.ae_title, "127.0.0.1", str(scp.port), str(path)],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
     assert "presentation context" in (run.stderr + run.stdout).lower()
     assert spool.files() == []
 
 
+def test_legacy_converted_enhanced_ct_is_accepted(listener):
+    scp, store, spool = listener
+    series = new_uid()
+    status = pynetdicom_store(scp, ct_instance(series, 0, sop_class=LegacyConvertedEnhancedCTImageStorage))
+    assert status.Status == 0x0000
+    assert store.series(series).instance_count == 1 and len(spool.files()) == 1
+
+
 def test_dataset_without_pixel_data_gets_failure_status(listener):
-    settings, store, spool = listener
-    status = pynetdicom_store(settings, ct_instance(new_uid(), 0, pixels=False))
+    scp, store, spool = listener
+    status = pynetdicom_store(scp, ct_instance(new_uid(), 0, pixels=False))
     assert status.Status == 0xA900
     assert "Pixel Data" in status.ErrorComment
     assert spool.files() == []
 
 
 def test_dataset_without_series_uid_gets_failure_status(listener):
-    settings, store, spool = listener
+    scp, store, spool = listener
     ds = ct_instance(new_uid(), 0)
     del ds.SeriesInstanceUID
-    status = pynetdicom_store(settings, ds)
+    status = pynetdicom_store(scp, ds)
     assert status.Status == 0xA900
     assert "SeriesInstanceUID" in status.ErrorComment
     assert spool.files() == []
 
 
 def test_unsafe_uid_is_refused(listener):
-    settings, store, spool = listener
+    scp, store, spool = listener
     ds = ct_instance("1.2.3", 0, study_uid="1.2.3.09")  # a leading zero: not a valid UID
-    status = pynetdicom_store(settings, ds)
+    status = pynetdicom_store(scp, ds)
     assert status.Status == 0xC001
     assert spool.files() == []
 
@@ -170,13 +134,13 @@ def test_unsafe_uid_is_refused(listener):
 def test_calling_ae_allow_list(tmp_path):
     settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path / "d"), "ICHNODE_PORT": str(free_port()),
                                       "ICHNODE_BIND": "127.0.0.1", "ICHNODE_ALLOWED_CALLING_AETS": "SCANNER1"})
-    store = Store(settings.database_path)
-    server = start_listener(settings, Spool(settings.spool_dir), store)
+    store = Store(settings.storage.database_path)
+    server = start_listener(settings.listener, Spool(settings.storage.spool_dir), store)
     try:
         refused = subprocess.run([dcmtk("echoscu"), "-aet", "INTRUDER", "-aec", "ICHNODE", "127.0.0.1",
-                                  str(settings.port)], capture_output=True, text=True, timeout=30)
+                                  str(settings.listener.port)], capture_output=True, text=True, timeout=30)
         allowed = subprocess.run([dcmtk("echoscu"), "-aet", "SCANNER1", "-aec", "ICHNODE", "127.0.0.1",
-                                  str(settings.port)], capture_output=True, text=True, timeout=30)
+                                  str(settings.listener.port)], capture_output=True, text=True, timeout=30)
     finally:
         server.shutdown()
         store.close()
@@ -185,16 +149,16 @@ def test_calling_ae_allow_list(tmp_path):
 
 
 def test_garbage_and_truncated_streams_do_not_take_the_listener_down(listener, tmp_path):
-    settings, store, spool = listener
-    with socket.create_connection(("127.0.0.1", settings.port)) as sock:
+    scp, store, spool = listener
+    with socket.create_connection(("127.0.0.1", scp.port)) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)))
     # a real association that stops in the middle of a data set
     big = ct_instance(new_uid(), 0)
     path = write(big, tmp_path / "trunc")
     data = path.read_bytes()
-    with socket.create_connection(("127.0.0.1", settings.port)) as sock:
+    with socket.create_connection(("127.0.0.1", scp.port)) as sock:
         sock.sendall(b"\x01\x00" + data[:200])
-    run = subprocess.run([dcmtk("echoscu"), "-aec", settings.ae_title, "127.0.0.1", str(settings.port)],
+    run = subprocess.run([dcmtk("echoscu"), "-aec", scp.ae_title, "127.0.0.1", str(scp.port)],
                          capture_output=True, text=True, timeout=30)
     assert run.returncode == 0
     assert spool.files() == []
@@ -204,12 +168,12 @@ def test_garbage_and_truncated_streams_do_not_take_the_listener_down(listener, t
 def test_wrong_called_ae_title_is_rejected_unless_the_check_is_off(tmp_path, check):
     settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path / "d"), "ICHNODE_PORT": str(free_port()),
                                       "ICHNODE_BIND": "127.0.0.1", "ICHNODE_CHECK_CALLED_AET": str(check).lower()})
-    store = Store(settings.database_path)
-    server = start_listener(settings, Spool(settings.spool_dir), store)
+    store = Store(settings.storage.database_path)
+    server = start_listener(settings.listener, Spool(settings.storage.spool_dir), store)
     try:
-        wrong = subprocess.run([dcmtk("echoscu"), "-aec", "OTHERPACS", "127.0.0.1", str(settings.port)],
+        wrong = subprocess.run([dcmtk("echoscu"), "-aec", "OTHERPACS", "127.0.0.1", str(settings.listener.port)],
                                capture_output=True, text=True, timeout=30)
-        right = subprocess.run([dcmtk("echoscu"), "-aec", "ICHNODE", "127.0.0.1", str(settings.port)],
+        right = subprocess.run([dcmtk("echoscu"), "-aec", "ICHNODE", "127.0.0.1", str(settings.listener.port)],
                                capture_output=True, text=True, timeout=30)
     finally:
         server.shutdown()

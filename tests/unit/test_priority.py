@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from node.config import Settings
-from worker.priority import PriorityRule, assign_priority
+from ichnode.common.config import PriorityRule, Settings, load_settings
+from worker.priority import assign_priority
 
 RULE = PriorityRule(stat_probability=0.70, urgent_probability=0.30, stat_volume_ml=30.0)
 
@@ -55,7 +55,8 @@ def test_routine_rationale_has_no_volume_and_no_subtypes_below_urgent():
 
 
 def test_thresholds_come_from_settings():
-    rule = PriorityRule.from_settings(Settings(stat_probability=0.9, urgent_probability=0.5, stat_volume_ml=10))
+    rule = load_settings(environ={"ICHNODE_STAT_PROBABILITY": "0.9", "ICHNODE_URGENT_PROBABILITY": "0.5",
+                                  "ICHNODE_STAT_VOLUME_ML": "10"}).priority
     assert assign_priority(rule, probs(0.8), {"any": 0.0}, False).level == "URGENT"
     assert assign_priority(rule, probs(0.6), {"any": 12.0}, False).level == "STAT"
     assert assign_priority(rule, probs(0.4), {"any": 0.0}, False).level == "ROUTINE"
@@ -81,5 +82,4 @@ def test_default_thresholds_are_the_shipped_models_cross_validated_operating_poi
 
     calibration = json.loads((SHIPPED_DIR / "evaluation" / "cv" / "calibration.json").read_text())
     point = (calibration["urgent_probability"], calibration["stat_probability"])
-    assert (Settings().urgent_probability, Settings().stat_probability) == point
-    assert (PriorityRule().urgent_probability, PriorityRule().stat_probability) == point
+    assert (Settings().priority.urgent_probability, Settings().priority.stat_probability) == point

@@ -11,14 +11,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.conftest import ROOT, analyze, dciodvfy_errors
+from tests.helpers import ROOT, analyze, dciodvfy_errors
 from training import datasets
 from training.dicom_series import write_scan_series
-from training.train import load_scans
 from worker.detector import load_detector
 from worker.volume import load_series
 
-CTICH = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct-ich"
+CTICH = datasets.SHARED_DATA / "ct-ich"
 needs_ctich = pytest.mark.skipif(not CTICH.is_dir(), reason="CT-ICH data not present")
 
 
@@ -27,7 +26,7 @@ def exported(tmp_path_factory) -> Path:
     """CT-ICH patient 49 (epidural and intraparenchymal bleeds), exported by the command line."""
     out = tmp_path_factory.mktemp("export")
     run = subprocess.run(
-        [sys.executable, "-m", "node.cli", "export-dicom", "--data", f"ctich:all,patients=49,root={CTICH}", str(out)],
+        [sys.executable, "-m", "ichnode.cli", "export-dicom", "--data", f"ctich:all,patients=49,root={CTICH}", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -82,6 +81,6 @@ def test_analyze_of_the_exported_patient_gives_the_library_paths_probabilities(e
 
 @needs_ctich
 def test_ctich_spec_selects_patients():
-    assert [s.scan_id for s in load_scans(f"ctich:all,patients=57+49,root={CTICH}")] == ["ctich-049", "ctich-057"]
+    assert [s.scan_id for s in datasets.load_scans(f"ctich:all,patients=57+49,root={CTICH}")] == ["ctich-049", "ctich-057"]
     with pytest.raises(ValueError, match="patients="):
-        load_scans(f"ctich:heldout,patients=49,root={CTICH}")
+        datasets.load_scans(f"ctich:heldout,patients=49,root={CTICH}")

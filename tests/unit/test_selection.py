@@ -7,19 +7,24 @@ import random
 import numpy as np
 import pytest
 
+from node.headers import InstanceHeader, instance_header
 from node.selection import SHARP, SOFT, UNCLASSIFIED, choose_series, eligibility, kernel_class
+from training.phantom import make_study
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 MIN_SLICES, MIN_COVERAGE = 16, 80.0
 
 
-def series(count: int = 32, spacing: float = 5.0, orientation=AXIAL, **overrides) -> list[dict]:
+def series(count: int = 32, spacing: float = 5.0, orientation=AXIAL, **overrides) -> list[InstanceHeader]:
     """Headers of a routine non-contrast head series, slices along the orientation's normal."""
     normal = np.cross(orientation[:3], orientation[3:])
     headers = []
     for i in range(count):
         header = {
+            "sop_instance_uid": f"1.2.99.{i + 1}",
+            "study_instance_uid": "1.2",
+            "series_instance_uid": "1.2.99",
             "sop_class_uid": CT_IMAGE,
             "modality": "CT",
             "body_part": "HEAD",
@@ -38,11 +43,11 @@ def series(count: int = 32, spacing: float = 5.0, orientation=AXIAL, **overrides
             "number_of_frames": 1,
         }
         header.update(overrides)
-        headers.append(header)
+        headers.append(InstanceHeader(**header))
     return headers
 
 
-def judge(headers: list[dict]):
+def judge(headers: list[InstanceHeader]):
     return eligibility(headers, MIN_SLICES, MIN_COVERAGE)
 
 
@@ -93,6 +98,7 @@ def test_ineligible_series_say_why(overrides, reason):
         {"series_description": "Kopf ohne KM"},
         {"contrast_agent": "NONE"},
         {"image_type": ["DERIVED", "SECONDARY", "AXIAL"], "series_description": "Head axial reformat"},
+        {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2.2"},  # Legacy Converted Enhanced CT
     ],
 )
 def test_eligible_variants(overrides):
@@ -123,7 +129,7 @@ def test_too_little_of_a_head(count, spacing, reason):
 
 def test_slices_counted_by_distinct_position_not_by_instance():
     headers = series(12, 5.0)
-    repeated = headers + [dict(h, instance_number=100 + i) for i, h in enumerate(headers)]
+    repeated = headers + [h.model_copy(update={"instance_number": 100 + i}) for i, h in enumerate(headers)]
     random.Random(3).shuffle(repeated)
     assert judge(repeated).reason == "12 slices cover 60 mm; need >= 16 slices and >= 80 mm"
     assert judge(series(16, 5.0)).eligible  # 75 mm between first and last centre + one gap = 80 mm
@@ -132,7 +138,7 @@ def test_slices_counted_by_distinct_position_not_by_instance():
 def test_enhanced_ct_without_per_frame_positions_checked_by_frame_count():
     enhanced = series(1, image_position=None, image_orientation=None, slice_thickness=None, number_of_frames=40)
     assert judge(enhanced).eligible
-    assert judge([dict(enhanced[0], number_of_frames=10)]).reason == "10 slices; need >= 16 slices"
+    assert judge([enhanced[0].model_copy(update={"number_of_frames": 10})]).reason == "10 slices; need >= 16 slices"
 
 
 @pytest.mark.parametrize(
@@ -205,12 +211,9 @@ def test_kernel_classes(kernel, expected):
 
 
 def test_headers_of_a_phantom_head_ct_are_eligible():
-    from node.headers import instance_header
-    from training.phantom import make_study
-
     headers = [instance_header(ds) for ds in make_study(1, matrix=64).datasets]
 
     assert judge(headers).eligible
-    assert judge([dict(h, contrast_agent="Iomeron 350") for h in headers]).reason == (
+    assert judge([h.model_copy(update={"contrast_agent": "Iomeron 350"}) for h in headers]).reason == (
         "contrast-enhanced (ContrastBolusAgent 'Iomeron 350')"
     )

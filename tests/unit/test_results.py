@@ -14,11 +14,14 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from tests.conftest import dciodvfy_errors
-from worker.detector import LABELS, SUBTYPES, DetectorOutput
-from worker.findings import Findings
+from ichnode.common.analysis import Findings
+from ichnode.common.config import PriorityRule
+from ichnode.common.vocabulary import LABELS, SUBTYPES
+from tests.helpers import dciodvfy_errors
+from worker.detector import DetectorOutput
+from worker.findings import findings_from_output
 from worker.geometry import SliceRef, Volume
-from worker.priority import PriorityRule, assign_priority
+from worker.priority import assign_priority
 from worker.results import build_results
 from worker.results.sc import BANNER_RGB
 from worker.results.sources import in_source_order
@@ -100,9 +103,7 @@ def detector_output(
 
 def findings_for(sources: list[Dataset], volume: Volume, output: DetectorOutput) -> Findings:
     priority = assign_priority(PriorityRule(), output.probabilities, output.volumes_ml, output.difficult)
-    return Findings.from_output(
-        sources[0].StudyInstanceUID, sources[0].SeriesInstanceUID, volume, output, priority
-    )
+    return findings_from_output(sources[0].StudyInstanceUID, sources[0].SeriesInstanceUID, volume, output, priority)
 
 
 def blob_mask() -> np.ndarray:

@@ -5,20 +5,16 @@ import os
 import signal
 import subprocess
 
-import pytest
 from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless, generate_uid
 
-from tests.conftest import dcmtk, series_uid_of, study_uid_of, wait_for
-
-pytestmark = pytest.mark.integration
+from tests.helpers import ANALYSIS_BUDGET, dcmtk, done, series_uid_of, study_uid_of, wait_for
 
 SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.22"}
 SC_CLASSES = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"}
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
-ANALYSIS_BUDGET = 120  # quiet period + 60 s on this 2-core machine, plus worker start-up
 
 
 def received_classes(pacs, study_uid: str) -> dict[str, int]:
@@ -32,16 +28,6 @@ def received_classes(pacs, study_uid: str) -> dict[str, int]:
 def has_results(pacs, study_uid: str):
     classes = received_classes(pacs, study_uid)
     return classes if (set(classes) & SR_CLASSES and set(classes) & SC_CLASSES) else None
-
-
-def done(node, series_uid: str, generation: int = 1):
-    try:
-        series = node.series(series_uid)
-    except Exception:
-        return None
-    if series["state"] in ("failed", "skipped"):
-        raise AssertionError(f"series {series['state']}: {series['reason']}\n{node.logs()[-3000:]}")
-    return series if series["state"] == "done" and series["generation"] >= generation else None
 
 
 def test_serve_embedded_broker_end_to_end(node_factory, storescp, positive_series, tmp_path):

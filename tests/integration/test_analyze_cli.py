@@ -5,7 +5,7 @@ import json
 
 from pydicom import dcmread
 
-from tests.conftest import analyze
+from tests.helpers import analyze
 
 
 def test_analyze_writes_findings_json_and_result_objects(positive_series, tmp_path):

@@ -4,22 +4,22 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
+from ichnode.common.config import load_settings
 from node.api import create_app
-from node.config import load_settings
 from node.store import Store
-from tests.test_assembler import header
+from tests.helpers import findings_for, header
 
 
 @pytest.fixture
 def store_and_settings(tmp_path):
     settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path), "ICHNODE_API_TOKEN": "s3cret"})
-    store = Store(settings.database_path)
+    store = Store(settings.storage.database_path)
     for i in range(3):
         store.record_instance(header("1.2.3.4", i), f"p{i}", "SCANNER")
     store.record_instance(header("1.2.3.9", 0, body_part="CHEST"), "q", "SCANNER")
     store.mark_skipped("1.2.3.9", "not a head series (BodyPartExamined 'CHEST')")
     store.mark_queued("1.2.3.4", "t1")
-    store.mark_result("1.2.3.4", 1, "done", {"probabilities": {"any": 0.9}, "priority": {"level": "STAT"}}, None)
+    store.mark_result("1.2.3.4", 1, "done", findings_for("1.2.3", "1.2.3.4", 0.9), None)
     yield store, settings
     store.close()
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from worker.detector import LABELS, SUBTYPES, DetectorOutput, ModelLoadError, load_detector
+from ichnode.common.vocabulary import LABELS, SUBTYPES
+from worker.detector import DetectorOutput, ModelLoadError, load_detector
 from worker.detector.ensemble import SCAN_MEMBERS, Ensemble, EnsembleConfig
 from worker.detector.members import (
     AttentionMIL,

@@ -5,12 +5,11 @@ import time
 
 import pytest
 
+from ichnode.common.config import load_settings
 from node.assembler import SeriesAssembler
-from node.config import load_settings
 from node.dispatcher import Dispatcher
 from node.store import Store
-
-STUDY = "1.2.3"
+from tests.helpers import STUDY_UID, findings_for, header
 
 
 class PendingResult:
@@ -28,24 +27,10 @@ class RecordingCelery:
         return PendingResult()
 
 
-def header(series: str, index: int, *, kernel="H30s", body_part="HEAD", hint=None, z=None, modality="CT"):
-    return {
-        "sop_instance_uid": f"{series}.{index + 1}", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
-        "study_instance_uid": STUDY, "series_instance_uid": series, "modality": modality,
-        "body_part": body_part, "series_description": "Head", "protocol_name": None, "kernel": kernel,
-        "image_type": ["ORIGINAL", "PRIMARY", "AXIAL"], "contrast_agent": None,
-        "images_in_acquisition": hint, "instance_number": index + 1,
-        "image_position": [0.0, 0.0, 5.0 * index if z is None else z], "image_orientation": [1, 0, 0, 0, 1, 0],
-        "slice_thickness": 5.0, "rows": 512, "columns": 512, "number_of_frames": 1,
-        "patient_id": "P", "patient_name": "X^Y", "accession_number": "A1", "study_date": "20260101",
-        "study_description": "CT HEAD",
-    }
-
-
 @pytest.fixture
 def node(tmp_path):
     settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path), "ICHNODE_QUIET_SECONDS": "10"})
-    store = Store(settings.database_path)
+    store = Store(settings.storage.database_path)
     celery = RecordingCelery()
     dispatcher = Dispatcher(store, settings, celery, on_result=lambda *a: None)
     assembler = SeriesAssembler(store, settings, dispatcher.dispatch)
@@ -55,16 +40,16 @@ def node(tmp_path):
 
 def receive(store, series, count, **kwargs):
     for i in range(count):
-        store.record_instance(header(series, i, **kwargs), f"{STUDY}/{series}/{series}.{i + 1}.dcm", "SCANNER")
+        store.record_instance(header(series, i, **kwargs), f"{STUDY_UID}/{series}/{series}.{i + 1}.dcm", "SCANNER")
 
 
 def test_complete_after_quiet_period_then_queued_with_paths(node):
     store, assembler, celery, _ = node
     receive(store, "1.2.3.4", 30)
     assembler.tick(time.time() + 2)
-    assert celery.sent == [] and store.series("1.2.3.4")["state"] == "receiving"
+    assert celery.sent == [] and store.series("1.2.3.4").state == "receiving"
     assembler.tick(time.time() + 11)
-    assert store.series("1.2.3.4")["state"] == "queued"
+    assert store.series("1.2.3.4").state == "queued"
     (name, (uid, generation, paths), task_id), = celery.sent
     assert uid == "1.2.3.4" and generation == 1 and len(paths) == 30 and task_id.endswith("-g1")
 
@@ -73,7 +58,7 @@ def test_count_hint_and_continuous_positions_finish_early(node):
     store, assembler, celery, _ = node
     receive(store, "1.2.3.4", 30, hint=30)
     assembler.tick(time.time() + 1.5)
-    assert store.series("1.2.3.4")["state"] == "queued"
+    assert store.series("1.2.3.4").state == "queued"
 
 
 def test_count_hint_with_a_gap_waits_for_the_quiet_period(node):
@@ -82,9 +67,9 @@ def test_count_hint_with_a_gap_waits_for_the_quiet_period(node):
         z = 5.0 * i + (5.0 if i >= 15 else 0.0)  # one slice position missing in the middle
         store.record_instance(header("1.2.3.4", i, hint=30, z=z), f"p{i}", "SCANNER")
     assembler.tick(time.time() + 1.5)
-    assert store.series("1.2.3.4")["state"] == "receiving"
+    assert store.series("1.2.3.4").state == "receiving"
     assembler.tick(time.time() + 11)
-    assert store.series("1.2.3.4")["state"] == "queued"
+    assert store.series("1.2.3.4").state == "queued"
 
 
 def test_soft_tissue_kernel_chosen_over_bone_and_the_other_skipped_with_reason(node):
@@ -92,9 +77,9 @@ def test_soft_tissue_kernel_chosen_over_bone_and_the_other_skipped_with_reason(n
     receive(store, "1.2.3.4", 30, kernel="H70h")
     receive(store, "1.2.3.5", 30, kernel="H30s")
     assembler.tick(time.time() + 11)
-    assert store.series("1.2.3.5")["state"] == "queued"
+    assert store.series("1.2.3.5").state == "queued"
     bone = store.series("1.2.3.4")
-    assert bone["state"] == "skipped" and "1.2.3.5" in bone["reason"]
+    assert bone.state == "skipped" and "1.2.3.5" in bone.reason
 
 
 def test_selection_waits_for_a_sibling_series_still_arriving(node):
@@ -103,10 +88,10 @@ def test_selection_waits_for_a_sibling_series_still_arriving(node):
     receive(store, "1.2.3.5", 30, kernel="H30s")  # no count hint: complete only when quiet
     assembler.tick(time.time() + 1.5)  # bone series complete early, soft series still arriving
     assert celery.sent == []
-    assert store.series("1.2.3.4")["completed_at"] is not None
+    assert store.series("1.2.3.4").completed_at is not None
     assembler.tick(time.time() + 11)
     assert [args[0] for _, args, _ in celery.sent] == ["1.2.3.5"]
-    assert store.series("1.2.3.4")["state"] == "skipped"
+    assert store.series("1.2.3.4").state == "skipped"
 
 
 def test_ineligible_series_is_skipped_with_a_reason(node):
@@ -115,31 +100,31 @@ def test_ineligible_series_is_skipped_with_a_reason(node):
     receive(store, "1.2.3.7", 3)
     assembler.tick(time.time() + 11)
     assert celery.sent == []
-    assert "CHEST" in store.series("1.2.3.6")["reason"]
-    assert store.series("1.2.3.7")["state"] == "skipped" and store.series("1.2.3.7")["reason"]
+    assert "CHEST" in store.series("1.2.3.6").reason
+    assert store.series("1.2.3.7").state == "skipped" and store.series("1.2.3.7").reason
 
 
 def test_late_instance_triggers_a_new_generation(node):
     store, assembler, celery, _ = node
     receive(store, "1.2.3.4", 30)
     assembler.tick(time.time() + 11)
-    assert store.mark_result("1.2.3.4", 1, "done", {"probabilities": {}}, None)
+    assert store.mark_result("1.2.3.4", 1, "done", findings_for(STUDY_UID, "1.2.3.4", 0.1), None)
     store.record_instance(header("1.2.3.4", 30), "late.dcm", "SCANNER")
-    assert store.series("1.2.3.4")["state"] == "receiving"
+    assert store.series("1.2.3.4").state == "receiving"
     assembler.tick(time.time() + 11)
     assert [args[1] for _, args, _ in celery.sent] == [1, 2]
     assert len(celery.sent[1][1][2]) == 31
     # a result of the first generation arriving now is recognised as superseded
-    assert not store.mark_result("1.2.3.4", 1, "done", {}, None)
+    assert not store.mark_result("1.2.3.4", 1, "done", findings_for(STUDY_UID, "1.2.3.4", 0.1), None)
 
 
 def test_pending_task_is_queued_again_when_a_worker_died_after_it_was_queued(node):
     store, assembler, celery, dispatcher = node
     receive(store, "1.2.3.4", 30)
     assembler.tick(time.time() + 11)
-    queued_at = store.series("1.2.3.4")["queued_at"]
+    queued_at = store.series("1.2.3.4").queued_at
     dispatcher.poll(worker_died_at=queued_at - 5)  # died before: not ours
     assert len(celery.sent) == 1
     dispatcher.poll(worker_died_at=queued_at + 1)
     assert [args[1] for _, args, _ in celery.sent] == [1, 2]
-    assert store.series("1.2.3.4")["state"] == "queued"
+    assert store.series("1.2.3.4").state == "queued"

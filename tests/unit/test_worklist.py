@@ -1,68 +1,7 @@
+"""The worklist API on a real Store: reading order, filters, acknowledgement, thumbnails."""
 import pytest
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
 
-from node.config import Settings
-from node.store import Store
-from node.worklist import make_worklist_router, mount_web
-from worker.priority import PriorityRule, assign_priority
-
-
-def findings_for(study_uid: str, series_uid: str, p_any: float, volume: float = 0.0) -> dict:
-    """A findings.json as the worker writes it, priority from the real rule."""
-    probabilities = {"any": p_any, "EDH": 0.01, "IPH": round(p_any * 0.9, 4), "IVH": 0.02, "SAH": 0.03, "SDH": 0.04}
-    volumes = {"any": volume, "IPH": volume}
-    priority = assign_priority(PriorityRule(), probabilities, volumes, difficult=0.4 <= p_any <= 0.6)
-    return {
-        "study_instance_uid": study_uid,
-        "series_instance_uid": series_uid,
-        "probabilities": probabilities,
-        "volumes_ml": volumes,
-        "slice_scores": [0.1, p_any, 0.2],
-        "key_slices": [f"{series_uid}.9.1", f"{series_uid}.9.2"],
-        "priority": priority.as_dict(),
-        "difficult": 0.4 <= p_any <= 0.6,
-        "model": {"name": "ich-ensemble", "version": "1.0.0"},
-        "result_uids": {},
-    }
-
-
-class Site:
-    """A real Store with studies put in through the same calls the node makes."""
-
-    def __init__(self, tmp_path):
-        self.settings = Settings(data_dir=tmp_path)
-        self.store = Store(self.settings.database_path)
-        self.app = FastAPI()
-        self.app.include_router(make_worklist_router(self.store, self.settings))
-        mount_web(self.app)
-        self.client = TestClient(self.app)
-        self._next = 0
-
-    def receive(self, study_uid: str, series_uid: str, name: str = "DOE^JANE", accession: str = "A1") -> None:
-        self._next += 1
-        header = {
-            "sop_instance_uid": f"{series_uid}.{self._next}", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
-            "study_instance_uid": study_uid, "series_instance_uid": series_uid, "modality": "CT",
-            "patient_id": f"PID-{study_uid}", "patient_name": name, "accession_number": accession,
-        }
-        assert self.store.record_instance(header, f"spool/{self._next}.dcm", "SCANNER")
-
-    def analysed(self, study_uid: str, series_uid: str, p_any: float, volume: float = 0.0,
-                 thumbnails: tuple[bytes, ...] = (), name: str = "DOE^JANE") -> None:
-        self.receive(study_uid, series_uid, name)
-        generation = self.store.mark_queued(series_uid, f"task-{series_uid}")
-        findings = findings_for(study_uid, series_uid, p_any, volume)
-        assert self.store.mark_result(series_uid, generation, "done", findings, None)
-        folder = self.settings.results_dir / series_uid
-        folder.mkdir(parents=True, exist_ok=True)
-        for n, png in enumerate(thumbnails):
-            (folder / f"thumb_{n}.png").write_bytes(png)
-
-    def worklist(self, **params) -> list[dict]:
-        response = self.client.get("/api/worklist", params=params)
-        assert response.status_code == 200, response.text
-        return response.json()
+from tests.helpers import Site
 
 
 @pytest.fixture
@@ -172,9 +111,9 @@ def test_thumbnails(site):
 
 @pytest.mark.parametrize("series", ["..", "%2e%2e", "%2E%2E", ".", "1..4", ".1.4", "1.4."])
 def test_thumbnail_route_never_leaves_the_series_folder(site, series):
-    (site.settings.results_dir).mkdir(parents=True, exist_ok=True)
-    (site.settings.results_dir / "thumb_0.png").write_bytes(b"outside")  # what a traversal would serve
-    (site.settings.data_dir / "thumb_0.png").write_bytes(b"outside")
+    (site.storage.results_dir).mkdir(parents=True, exist_ok=True)
+    (site.storage.results_dir / "thumb_0.png").write_bytes(b"outside")  # what a traversal would serve
+    (site.storage.data_dir / "thumb_0.png").write_bytes(b"outside")
     response = site.client.get(f"/api/series/{series}/thumbnails/0.png")
     assert response.status_code in (404, 422)
     assert response.content != b"outside"

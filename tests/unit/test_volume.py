@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    CTImageStorage,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
@@ -18,7 +19,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from worker.volume import CT_IMAGE_STORAGE, VolumeError, load_series
+from worker.volume import VolumeError, load_series
 
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -50,7 +51,7 @@ def ct_dataset(
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = CT_IMAGE_STORAGE
+    ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

@@ -3,7 +3,6 @@ import io
 import re
 import shutil
 import socket
-import subprocess
 import threading
 from contextlib import contextmanager
 
@@ -12,12 +11,9 @@ import uvicorn
 from PIL import Image, ImageDraw
 
 from node.api import create_app
-from tests.test_worklist import Site
+from tests.helpers import Site, chromium
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed"),
-]
+pytestmark = pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
 
 STAT_STUDY, ROUTINE_STUDY = "1.2.826.0.1.7", "1.2.826.0.1.3"
 BANNER_RGB = (0xFF, 0xD6, 0x0A)
@@ -56,17 +52,6 @@ def serve(app):
         thread.join(10)
 
 
-def chromium(tmp_path, *args: str) -> str:
-    command = [
-        "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=8000", *args,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
 @pytest.fixture
 def site(tmp_path):
     site = Site(tmp_path / "node")
@@ -101,7 +86,8 @@ def test_disclaimer_banner_is_visible_on_screen(tmp_path, url):
 
 def test_page_says_when_the_api_token_is_missing(tmp_path, site):
     """With a token configured and none given, the page says so instead of showing a stale list."""
-    settings = site.settings.model_copy(update={"api_token": "s3cret"})
+    http = site.settings.http.model_copy(update={"api_token": "s3cret"})
+    settings = site.settings.model_copy(update={"http": http})
     with serve(create_app(site.store, settings)) as base:
         dom = chromium(tmp_path, "--dump-dom", base)
     assert "List NOT up to date — API token needed" in dom

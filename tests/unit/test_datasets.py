@@ -9,11 +9,11 @@ import pydicom
 import pytest
 from scipy import ndimage
 
+from ichnode.common.vocabulary import LABELS, SUBTYPES
 from training import datasets
 from training.phantom import make_studies, make_study, write_study
-from worker.detector import LABELS, SUBTYPES
 
-CTICH = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct-ich"
+CTICH = datasets.SHARED_DATA / "ct-ich"
 
 
 def test_written_phantoms_load_like_in_memory_ones(tmp_path):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ichnode.common.vocabulary import LABELS
 from training.labels import LABELING_FUNCTIONS, LabelModel, apply_lfs, predict_proba, read_report
 from training.phantom import make_findings, make_report
-from worker.detector import LABELS
 
 
 def statuses(text: str) -> set[tuple[str, str]]:

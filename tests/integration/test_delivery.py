@@ -3,27 +3,22 @@ from __future__ import annotations
 
 import time
 
-import pytest
-from pydicom import Dataset
-
-from node.config import load_settings
+from ichnode.common.config import StorageSection, load_settings
 from node.delivery import Deliverer
 from node.store import Store
-from tests.conftest import StoreSCP, free_port
-from tests.test_scp import ct_instance, new_uid
-
-pytestmark = pytest.mark.integration
+from tests.helpers import StoreSCP, ct_instance, free_port, new_uid
 
 
-def result_files(data_dir, count=3):
+def result_files(storage: StorageSection, count=3):
     series = new_uid()
+    folder = storage.result_folder(series)
+    folder.path.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
-        ds: Dataset = ct_instance(series, i)
-        path = data_dir / "results" / series / f"CT_{ds.SOPInstanceUID}.dcm"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        ds = ct_instance(series, i)
+        path = folder.object_file(ds.Modality, ds.SOPInstanceUID)
         ds.save_as(path, enforce_file_format=True)
-        paths.append(str(path.relative_to(data_dir)))
+        paths.append(str(path.relative_to(storage.data_dir)))
     return series, paths
 
 
@@ -32,8 +27,8 @@ def test_destination_down_then_back_gets_everything_even_across_a_restart(tmp_pa
     pacs = StoreSCP(tmp_path / "pacs", port=port)
     settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path / "data"),
                                       "ICHNODE_DESTINATIONS": pacs.destination})
-    store = Store(settings.database_path)
-    series, paths = result_files(settings.data_dir)
+    store = Store(settings.storage.database_path)
+    series, paths = result_files(settings.storage)
     for path in paths:
         store.enqueue_delivery(series, 1, "dicom", pacs.destination, path)
         store.enqueue_delivery(series, 1, "dicom", pacs.destination, path)  # planned twice: kept once
@@ -42,31 +37,31 @@ def test_destination_down_then_back_gets_everything_even_across_a_restart(tmp_pa
     assert deliverer.run_once() == 0  # the PACS is down
     items = store.deliveries(series)
     assert len(items) == 3
-    assert all(i["state"] == "pending" and i["attempts"] == 1 and "no association" in i["last_error"] for i in items)
-    first_retry = items[0]["next_attempt_at"]
+    assert all(i.state == "pending" and i.attempts == 1 and "no association" in i.last_error for i in items)
+    first_retry = items[0].next_attempt_at
     assert first_retry > time.time()
     assert deliverer.run_once() == 0  # nothing is due before its backoff ends
     assert deliverer.run_once(now=first_retry + 1) == 0  # still down: backoff grows
-    assert store.deliveries(series)[0]["next_attempt_at"] - first_retry > 1.5
+    assert store.deliveries(series)[0].next_attempt_at - first_retry > 1.5
 
     store.close()  # the node restarts; the outbox is on disk
-    store = Store(settings.database_path)
+    store = Store(settings.storage.database_path)
     deliverer = Deliverer(store, settings)
     pacs.start()
     try:
         assert deliverer.run_once(now=time.time() + 3600) == 3
     finally:
         pacs.stop()
-    assert all(i["state"] == "sent" for i in store.deliveries(series))
+    assert all(i.state == "sent" for i in store.deliveries(series))
     assert len(pacs.received()) == 3
     store.close()
 
 
 def test_missing_result_file_is_reported_not_dropped(tmp_path, storescp):
     settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path / "data")})
-    store = Store(settings.database_path)
+    store = Store(settings.storage.database_path)
     store.enqueue_delivery("1.2", 1, "dicom", storescp.destination, "results/1.2/gone.dcm")
     Deliverer(store, settings).run_once()
     (item,) = store.deliveries("1.2")
-    assert item["state"] == "pending" and "missing" in item["last_error"]
+    assert item.state == "pending" and "missing" in item.last_error
     store.close()

@@ -1,0 +1,461 @@
+"""What several test modules share: real peers (DCMTK storescp, an MLLP listener, an HTTP
+receiver, headless Chromium), the node as a process, and the records the node keeps. Fixtures
+that wrap them are in conftest.py; test modules import from here, never from each other."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import hl7
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+from ichnode.common.analysis import ModelIdentity, SeriesFindings
+from ichnode.common.config import PriorityRule, Settings, StorageSection
+from node.headers import InstanceHeader
+from node.store import Store, StudyRow
+from node.worklist import make_worklist_router, mount_web
+from worker.priority import assign_priority
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_URL = os.environ.get("ICHNODE_TEST_REDIS", "redis://127.0.0.1:6379/15")
+ANALYSIS_BUDGET = 120  # quiet period + 60 s on a 2-core machine, plus worker start-up
+
+
+# --- tools and processes --------------------------------------------------------------------
+
+def dcmtk(tool: str) -> str:
+    """DCMTK's own binary (pynetdicom installs Python tools of the same names on PATH)."""
+    path = Path("/usr/bin") / tool
+    if not path.exists():
+        pytest.fail(f"DCMTK {tool} missing: run deploy/test.sh (it installs dcmtk)")
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def analyze(folder: Path, out: Path) -> subprocess.CompletedProcess:
+    """`ichnode analyze folder --out out` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "ichnode.cli", "analyze", str(folder), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The error lines dicom3tools' dciodvfy reports for one file (warnings are not errors)."""
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
+
+
+def chromium(tmp_path: Path, *args: str) -> str:
+    """Headless Chromium's stdout for `args` (e.g. --dump-dom URL)."""
+    command = [
+        "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=8000", *args,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+# --- DICOM data -----------------------------------------------------------------------------
+
+def write_phantom(folder: Path, seed: int, **kwargs) -> Path:
+    """A phantom study's DICOM files in folder/phantom-<seed>/; returns that folder."""
+    from training.phantom import make_study
+
+    study = make_study(seed, **kwargs)
+    out = folder / f"phantom-{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    for ds in study.datasets:
+        ds.save_as(out / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+    return out
+
+
+def series_uid_of(folder: Path) -> str:
+    first = next(p for p in sorted(folder.iterdir()) if p.suffix == ".dcm")
+    return str(dcmread(first, stop_before_pixels=True).SeriesInstanceUID)
+
+
+def study_uid_of(folder: Path) -> str:
+    first = next(p for p in sorted(folder.iterdir()) if p.suffix == ".dcm")
+    return str(dcmread(first, stop_before_pixels=True).StudyInstanceUID)
+
+
+def new_uid() -> str:
+    """A short unique UID (2.25 + UUID digits), leaving room for instance suffixes."""
+    return "2.25." + str(uuid.uuid4().int)[:30]
+
+
+def ct_instance(series_uid: str, index: int, sop_class=CTImageStorage, pixels: bool = True,
+                study_uid: str = "1.2.826.0.1.3680043.8.498.1") -> Dataset:
+    """A small CT (or other `sop_class`) instance with 16 x 16 pixels, slice `index` of a series."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = f"{series_uid}.{index + 1}"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.Modality = "CT" if sop_class == CTImageStorage else "MR"
+    ds.PatientID = "P1"
+    ds.PatientName = "Test^Patient"
+    ds.ImagePositionPatient = [0, 0, index * 5.0]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.InstanceNumber = index + 1
+    if pixels:
+        ds.Rows = ds.Columns = 16
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.RescaleIntercept = 0
+        ds.RescaleSlope = 1
+        ds.PixelData = (np.full((16, 16), 40 + index, dtype=np.int16)).tobytes()
+    return ds
+
+
+# --- the node's records ---------------------------------------------------------------------
+
+STUDY_UID = "1.2.3"
+
+
+def header(series: str, index: int, *, kernel="H30s", body_part="HEAD", hint=None, z=None, modality="CT",
+           study: str = STUDY_UID, **fields) -> InstanceHeader:
+    """The header of slice `index` of an axial 5 mm head CT series, as the listener records it."""
+    return InstanceHeader(**{
+        "sop_instance_uid": f"{series}.{index + 1}", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "study_instance_uid": study, "series_instance_uid": series, "modality": modality,
+        "body_part": body_part, "series_description": "Head", "protocol_name": None, "kernel": kernel,
+        "image_type": ["ORIGINAL", "PRIMARY", "AXIAL"], "contrast_agent": None,
+        "images_in_acquisition": hint, "instance_number": index + 1,
+        "image_position": [0.0, 0.0, 5.0 * index if z is None else z], "image_orientation": [1, 0, 0, 0, 1, 0],
+        "slice_thickness": 5.0, "rows": 512, "columns": 512, "number_of_frames": 1,
+        "patient_id": "P", "patient_name": "X^Y", "accession_number": "A1", "study_date": "20260101",
+        "study_description": "CT HEAD", **fields,
+    })
+
+
+def findings_for(study_uid: str, series_uid: str, p_any: float, volume: float = 0.0) -> SeriesFindings:
+    """What the worker hands back for a series with this p(any); priority from the real rule."""
+    probabilities = {"any": p_any, "EDH": 0.01, "IPH": round(p_any * 0.9, 4), "IVH": 0.02, "SAH": 0.03, "SDH": 0.04}
+    volumes = {"any": volume, "IPH": volume}
+    difficult = 0.4 <= p_any <= 0.6
+    return SeriesFindings(
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        probabilities=probabilities,
+        volumes_ml=volumes,
+        slice_scores=[0.1, p_any, 0.2],
+        key_slices=[f"{series_uid}.9.1", f"{series_uid}.9.2"],
+        priority=assign_priority(PriorityRule(), probabilities, volumes, difficult),
+        difficult=difficult,
+        model=ModelIdentity(name="ich-ensemble", version="1.0.0"),
+    )
+
+
+def study_row(**values) -> StudyRow:
+    """A study as the store keeps it; `values` override the defaults."""
+    return StudyRow(**{
+        "study_uid": STUDY_UID, "patient_id": None, "patient_name": None, "accession_number": None,
+        "study_date": None, "study_description": None, "received_at": time.time(),
+        "acknowledged_at": None, "acknowledged_by": None, **values,
+    })
+
+
+#: A study whose patient and order values hold HL7 delimiters.
+HL7_STUDY = study_row(patient_id="PID|42", patient_name="O'NEIL^MARY&ANN^^DR^PHD", accession_number="ACC-7^X",
+                      study_date="20261123")
+
+
+#: A study with patient identifiers, which webhooks carry only when configured to.
+WEBHOOK_STUDY = study_row(patient_id="PID-4711", patient_name="DOE^JANE", accession_number="ACC-99")
+
+
+def oru_observations(message: hl7.Message) -> dict[str, str]:
+    """OBX-3 identifier -> OBX-5 value of an ORU^R01."""
+    return {seg.extract_field(1, 3, 1, 1): seg.extract_field(1, 5, 1, 1) for seg in message.segments("OBX")}
+
+
+class Site:
+    """The worklist API on a real Store, with studies put in through the same calls the node makes."""
+
+    def __init__(self, tmp_path: Path):
+        self.settings = Settings(storage=StorageSection(data_dir=tmp_path))
+        self.storage = self.settings.storage
+        self.store = Store(self.storage.database_path)
+        self.app = FastAPI()
+        self.app.include_router(make_worklist_router(self.store, self.storage))
+        mount_web(self.app)
+        self.client = TestClient(self.app)
+        self._next = 0
+
+    def receive(self, study_uid: str, series_uid: str, name: str = "DOE^JANE", accession: str = "A1") -> None:
+        self._next += 1
+        received = InstanceHeader(
+            sop_instance_uid=f"{series_uid}.{self._next}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            study_instance_uid=study_uid, series_instance_uid=series_uid, modality="CT",
+            patient_id=f"PID-{study_uid}", patient_name=name, accession_number=accession,
+        )
+        assert self.store.record_instance(received, f"spool/{self._next}.dcm", "SCANNER")
+
+    def analysed(self, study_uid: str, series_uid: str, p_any: float, volume: float = 0.0,
+                 thumbnails: tuple[bytes, ...] = (), name: str = "DOE^JANE") -> None:
+        self.receive(study_uid, series_uid, name)
+        generation = self.store.mark_queued(series_uid, f"task-{series_uid}")
+        assert self.store.mark_result(series_uid, generation, "done", findings_for(study_uid, series_uid, p_any, volume),
+                                      None)
+        folder = self.storage.result_folder(series_uid)
+        folder.path.mkdir(parents=True, exist_ok=True)
+        for n, png in enumerate(thumbnails):
+            folder.thumbnail(n).write_bytes(png)
+
+    def worklist(self, **params) -> list[dict]:
+        response = self.client.get("/api/worklist", params=params)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+# --- peers ----------------------------------------------------------------------------------
+
+class StoreSCP:
+    """DCMTK storescp as a result destination (a stand-in PACS)."""
+
+    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS"):
+        self.folder = folder
+        self.port = port or free_port()
+        self.ae_title = ae_title
+        self.proc: subprocess.Popen | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def destination(self) -> str:
+        return f"{self.ae_title}@127.0.0.1:{self.port}"
+
+    def start(self) -> "StoreSCP":
+        self.proc = subprocess.Popen(
+            [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.folder), "+B", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: listening(self.port), 10, what=f"storescp on {self.port}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+    def received_headers(self) -> list[Dataset]:
+        """Headers of the files storescp has finished writing (a file still arriving is skipped)."""
+        headers = []
+        for path in self.received():
+            try:
+                headers.append(dcmread(path, stop_before_pixels=True))
+            except Exception:
+                continue
+        return headers
+
+
+class MllpListener:
+    """A one-thread MLLP peer on an ephemeral port; `reply(message)` gives the raw ACK or None."""
+
+    def __init__(self, reply):
+        self.reply = reply
+        self.received: list[hl7.Message] = []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self.server.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:  # one message per connection, as the node sends them, until closed
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                buffer = b""
+                while b"\x1c\x0d" not in buffer:
+                    buffer += conn.recv(65536)
+                assert buffer.startswith(b"\x0b")
+                message = hl7.parse(buffer[1:buffer.index(b"\x1c\x0d")].decode("utf-8"))
+                self.received.append(message)
+                answer = self.reply(message)
+                if answer is None:  # say nothing until the sender gives up
+                    conn.recv(1)
+                    continue
+                conn.sendall(b"\x0b" + answer.encode("utf-8") + b"\x1c\x0d")
+
+    def close(self):
+        self.server.close()
+        self.thread.join(5)
+
+
+def ack(code: str, *extra: str, control_id: str | None = None):
+    """An MLLP listener's reply: an ACK with MSA-1 `code`, then MSA-3 and more segments from `extra`."""
+    def reply(message: hl7.Message) -> str:
+        sent_id = control_id or str(message.segment("MSH")(10))
+        return "\r".join(["MSH|^~\\&|RIS|HOSP|ICHNODE||20261123120000||ACK^R01^ACK|9|P|2.5.1",
+                          "|".join(["MSA", code, sent_id, *extra[:1]]), *extra[1:]]) + "\r"
+    return reply
+
+
+class Receiver:
+    """An HTTP server on an ephemeral port that records POSTs and answers with `status`."""
+
+    def __init__(self, status: int = 204, body: str = "", headers: dict | None = None):
+        self.requests: list[dict] = []
+        self.release = threading.Event()  # set to let a held request finish
+        self.hold = False
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.requests.append({"headers": dict(self.headers), "body": json.loads(raw)})
+                if receiver.hold:
+                    receiver.release.wait(5)
+                self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/ich"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class NodeProcess:
+    """`ichnode <command>` as a real process with its own data dir and ports."""
+
+    def __init__(self, tmp: Path, command: str = "serve", **env: str):
+        self.port = free_port()
+        self.http_port = free_port()
+        self.data_dir = tmp / "node-data"
+        self.log = tmp / f"ichnode-{command}-{self.port}.log"
+        self.command = command
+        self.env = dict(os.environ,
+                        ICHNODE_PORT=str(self.port), ICHNODE_HTTP_PORT=str(self.http_port),
+                        ICHNODE_DATA_DIR=str(self.data_dir), ICHNODE_AE_TITLE="ICHNODE",
+                        ICHNODE_BIND="127.0.0.1", ICHNODE_HTTP_BIND="127.0.0.1", ICHNODE_QUIET_SECONDS="3")
+        self.env.pop("ICHNODE_CONFIG", None)
+        self.env.update(env)
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, wait: bool = True) -> "NodeProcess":
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "ichnode.cli", self.command], cwd=ROOT, env=self.env,
+            stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True))
+        if wait:
+            wait_for(lambda: self.healthy() or self._exited(), 60, what="the node's /healthz")
+            assert not self._exited(), f"ichnode {self.command} exited:\n{self.log.read_text()[-3000:]}"
+        return self
+
+    def start_worker(self) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "ichnode.cli", "worker"], cwd=ROOT, env=self.env,
+                                stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def _exited(self) -> bool:
+        return self.procs[0].poll() is not None
+
+    def healthy(self) -> bool:
+        try:
+            return self.get("/healthz")["status"] == "ok"
+        except Exception:
+            return False
+
+    def get(self, path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as response:
+            return json.loads(response.read())
+
+    def series(self, series_uid: str) -> dict:
+        return self.get(f"/api/series/{series_uid}")
+
+    def storescu(self, folder: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [dcmtk("storescu"), "-aec", "ICHNODE", "+sd", "+r", *extra, "127.0.0.1", str(self.port), str(folder)],
+            capture_output=True, text=True, timeout=120)
+
+    def pynetdicom_storescu(self, folder: Path) -> subprocess.CompletedProcess:
+        """The README's pynetdicom command line."""
+        return subprocess.run(
+            [sys.executable, "-m", "pynetdicom", "storescu", "127.0.0.1", str(self.port), str(folder),
+             "-aec", "ICHNODE", "-r"], capture_output=True, text=True, timeout=120)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def logs(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+def done(node: NodeProcess, series_uid: str, generation: int = 1) -> dict | None:
+    """The series from the node's API once analysed (in `generation` or later); fails fast when
+    it failed or was skipped."""
+    try:
+        series = node.series(series_uid)
+    except Exception:
+        return None
+    if series["state"] in ("failed", "skipped"):
+        raise AssertionError(f"series {series['state']}: {series['reason']}\n{node.logs()[-3000:]}")
+    return series if series["state"] == "done" and series["generation"] >= generation else None

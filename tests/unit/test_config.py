@@ -1,0 +1,95 @@
+import re
+
+import pytest
+
+from ichnode.cli import main
+from ichnode.common.config import ConfigError, environment_variables, load_settings, sections
+from tests.helpers import ROOT
+
+
+def test_environment_overrides_file_and_parses_lists(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('[listener]\nport = 4000\nae_title = "FROMFILE"\n')
+    settings = load_settings(config, environ={
+        "ICHNODE_PORT": "104",
+        "ICHNODE_DESTINATIONS": "PACS@10.0.0.5:104, VIEWER@viewer.local:11112",
+        "ICHNODE_HL7_ENDPOINTS": "ris:2575",
+        "ICHNODE_BROKER_URL": "redis://127.0.0.1:6379/0",
+        "ICHNODE_HTTP_PORT": "9090",
+    })
+    assert settings.listener.port == 104 and settings.listener.ae_title == "FROMFILE"
+    assert [str(d) for d in settings.delivery.destinations] == ["PACS@10.0.0.5:104", "VIEWER@viewer.local:11112"]
+    assert [str(e) for e in settings.hl7.endpoints] == ["ris:2575"]
+    assert settings.queue.broker_url == "redis://127.0.0.1:6379/0" and settings.http.port == 9090
+
+
+def test_every_key_keeps_its_environment_variable_from_before_the_sections():
+    variables = environment_variables()
+    assert variables["ICHNODE_PORT"] == ("listener", "port")
+    assert variables["ICHNODE_HTTP_PORT"] == ("http", "port")
+    assert variables["ICHNODE_DELIVERY_MAX_BACKOFF_SECONDS"] == ("delivery", "max_backoff_seconds")
+    assert variables["ICHNODE_WEBHOOKS"] == ("webhook", "urls")
+    assert variables["ICHNODE_LOG_LEVEL"] == ("log_level",)
+    keys = {(name, key) for name, section in sections().items() for key in section.model_fields}
+    assert set(variables.values()) == keys | {("log_level",)}  # one variable per key
+
+
+@pytest.mark.parametrize("env, key", [
+    ({"ICHNODE_PORT": "seventy"}, "ICHNODE_PORT"),
+    ({"ICHNODE_PORT": "70000"}, "ICHNODE_PORT"),
+    ({"ICHNODE_DESTINATIONS": "PACS@host"}, "ICHNODE_DESTINATIONS"),
+    ({"ICHNODE_AE_TITLE": "A" * 17}, "ICHNODE_AE_TITLE"),
+    ({"ICHNODE_BROKER_URL": "amqp://guest@localhost"}, "ICHNODE_BROKER_URL"),
+    ({"ICHNODE_QUIET_SECONDS": "-1"}, "ICHNODE_QUIET_SECONDS"),
+    ({"ICHNODE_WEBHOOKS": "ftp://x"}, "ICHNODE_WEBHOOKS"),
+    ({"ICHNODE_URGENT_PROBABILITY": "0.9"}, "ICHNODE_URGENT_PROBABILITY"),
+])
+def test_invalid_value_names_the_key(env, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_settings(environ=env)
+
+
+def test_invalid_value_in_the_file_names_section_and_key(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[http]\nport = 0\n")
+    with pytest.raises(ConfigError, match=r"http\.port .*greater than or equal to 1"):
+        load_settings(config, environ={})
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("prot = 104\n", "'prot'.*unknown key"),
+    ("[listener]\nprot = 104\n", "'listener.prot'.*unknown key"),
+    ("port = 104\n", r"'port'.*moved to \[listener\] port"),  # a configuration from before the sections
+    ("webhook_min_level = 'STAT'\n", r"moved to \[webhook\] min_level"),
+])
+def test_unknown_or_moved_key_in_file_is_named(tmp_path, text, message):
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(config, environ={})
+
+
+def test_cli_stops_with_one_line_naming_the_key(monkeypatch, capsys):
+    monkeypatch.setenv("ICHNODE_PORT", "not-a-port")
+    assert main(["node"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "ICHNODE_PORT" in err
+
+
+def test_shipped_config_loads_and_documents_every_key():
+    text = (ROOT / "config" / "ichnode.toml").read_text()
+    load_settings(ROOT / "config" / "ichnode.toml", environ={})
+    tables = dict(re.findall(r"^\[(\w+)\][^\n]*\n(.*?)(?=^\[|\Z)", text, re.M | re.S))
+    for name, section in sections().items():
+        assert name in tables, f"config/ichnode.toml has no [{name}]"
+        for key in section.model_fields:
+            assert re.search(rf"^#? ?{key} =", tables[name], re.M), f"config/ichnode.toml does not document {name}.{key}"
+    assert re.search(r"^#? ?log_level =", text, re.M)
+
+
+def test_readme_lists_every_key_with_its_environment_variable():
+    readme = (ROOT / "README.md").read_text()
+    for variable, key in environment_variables().items():
+        assert re.search(rf"^\| `{re.escape('.'.join(key))}` \| `{variable}` \|", readme, re.M), \
+            f"README does not list {'.'.join(key)} with {variable}"
+
