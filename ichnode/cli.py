@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="worker processes to start (default: config key workers)")
     p.set_defaults(func=cmd_serve)
     with_config(sub.add_parser("node", help="the node alone (listener, assembly, delivery, HTTP); workers run elsewhere")).set_defaults(func=cmd_node)
-    p = with_config(sub.add_parser("worker", help="one analysis worker (needs broker_url=redis://… to serve a remote node)"))
+    p = with_config(sub.add_parser("worker", help="one analysis worker (needs [queue] broker_url = redis://… to serve a remote node)"))
     p.add_argument("--name", default="worker", help="the worker's name among the queue's workers (default: worker)")
     p.set_defaults(func=cmd_worker)
     p = with_config(sub.add_parser("analyze", help="analyse a folder of DICOM files offline"))

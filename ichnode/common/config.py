@@ -291,9 +291,10 @@ def _from_env(environ: dict[str, str]) -> dict[tuple[str, ...], object]:
 
 def _former_location(key: str) -> str | None:
     """Where a flat key of the configuration before sections lives now, e.g. '[listener] port'."""
-    for path in environment_variables().values():
-        if len(path) == 2 and sections()[path[0]].former_keys.get(path[1], path[1]) == key:
-            return f"[{path[0]}] {path[1]}"
+    for name, section in sections().items():
+        for field in section.model_fields:
+            if section.former_keys.get(field, field) == key:
+                return f"[{name}] {field}"
     return None
 
 
