@@ -2,8 +2,9 @@
 :func:`load_scans` for the data specs that name them.
 
 Every adapter returns volumes in the project's slice order (ascending along the slice normal,
-index 0 most inferior) with scan labels keyed by ichnode.common.vocabulary.LABELS. DICOM series go through
-the node's own loader (worker.volume.load_series), so training sees exactly what inference sees.
+index 0 most inferior) with scan labels keyed by ichnode.common.vocabulary.LABELS. DICOM series
+go through the node's own loader (worker.volume.load_series), so training sees exactly what
+inference sees.
 """
 from __future__ import annotations
 
