@@ -37,7 +37,7 @@ def positions_continuous(headers: list[InstanceHeader]) -> bool:
 class SeriesAssembler:
     def __init__(self, store: Store, settings: Settings, dispatch: Callable[[str, float], None]):
         self.store = store
-        self.rule = settings.series
+        self.series_settings = settings.series
         self.dispatch = dispatch  # (series_uid, last_received_at) -> queue it
 
     def _headers(self, series_uid: str) -> list[InstanceHeader]:
@@ -45,7 +45,7 @@ class SeriesAssembler:
 
     def is_complete(self, series: SeriesRow, now: float) -> bool:
         idle = now - series.last_received_at
-        if idle >= self.rule.quiet_seconds:
+        if idle >= self.series_settings.quiet_seconds:
             return True
         expected = series.images_in_acquisition
         if not expected or series.instance_count < expected or idle < EARLY_SETTLE_SECONDS:
@@ -71,7 +71,7 @@ class SeriesAssembler:
             return  # a sibling series is still arriving: choose once the study is in
         analysed = [s for s in series if s.state in ("queued", "analysing", "done", "failed")]
         candidates = {s.series_uid: self._headers(s.series_uid) for s in waiting + analysed}
-        chosen, skipped = choose_series(candidates, self.rule.min_slices, self.rule.min_coverage_mm)
+        chosen, skipped = choose_series(candidates, self.series_settings.min_slices, self.series_settings.min_coverage_mm)
         for s in waiting:
             uid = s.series_uid
             if uid == chosen:
