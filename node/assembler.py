@@ -71,7 +71,8 @@ class SeriesAssembler:
             return  # a sibling series is still arriving: choose once the study is in
         analysed = [s for s in series if s.state in ("queued", "analysing", "done", "failed")]
         candidates = {s.series_uid: self._headers(s.series_uid) for s in waiting + analysed}
-        chosen, skipped = choose_series(candidates, self.series_settings.min_slices, self.series_settings.min_coverage_mm)
+        rule = self.series_settings
+        chosen, skipped = choose_series(candidates, rule.min_slices, rule.min_coverage_mm)
         for s in waiting:
             uid = s.series_uid
             if uid == chosen:

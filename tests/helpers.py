@@ -241,8 +241,8 @@ class Site:
                  thumbnails: tuple[bytes, ...] = (), name: str = "DOE^JANE") -> None:
         self.receive(study_uid, series_uid, name)
         generation = self.store.mark_queued(series_uid, f"task-{series_uid}")
-        assert self.store.mark_result(series_uid, generation, "done", findings_for(study_uid, series_uid, p_any, volume),
-                                      None)
+        findings = findings_for(study_uid, series_uid, p_any, volume)
+        assert self.store.mark_result(series_uid, generation, "done", findings, None)
         folder = self.storage.result_folder(series_uid)
         folder.path.mkdir(parents=True, exist_ok=True)
         for n, png in enumerate(thumbnails):
