@@ -145,6 +145,20 @@ def test_slice_cnn_outputs_and_grad_cam():
     assert float(cam.min()) >= 0.0 and float(cam.max()) <= 1.0 + 1e-6
 
 
+def test_brain_window_cnn_reads_the_brain_window_alone():
+    """channels = 1: a brain-window-only slice (RSNA) and the same slice with full HU give the same logits."""
+    torch.manual_seed(0)
+    cnn = SliceCNN(ResNeXtConfig(widths=(8, 8, 8, 8), groups=2, stem=8, channels=1)).eval()
+    full = torch.rand(2, 3, 32, 32)
+    brain_only = full.clone()
+    brain_only[:, 1:] = 0
+    with torch.no_grad():
+        assert torch.equal(cnn(full)[0], cnn(brain_only)[0])
+        changed = full.clone()
+        changed[:, 0] = torch.rand(2, 32, 32)
+        assert not torch.equal(cnn(full)[0], cnn(changed)[0])
+
+
 def test_sequence_model_pca_and_per_slice_logits():
     seq = SliceSequenceModel(feature_dim=10, components=3, hidden=4, layers=2, dropout=0.3).eval()
     feats = np.random.default_rng(0).normal(size=(50, 10)).astype(np.float32)
