@@ -49,6 +49,7 @@ class StagesSection(_Section):
     unet_steps: int = Field(default=300, ge=0)
     unet_patch: int = Field(default=0, ge=0)  # at the U-Nets' resolution; 0: whole slices
     specialist_steps: int = Field(default=100, ge=0)
+    synthetic_bleeds: int = Field(default=0, ge=0)  # U-Net slices with a bleed synthesised into real anatomy
     fusion_steps: int = Field(default=100, ge=0)
 
 

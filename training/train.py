@@ -7,7 +7,9 @@ Stages (the training scans are `[data] train`; single slices `[data] slices` fee
 2. PCA of the CNN features, then the BiLSTM over whole scans (slice labels, or the scan label
    against the max over slices when a scan has no slice labels);
 3. attention MIL on scan labels only (from report text through training.labels when asked);
-4. all-ICH U-Net with subtype head, then the SDH, SAH and small-lesion specialists fine-tuned from it;
+4. all-ICH U-Net with subtype head, then the SDH, SAH and small-lesion specialists fine-tuned from it,
+   on phantom masks, slice labels, and bleeds synthesised into real bleed-free slices
+   (`training.synthetic_bleeds`: exact masks on real anatomy);
 5. pixel weight fusion of the U-Nets on the validation scans (Dice loss, paper 003);
 6. the combiner: member weights and calibration from a cross-validation run's out-of-fold
    predictions (`[evaluate] calibration`), else equal weights calibrated on the validation scans;
@@ -32,6 +34,7 @@ from torch.nn import functional as F
 from training.augment import AugmentConfig, augment, warp_masks
 from training.config import TrainingConfig, load_training_config
 from training.data import Scan
+from training.synthetic_bleeds import synthetic_examples
 from worker.detector import LABELS, SUBTYPES
 from worker.detector.detector import resolve_device
 from worker.detector.ensemble import SCAN_MEMBERS, UNET_MEMBERS, Ensemble, EnsembleConfig
@@ -553,7 +556,9 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
         for e in data.train
     ]
     train_mil(ensemble, mil_train, t, stages.mil_steps, stages.lr)
-    train_unets(ensemble, data.train, t, stages.unet_steps, stages.specialist_steps, stages.batch, stages.lr, stages.unet_patch)
+    synthetic = synthetic_examples(data.train, stages.synthetic_bleeds, cfg.run.seed)
+    log.info("U-Nets: %d slices with synthesised bleeds on real anatomy", len(synthetic))
+    train_unets(ensemble, data.train + synthetic, t, stages.unet_steps, stages.specialist_steps, stages.batch, stages.lr, stages.unet_patch)
     train_fusion(ensemble, data.validation or data.train, t, stages.fusion_steps, stages.batch, stages.lr)
     return ensemble, explained
 
