@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ichnode.common.config import ConfigError, read_toml
 from training.augment import AugmentConfig
@@ -49,6 +49,7 @@ class StagesSection(_Section):
     unet_steps: int = Field(default=300, ge=0)
     unet_patch: int = Field(default=0, ge=0)  # at the U-Nets' resolution; 0: whole slices
     specialist_steps: int = Field(default=100, ge=0)
+    synthetic_bleeds: int = Field(default=0, ge=0)  # U-Net slices with a bleed synthesised into real anatomy
     fusion_steps: int = Field(default=100, ge=0)
 
 
@@ -56,6 +57,9 @@ class OutputSection(_Section):
     dir: str
     name: str = "ichnode-ensemble"
     version: str = "0"
+    # true: ship the cross-validation's fold models averaged (worker.detector.ensemble.FoldBag)
+    # instead of training one more model on all the data; `ichnode evaluate --cv` trains them
+    fold_bag: bool = False
 
 
 class EvaluateSection(_Section):
@@ -82,6 +86,12 @@ class TrainingConfig(_Section):
     evaluate: EvaluateSection = EvaluateSection()
     cv: CrossValidationSection = CrossValidationSection()
 
+    @model_validator(mode="after")
+    def _fold_bag_needs_the_cv_calibration(self) -> "TrainingConfig":
+        if self.output.fold_bag and not self.evaluate.calibration:
+            raise ValueError("[output] fold_bag needs [evaluate] calibration (the cross-validation's calibration.json)")
+        return self
+
     def ensemble(self) -> EnsembleConfig:
         return EnsembleConfig.from_dict(self.model)
 
@@ -95,6 +105,15 @@ class TrainingConfig(_Section):
     @property
     def cv_dir(self) -> Path:
         return Path(self.cv.out) if self.cv.out else self.evaluation_dir / "cv"
+
+    @property
+    def cv_checkpoints(self) -> Path:
+        """Where the cross-validation keeps its stage checkpoints and fold models."""
+        return Path(self.run.checkpoints) if self.run.checkpoints else self.cv_dir / "checkpoints"
+
+    def fold_model_dir(self, fold: int) -> Path:
+        """The model that fold `fold` (from 0) of the cross-validation trained."""
+        return self.cv_checkpoints / f"fold-{fold}" / "model"
 
 
 def load_training_config(path: Path) -> TrainingConfig:

@@ -72,7 +72,7 @@ def stratified_folds(scans: list[Scan], folds: int, seed: int) -> list[list[str]
 
 def _predict_fold(cfg: TrainingConfig, data: TrainingData, heldout: list[Example], k: int, device: torch.device,
                   checkpoints: Path) -> list[dict]:
-    model_dir = checkpoints / f"fold-{k}" / "model"
+    model_dir = cfg.fold_model_dir(k)
     if (model_dir / MANIFEST).is_file():  # trained earlier: predict again (after a change of inference)
         ensemble, _ = load_model(model_dir, device)
     else:
@@ -273,15 +273,15 @@ def _contact_sheet(scan: Scan, output, slices: list[int], title: str, path: Path
 class FoldDetectors:
     """The detector each fold trained, loaded once: it predicts the patients it never saw."""
 
-    def __init__(self, checkpoints: Path, groups: list[list[str]]) -> None:
-        self.checkpoints = checkpoints
+    def __init__(self, cfg: TrainingConfig, groups: list[list[str]]) -> None:
+        self.cfg = cfg
         self.fold_of = {patient: k for k, group in enumerate(groups) for patient in group}
         self._loaded: dict[int, object] = {}
 
     def for_patient(self, patient_id: str):
         k = self.fold_of[patient_id]
         if k not in self._loaded:
-            self._loaded[k] = load_detector(self.checkpoints / f"fold-{k}" / "model", device="cpu")
+            self._loaded[k] = load_detector(self.cfg.fold_model_dir(k), device="cpu")
         return self._loaded[k]
 
 
@@ -339,7 +339,7 @@ def crossval_main(config_path: Path) -> dict:
     cv_scans = by_spec[cfg.cv.data]
     groups = stratified_folds(cv_scans, cfg.cv.folds, cfg.cv.seed)
     examples = {e.scan_id: e for e in data.train}
-    checkpoints = Path(cfg.run.checkpoints or out / "checkpoints")
+    checkpoints = cfg.cv_checkpoints
     predictions: list[dict] = []
     for k, patients in enumerate(groups):
         path = out / "folds" / f"fold-{k}.json"
@@ -351,7 +351,7 @@ def crossval_main(config_path: Path) -> dict:
             write_json(path, _predict_fold(cfg, data.without_patients(set(patients)), heldout, k, device, checkpoints))
         predictions.extend(json.loads(path.read_text()))
     metrics, calibration, p = summarise(predictions, cfg.ensemble().slice_top_k)
-    detectors = FoldDetectors(checkpoints, groups)
+    detectors = FoldDetectors(cfg, groups)
     metrics["gallery"] = error_gallery({s.scan_id: s for s in cv_scans}, predictions, p, detectors, out / "gallery")
     metrics["real_hu_slices"] = real_hu_slices(detectors)
     write_json(out / "calibration.json", calibration)

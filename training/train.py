@@ -7,11 +7,15 @@ Stages (the training scans are `[data] train`; single slices `[data] slices` fee
 2. PCA of the CNN features, then the BiLSTM over whole scans (slice labels, or the scan label
    against the max over slices when a scan has no slice labels);
 3. attention MIL on scan labels only (from report text through training.labels when asked);
-4. all-ICH U-Net with subtype head, then the SDH, SAH and small-lesion specialists fine-tuned from it;
+4. all-ICH U-Net with subtype head, then the SDH, SAH and small-lesion specialists fine-tuned from it,
+   on phantom masks, slice labels, and bleeds synthesised into real bleed-free slices
+   (`training.synthetic_bleeds`: exact masks on real anatomy);
 5. pixel weight fusion of the U-Nets on the validation scans (Dice loss, paper 003);
 6. the combiner: member weights and calibration from a cross-validation run's out-of-fold
    predictions (`[evaluate] calibration`), else equal weights calibrated on the validation scans;
 then the weights and manifest are written and the `[evaluate]` data sets are scored.
+With `[output] fold_bag` no model is trained here: the cross-validation's fold models, which
+together saw every patient, are averaged into one `FoldBag` and given the same calibration.
 Every stage checkpoints into `[run] checkpoints` and a stopped run resumes where it was.
 """
 from __future__ import annotations
@@ -33,11 +37,12 @@ from training.augment import AugmentConfig, augment, warp_masks
 from training.config import TrainingConfig, load_training_config
 from training.data import Scan
 from training.datasets import load_scans
+from training.synthetic_bleeds import synthetic_examples
 from worker.detector import LABELS, SUBTYPES
 from worker.detector.detector import resolve_device
-from worker.detector.ensemble import SCAN_MEMBERS, UNET_MEMBERS, Ensemble, EnsembleConfig
+from worker.detector.ensemble import SCAN_MEMBERS, UNET_MEMBERS, Ensemble, FoldBag
 from worker.detector.preprocess import masks_to_working, prepare
-from worker.detector.store import save_model, update_metrics
+from worker.detector.store import MANIFEST, load_model, save_model, update_metrics
 
 log = logging.getLogger("ichnode.train")
 
@@ -410,7 +415,7 @@ def fit_combiner(ensemble: Ensemble, data: list[Example], device: torch.device) 
     log.info("combiner: equal member weights, calibrated on %d validation scans (%d positive)", len(data), int(labels[:, 0].sum()))
 
 
-def apply_calibration(ensemble: Ensemble, path: Path) -> None:
+def apply_calibration(ensemble: Ensemble | FoldBag, path: Path) -> None:
     """Member weights and per-label Platt terms from a cross-validation run's calibration.json."""
     calibration = json.loads(Path(path).read_text())
     if list(calibration["members"]) != list(SCAN_MEMBERS):
@@ -489,41 +494,64 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
         for e in data.train
     ]
     train_mil(ensemble, mil_train, t, stages.mil_steps, stages.lr)
-    train_unets(ensemble, data.train, t, stages.unet_steps, stages.specialist_steps, stages.batch, stages.lr, stages.unet_patch)
+    synthetic = synthetic_examples(data.train, stages.synthetic_bleeds, cfg.run.seed)
+    log.info("U-Nets: %d slices with synthesised bleeds on real anatomy", len(synthetic))
+    train_unets(ensemble, data.train + synthetic, t, stages.unet_steps, stages.specialist_steps, stages.batch, stages.lr, stages.unet_patch)
     train_fusion(ensemble, data.validation or data.train, t, stages.fusion_steps, stages.batch, stages.lr)
     return ensemble, explained
 
 
+def bag_fold_models(cfg: TrainingConfig, device: torch.device, config_path: Path) -> tuple[FoldBag, dict]:
+    """The cross-validation's fold models as one FoldBag, and what the manifest says of their training."""
+    dirs = [cfg.fold_model_dir(k) for k in range(cfg.cv.folds)]
+    for d in dirs:
+        if not (d / MANIFEST).is_file():
+            raise FileNotFoundError(
+                f"{config_path}: [output] fold_bag needs the fold models; none in {d}: "
+                f"run `ichnode evaluate --cv --config {config_path}` first (it trains them)"
+            )
+    loaded = [load_model(d, device) for d in dirs]
+    training_data = {
+        "fold_bag": [str(d) for d in dirs],
+        "heldout_by_fold": [m["training_data"].get("heldout", []) for _, m in loaded],
+    }
+    return FoldBag.of([ensemble for ensemble, _ in loaded]), training_data
+
+
 def train_main(config_path: Path) -> None:
-    """Train, save weights + manifest into [output].dir, then evaluate on [evaluate].data."""
+    """Train (or, with [output] fold_bag, bag the cross-validation's fold models), save weights +
+    manifest into [output].dir, then evaluate on [evaluate].data."""
     from training.evaluate import evaluate_main
 
     cfg = load_training_config(config_path)
     device = setup(cfg)
     started = time.monotonic()
-    data, by_spec = load_training_data(cfg)
-    checkpoints = Path(cfg.run.checkpoints) / "final" if cfg.run.checkpoints else None
-    pretrain = Path(cfg.run.checkpoints) / "slice_CNN_pretraining.pt" if cfg.run.checkpoints else None
-    ensemble, explained = train_ensemble(cfg, data, device, checkpoints, pretrain)
+    training_data = {"train": cfg.data.train, "slices": cfg.data.slices, "validation": cfg.data.validation}
+    if cfg.output.fold_bag:
+        ensemble, bag_data = bag_fold_models(cfg, device, config_path)
+        training_data.update(bag_data)
+    else:
+        data, _ = load_training_data(cfg)
+        checkpoints = Path(cfg.run.checkpoints) / "final" if cfg.run.checkpoints else None
+        pretrain = Path(cfg.run.checkpoints) / "slice_CNN_pretraining.pt" if cfg.run.checkpoints else None
+        ensemble, explained = train_ensemble(cfg, data, device, checkpoints, pretrain)
+        training_data.update({
+            "train_scans": len(data.train),
+            "train_slices": len(data.slices),
+            "validation_scans": len(data.validation),
+            "patients": sorted({e.patient_id for e in data.train}),
+            "mil_labels_from_reports": len(data.mil_labels),
+            "pca_explained_variance": round(explained, 4),
+        })
+        if not cfg.evaluate.calibration:
+            fit_combiner(ensemble, data.validation or data.train, device)
     if cfg.evaluate.calibration:
         apply_calibration(ensemble, Path(cfg.evaluate.calibration))
-    else:
-        fit_combiner(ensemble, data.validation or data.train, device)
-
-    training_data = {
-        "train": cfg.data.train,
-        "slices": cfg.data.slices,
-        "validation": cfg.data.validation,
-        "train_scans": len(data.train),
-        "train_slices": len(data.slices),
-        "validation_scans": len(data.validation),
-        "patients": sorted({e.patient_id for e in data.train}),
-        "mil_labels_from_reports": len(data.mil_labels),
-        "pca_explained_variance": round(explained, 4),
+    training_data.update({
         "calibration": cfg.evaluate.calibration or "validation scans",
         "training_minutes": round((time.monotonic() - started) / 60, 1),
         "config": str(config_path),
-    }
+    })
     model_dir = Path(cfg.output.dir)
     save_model(ensemble, model_dir, cfg.output.name, cfg.output.version, training_data, {})
     log.info("weights written to %s (%.1f min)", model_dir, (time.monotonic() - started) / 60)

@@ -66,8 +66,11 @@ def test_combiner_applies_given_member_weights():
     assert float(comb(x)[0, 0]) > 0.5 > float(comb(x)[1, 0])
 
 
-def test_tiny_cross_validation_writes_out_of_fold_predictions_and_calibration(tmp_path):
+def test_tiny_cross_validation_writes_out_of_fold_predictions_and_calibration_and_bags_the_folds(tmp_path):
     from training.crossval import crossval_main
+    from training.train import train_main
+    from worker.detector import load_detector
+    from worker.detector.ensemble import FoldBag
 
     config = tmp_path / "tiny.toml"
     config.write_text(f"""
@@ -102,8 +105,10 @@ specialist_steps = 1
 fusion_steps = 1
 [output]
 dir = "{tmp_path / 'model'}"
+fold_bag = true
 [evaluate]
 out = "{tmp_path / 'eval'}"
+calibration = "{tmp_path / 'eval' / 'cv' / 'calibration.json'}"
 [cv]
 data = "phantom:seed=81,n=8,matrix=64,slices=6"
 folds = 2
@@ -122,3 +127,36 @@ folds = 2
     fold_files = {p.name: p.stat().st_mtime_ns for p in (cv / "folds").iterdir()}
     crossval_main(config)
     assert {p.name: p.stat().st_mtime_ns for p in (cv / "folds").iterdir()} == fold_files
+    # the shipped model is the two fold models averaged, with the cross-validation's calibration
+    train_main(config)
+    bag = load_detector(tmp_path / "model", device="cpu")
+    assert isinstance(bag.ensemble, FoldBag) and len(bag.ensemble.replicas) == 2
+    assert bag.ensemble.combiner.member_weights() == pytest.approx(
+        np.asarray(calibration["weights"]) / np.sum(calibration["weights"]))
+    manifest = json.loads((tmp_path / "model" / "manifest.json").read_text())
+    heldout = [set(fold) for fold in manifest["training_data"]["heldout_by_fold"]]
+    assert len(heldout) == 2 and heldout[0] and not heldout[0] & heldout[1]
+
+
+def test_fold_bag_needs_the_fold_models_and_the_cv_calibration(tmp_path):
+    from ichnode.common.config import ConfigError
+    from training.config import load_training_config
+    from training.train import train_main
+
+    config = tmp_path / "bag.toml"
+    base = f"""
+[run]
+checkpoints = "{tmp_path / 'ck'}"
+device = "cpu"
+[data]
+train = ["phantom:seed=81,n=2,matrix=64,slices=6"]
+[output]
+dir = "{tmp_path / 'model'}"
+fold_bag = true
+"""
+    config.write_text(base)
+    with pytest.raises(ConfigError, match="fold_bag needs \\[evaluate\\] calibration"):
+        load_training_config(config)
+    config.write_text(base + f'[evaluate]\ncalibration = "{tmp_path / "calibration.json"}"\n')
+    with pytest.raises(FileNotFoundError, match="evaluate --cv"):
+        train_main(config)

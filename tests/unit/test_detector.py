@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from ichnode.common.vocabulary import LABELS, SUBTYPES
 from worker.detector import DetectorOutput, ModelLoadError, load_detector
-from worker.detector.ensemble import SCAN_MEMBERS, Ensemble, EnsembleConfig
+from worker.detector.ensemble import SCAN_MEMBERS, Ensemble, EnsembleConfig, FoldBag
 from worker.detector.members import (
     AttentionMIL,
     Combiner,
@@ -146,6 +147,20 @@ def test_slice_cnn_outputs_and_grad_cam():
     assert float(cam.min()) >= 0.0 and float(cam.max()) <= 1.0 + 1e-6
 
 
+def test_brain_window_cnn_reads_the_brain_window_alone():
+    """channels = 1: a brain-window-only slice (RSNA) and the same slice with full HU give the same logits."""
+    torch.manual_seed(0)
+    cnn = SliceCNN(ResNeXtConfig(widths=(8, 8, 8, 8), groups=2, stem=8, channels=1)).eval()
+    full = torch.rand(2, 3, 32, 32)
+    brain_only = full.clone()
+    brain_only[:, 1:] = 0
+    with torch.no_grad():
+        assert torch.equal(cnn(full)[0], cnn(brain_only)[0])
+        changed = full.clone()
+        changed[:, 0] = torch.rand(2, 32, 32)
+        assert not torch.equal(cnn(full)[0], cnn(changed)[0])
+
+
 def test_sequence_model_pca_and_per_slice_logits():
     seq = SliceSequenceModel(feature_dim=10, components=3, hidden=4, layers=2, dropout=0.3).eval()
     feats = np.random.default_rng(0).normal(size=(50, 10)).astype(np.float32)
@@ -265,6 +280,29 @@ def test_heatmaps_and_masks_are_zero_outside_the_head(tmp_path):
     union = np.logical_or.reduce(list(out.masks.values()))
     assert union[inside].mean() > 0.9 and not union[~inside].any()
     assert out.volumes_ml["any"] == pytest.approx(union.sum() * Volume.from_array(hu).voxel_volume_ml)
+
+
+def test_fold_bag_averages_its_ensembles_and_round_trips_through_the_weight_files(tmp_path):
+    torch.manual_seed(0)
+    ensembles = [Ensemble(TINY).eval() for _ in range(2)]
+    bag = FoldBag.of(ensembles).eval()
+    images = prepare(skull_head(slices=3, size=40), TINY.working_size).images
+    outs = [e.run_members(images) for e in ensembles]
+    mean = bag.run_members(images)
+    for name in ("cnn_logits", "cam", "lstm_logits", "mil_logits", "fused"):
+        assert torch.allclose(getattr(mean, name), (getattr(outs[0], name) + getattr(outs[1], name)) / 2, atol=1e-5), name
+    assert not torch.allclose(outs[0].cnn_logits, outs[1].cnn_logits)  # the average is not of two copies
+    save_model(bag, tmp_path, "bag", "0.0.1", {"train": []}, {})
+    detector = load_detector(tmp_path, device="cpu")
+    assert isinstance(detector.ensemble, FoldBag) and len(detector.ensemble.replicas) == 2
+    assert torch.allclose(detector.ensemble.run_members(images).cnn_logits, mean.cnn_logits, atol=1e-5)
+    out = detector.detect(Volume.from_array(skull_head(slices=3, size=40), spacing_mm=(5.0, 0.5, 0.5)))
+    assert set(out.probabilities) == set(LABELS) and out.heatmaps.shape == (3, 40, 40)
+
+
+def test_fold_bag_refuses_ensembles_of_different_configs():
+    with pytest.raises(ValueError, match="share one config"):
+        FoldBag.of([Ensemble(TINY), Ensemble(replace(TINY, slice_top_k=2))])
 
 
 def test_detect_reports_timings_per_member(tiny_model):

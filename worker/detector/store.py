@@ -1,4 +1,5 @@
-"""Weights on disk: `ensemble.pt` (config + state dict) plus `manifest.json` naming and hashing it.
+"""Weights on disk: `ensemble.pt` (config + state dict, and the number of replicas of a fold bag)
+plus `manifest.json` naming and hashing it.
 
 The manifest (name, version, sha256 of every weight file, training data, metrics) is checked at
 load so that a node with missing or corrupt weights fails at start-up, not on the first study.
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from worker.detector.ensemble import Ensemble, EnsembleConfig, FoldBag
 from worker.detector.interface import ModelLoadError
-from worker.detector.ensemble import Ensemble, EnsembleConfig
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST = "manifest.json"
@@ -35,7 +36,7 @@ def write_json(path: Path, data: object) -> None:
     os.replace(tmp, path)
 
 
-def save_model(ensemble: Ensemble, out_dir: Path, name: str, version: str, training_data: dict, metrics: dict) -> Path:
+def save_model(ensemble: Ensemble | FoldBag, out_dir: Path, name: str, version: str, training_data: dict, metrics: dict) -> Path:
     """Write the weights and their manifest into out_dir; returns the manifest path.
 
     Both files are written aside and renamed into place, so a running node never reads a
@@ -45,7 +46,10 @@ def save_model(ensemble: Ensemble, out_dir: Path, name: str, version: str, train
     weights = out_dir / WEIGHTS_FILE
     tmp_weights = weights.with_suffix(".tmp")
     state = {k: v.detach().cpu() for k, v in ensemble.state_dict().items()}
-    torch.save({"config": ensemble.cfg.to_dict(), "state_dict": state}, tmp_weights)
+    blob = {"config": ensemble.cfg.to_dict(), "state_dict": state}
+    if isinstance(ensemble, FoldBag):
+        blob["replicas"] = len(ensemble.replicas)
+    torch.save(blob, tmp_weights)
     manifest = {
         "name": name,
         "version": version,
@@ -82,7 +86,7 @@ def read_manifest(model_dir: Path) -> dict:
     return manifest
 
 
-def load_model(model_dir: Path, device: torch.device) -> tuple[Ensemble, dict]:
+def load_model(model_dir: Path, device: torch.device) -> tuple[Ensemble | FoldBag, dict]:
     """Check every file against the manifest, then build the ensemble in eval mode on device."""
     manifest = read_manifest(model_dir)
     for name, digest in manifest["files"].items():
@@ -97,7 +101,8 @@ def load_model(model_dir: Path, device: torch.device) -> tuple[Ensemble, dict]:
         raise ModelLoadError(f"{model_dir / MANIFEST}: does not list {WEIGHTS_FILE}")
     try:
         blob = torch.load(weights, map_location="cpu", weights_only=True)
-        ensemble = Ensemble(EnsembleConfig.from_dict(blob["config"]))
+        cfg = EnsembleConfig.from_dict(blob["config"])
+        ensemble = FoldBag(cfg, int(blob["replicas"])) if "replicas" in blob else Ensemble(cfg)
         ensemble.load_state_dict(blob["state_dict"])
     except Exception as exc:  # any failure here means the file cannot serve as our model
         raise ModelLoadError(f"{weights}: cannot load weights: {exc}") from exc
