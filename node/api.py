@@ -1,6 +1,7 @@
-"""The node's HTTP API (FastAPI): health, metrics, studies and series, worklist and web page.
+"""The node's HTTP API (FastAPI): health, metrics, studies and series, worklist and web page, and
+STOW-RS (node/dicomweb.py).
 
-When `api_token` is set every /api route needs `Authorization: Bearer <token>`.
+When `api_token` is set every /api and /dicom-web route needs `Authorization: Bearer <token>`.
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from node.config import Settings
+from node.dicomweb import make_dicomweb_router
+from node.intake import Intake
+from node.spool import Spool
 from node.store import Store
 from node.worklist import iso, make_worklist_router, mount_web
 
@@ -98,6 +102,7 @@ def create_app(store: Store, settings: Settings, health: dict | None = None) -> 
         return [_delivery_view(d) for d in store.deliveries()]
 
     app.include_router(make_worklist_router(store, settings), dependencies=guarded)
+    app.include_router(make_dicomweb_router(Intake(Spool(settings.spool_dir), store)), dependencies=guarded)
     mount_web(app)
     return app
 
