@@ -11,8 +11,10 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 ENV_PREFIX = "ICHNODE_"
 _AET = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars of the default repertoire, no backslash
@@ -44,6 +46,32 @@ class Destination(BaseModel):
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class StowEndpoint(BaseModel):
+    """A DICOMweb archive written as ``stow:https://host/dicom-web`` (the base URL before /studies)."""
+
+    model_config = ConfigDict(frozen=True)
+    url: str
+
+    @classmethod
+    def parse(cls, text: str) -> "StowEndpoint":
+        url = text.strip().removeprefix("stow:").rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError(f"{text!r} is not stow:http(s)://host[:port]/path")
+        if parts.username or parts.password:
+            raise ValueError(f"{parts.hostname}: credentials do not belong in the URL, set stow_username and "
+                             "stow_password or stow_token")
+        return cls(url=url)
+
+    def __str__(self) -> str:
+        return f"stow:{self.url}"
+
+
+def parse_destination(text: str) -> Destination | StowEndpoint:
+    """``stow:<url>`` is a DICOMweb archive, anything else a DICOM peer ``AET@host:port``."""
+    return StowEndpoint.parse(text) if text.strip().startswith("stow:") else Destination.parse(text)
 
 
 class HostPort(BaseModel):
@@ -95,8 +123,13 @@ class Settings(BaseModel):
     model_path: Path | None = None  # None: the shipped ensemble
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # delivery
-    destinations: list[Destination] = []
+    destinations: list[Destination | StowEndpoint] = []
     delivery_max_backoff_seconds: float = Field(default=300.0, gt=0)
+    # credentials and trust for stow: destinations (never logged)
+    stow_token: SecretStr = SecretStr("")  # sent as `Authorization: Bearer <token>`
+    stow_password: SecretStr = SecretStr("")
+    stow_username: str = Field(default="", validate_default=True)  # with stow_password: HTTP basic authentication
+    stow_ca_bundle: Path | None = None  # PEM file of CAs for https; None: the system's CA store
     # HTTP API and web page
     http_bind: str = "127.0.0.1"
     http_port: Port = 8080
@@ -133,7 +166,24 @@ class Settings(BaseModel):
     @field_validator("destinations", mode="before")
     @classmethod
     def _parse_destinations(cls, value):
-        return [Destination.parse(v) if isinstance(v, str) else v for v in value]
+        return [parse_destination(v) if isinstance(v, str) else v for v in value]
+
+    @field_validator("stow_username")
+    @classmethod
+    def _check_stow_credentials(cls, value: str, info: ValidationInfo) -> str:
+        token, password = info.data.get("stow_token"), info.data.get("stow_password")
+        if value and token and token.get_secret_value():
+            raise ValueError("set either stow_token or stow_username/stow_password, not both")
+        if not value and password and password.get_secret_value():
+            raise ValueError("stow_password is set but stow_username is empty")
+        return value
+
+    @field_validator("stow_ca_bundle")
+    @classmethod
+    def _check_ca_bundle(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        return value
 
     @field_validator("hl7_endpoints", mode="before")
     @classmethod
@@ -184,20 +234,30 @@ def _list_fields() -> set[str]:
     return {name for name, f in Settings.model_fields.items() if "list[" in str(f.annotation)}
 
 
+def _optional_fields() -> set[str]:
+    """Keys whose empty environment value means None (no model path, no CA bundle)."""
+    return {name for name, f in Settings.model_fields.items() if "None" in str(f.annotation)}
+
+
 def _from_env(environ: dict[str, str]) -> dict[str, object]:
     values: dict[str, object] = {}
-    lists = _list_fields()
+    lists, optionals = _list_fields(), _optional_fields()
     for name in Settings.model_fields:
         raw = environ.get(ENV_PREFIX + name.upper())
         if raw is None:
             continue
         if name in lists:
             values[name] = [item.strip() for item in raw.split(",") if item.strip()]
-        elif name == "model_path" and raw == "":
+        elif name in optionals and raw == "":
             values[name] = None
         else:
             values[name] = raw
     return values
+
+
+def _redact(text: str) -> str:
+    """Masks the credentials of URLs (scheme://user:password@host) in a config error."""
+    return re.sub(r"//[^/@\s]+@", "//***@", text)
 
 
 def load_settings(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
@@ -222,5 +282,5 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
         origin = f"{ENV_PREFIX}{key.upper()}" if key in env_values else f"{key} (in {path or 'defaults'})"
         if err["type"] == "extra_forbidden":
             raise ConfigError(f"config key {key!r} (in {path}): unknown key") from None
-        got = f" (got {err.get('input')!r})" if err["loc"] else ""
+        got = f" (got {_redact(repr(err.get('input')))})" if err["loc"] else ""
         raise ConfigError(f"config {origin}: {err['msg']}{got}") from None

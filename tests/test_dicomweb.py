@@ -1,19 +1,26 @@
 """DICOMweb: STOW-RS receive on the node's API, STOW-RS delivery against a stub and a real Orthanc."""
 from __future__ import annotations
 
-import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
+from pathlib import Path
 from xml.etree.ElementTree import fromstring
 
 import pytest
 from fastapi.testclient import TestClient
 from pydicom import Dataset, dcmread
-from pynetdicom.sop_class import MRImageStorage
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage
+from python_multipart.multipart import parse_options_header
 
 from node.api import create_app
 from node.config import load_settings
+from node.delivery import Deliverer
 from node.spool import Spool
 from node.store import Store
+from tests.conftest import free_port
+from tests.test_delivery import result_files
 from tests.test_scp import ct_instance, new_uid
 
 TOKEN = "stow-test-token"
@@ -137,3 +144,131 @@ def test_stow_refuses_requests_it_cannot_take_with_the_reason(node_api, headers,
                            headers={"Content-Type": STOW_CONTENT_TYPE, **headers})
     assert response.status_code == status and reason in response.json()["detail"]
     assert spool.files() == []
+
+
+# --- STOW-RS delivery ------------------------------------------------------------------------
+
+
+class StowStub:
+    """A DICOMweb server on 127.0.0.1 that answers each STOW-RS request as `answers` says for the SOP
+    Instance UID it carries (status, content type, body); any other instance is stored (200)."""
+
+    def __init__(self):
+        self.answers: dict[str, tuple[int, str, bytes]] = {}
+        self.warnings: dict[str, int] = {}  # SOP Instance UID -> Warning Reason of a stored instance
+        self.requests: list[dict] = []  # {"authorization": ..., "sop_uids": [...]}
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                _, params = parse_options_header(self.headers["Content-Type"])
+                delimiter = b"--" + params[b"boundary"]
+                parts = [p.split(b"\r\n\r\n", 1)[1][:-2] for p in body.split(delimiter)[1:-1]]
+                uids = [str(dcmread(BytesIO(p), stop_before_pixels=True).SOPInstanceUID) for p in parts]
+                stub.requests.append({"authorization": self.headers.get("Authorization"), "sop_uids": uids})
+                status, content_type, answer = next(
+                    (stub.answers[uid] for uid in uids if uid in stub.answers), (200, "application/dicom+json", None))
+                if answer is None:
+                    answer = stored_response(uids, stub.warnings).to_json().encode()
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.endpoint = f"stow:http://127.0.0.1:{self.server.server_port}/dicom-web"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def stored_response(uids: list[str], warnings: dict[str, int]) -> Dataset:
+    response = Dataset()
+    response.ReferencedSOPSequence = []
+    for uid in uids:
+        item = Dataset()
+        item.ReferencedSOPClassUID = CTImageStorage
+        item.ReferencedSOPInstanceUID = uid
+        if uid in warnings:
+            item.WarningReason = warnings[uid]
+        response.ReferencedSOPSequence.append(item)
+    return response
+
+
+def refused_response(uid: str, reason: int) -> bytes:
+    item = Dataset()
+    item.ReferencedSOPClassUID = CTImageStorage
+    item.ReferencedSOPInstanceUID = uid
+    item.FailureReason = reason
+    response = Dataset()
+    response.FailedSOPSequence = [item]
+    return response.to_json().encode()
+
+
+@pytest.fixture
+def stow_stub():
+    stub = StowStub()
+    yield stub
+    stub.close()
+
+
+def outbox(store: Store, series: str) -> dict[str, dict]:
+    """The series' outbox items by the SOP Instance UID in their file name."""
+    return {Path(item["payload"]).stem.removeprefix("CT_"): item for item in store.deliveries(series)}
+
+
+def test_a_refused_object_fails_alone_with_the_servers_reason_and_is_retried(tmp_path, stow_stub, caplog):
+    secret = "bearer-secret-4711"
+    settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path / "data"),
+                                      "ICHNODE_DESTINATIONS": stow_stub.endpoint, "ICHNODE_STOW_TOKEN": secret})
+    store = Store(settings.database_path)
+    series, paths = result_files(settings.data_dir, count=4)
+    for path in paths:
+        store.enqueue_delivery(series, 1, "dicom", str(settings.destinations[0]), path)
+    conflict, bad, warned, fine = [Path(p).stem.removeprefix("CT_") for p in paths]
+    stow_stub.answers = {conflict: (409, "application/dicom+json", refused_response(conflict, 0xA900)),
+                         bad: (400, "text/plain", b"part 1: cannot parse the data set")}
+    stow_stub.warnings = {warned: 0xB000}
+
+    with caplog.at_level("DEBUG"):
+        assert Deliverer(store, settings).run_once() == 2
+    items = outbox(store, series)
+    assert items[conflict]["state"] == "pending"
+    assert "HTTP 409" in items[conflict]["last_error"]
+    assert "Failure Reason 0xA900 (data set does not match SOP class)" in items[conflict]["last_error"]
+    assert items[bad]["state"] == "pending" and "HTTP 400" in items[bad]["last_error"]
+    assert "cannot parse the data set" in items[bad]["last_error"]
+    assert items[warned]["state"] == "sent"
+    assert "Warning Reason 0xB000 (coercion of data elements)" in items[warned]["last_error"]
+    assert items[fine]["state"] == "sent" and items[fine]["last_error"] is None
+    # one object per request, each with the bearer token, which no log line shows
+    assert sorted(uid for r in stow_stub.requests for uid in r["sop_uids"]) == sorted([conflict, bad, warned, fine])
+    assert all(len(r["sop_uids"]) == 1 and r["authorization"] == f"Bearer {secret}" for r in stow_stub.requests)
+    assert secret not in caplog.text
+
+    stow_stub.answers = {}  # the archive takes them now
+    stow_stub.requests.clear()
+    assert Deliverer(store, settings).run_once(now=time.time() + 3600) == 2
+    assert all(item["state"] == "sent" for item in store.deliveries(series))
+    assert sorted(uid for r in stow_stub.requests for uid in r["sop_uids"]) == sorted([conflict, bad])
+    store.close()
+
+
+def test_an_unreachable_archive_leaves_every_object_pending_with_the_reason(tmp_path):
+    endpoint = f"stow:http://127.0.0.1:{free_port()}/dicom-web"  # nothing listens there
+    settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path / "data"), "ICHNODE_DESTINATIONS": endpoint})
+    store = Store(settings.database_path)
+    series, paths = result_files(settings.data_dir, count=3)
+    for path in paths:
+        store.enqueue_delivery(series, 1, "dicom", endpoint, path)
+    assert Deliverer(store, settings).run_once() == 0
+    items = store.deliveries(series)
+    assert all(i["state"] == "pending" and i["attempts"] == 1 and "ConnectionError" in i["last_error"] for i in items)
+    store.close()
