@@ -1,14 +1,24 @@
 """DICOMweb: STOW-RS receive on the node's API, STOW-RS delivery against a stub and a real Orthanc."""
 from __future__ import annotations
 
+import ctypes
+import errno
+import json
+import os
+import socket
+import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 from pathlib import Path
 from xml.etree.ElementTree import fromstring
 
+import httpx
 import pytest
+from dicomweb_client import DICOMwebClient
+from dicomweb_client.session_utils import create_session_from_user_pass
 from fastapi.testclient import TestClient
 from pydicom import Dataset, dcmread
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
@@ -19,8 +29,9 @@ from node.config import load_settings
 from node.delivery import Deliverer
 from node.spool import Spool
 from node.store import Store
-from tests.conftest import free_port
+from tests.conftest import free_port, series_uid_of, study_uid_of, wait_for
 from tests.test_delivery import result_files
+from tests.test_e2e import ANALYSIS_BUDGET, KOS_CLASS, SC_CLASSES, SEG_CLASS, SR_CLASSES, done
 from tests.test_scp import ct_instance, new_uid
 
 TOKEN = "stow-test-token"
@@ -272,3 +283,153 @@ def test_an_unreachable_archive_leaves_every_object_pending_with_the_reason(tmp_
     items = store.deliveries(series)
     assert all(i["state"] == "pending" and i["attempts"] == 1 and "ConnectionError" in i["last_error"] for i in items)
     store.close()
+
+
+# --- against a real DICOMweb server: Orthanc with its DICOMweb plugin -------------------------
+
+ORTHANC = Path("/usr/sbin/Orthanc")
+ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+ORTHANC_USER, ORTHANC_PASSWORD = "ichnode", "orthanc-test-password"
+CLONE_NEWNET = 0x40000000
+
+
+@contextmanager
+def private_network():
+    """Run the block, and every process it starts, in a new network namespace with only loopback.
+
+    Orthanc 1.10 (Debian 12) listens on all interfaces and cannot be bound to 127.0.0.1, so it runs
+    where nothing outside this test can reach it. Only this thread moves; it moves back at the end.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    host = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        if libc.unshare(CLONE_NEWNET) != 0:
+            pytest.fail(f"cannot make a private network namespace for Orthanc: {os.strerror(ctypes.get_errno())} "
+                        "(needs root, as deploy/test.sh runs)")
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        yield
+    finally:
+        if libc.setns(host, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "cannot return to the host network namespace")
+        os.close(host)
+
+
+class Orthanc:
+    """Orthanc with the DICOMweb plugin, HTTP basic authentication and no DICOM listener."""
+
+    def __init__(self, folder: Path):
+        for path in (ORTHANC, ORTHANC_DICOMWEB):
+            if not path.exists():
+                pytest.fail(f"{path} missing: run deploy/test.sh (it installs orthanc and orthanc-dicomweb)")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/dicom-web"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log = folder / "orthanc.log"
+        config = folder / "orthanc.json"
+        config.write_text(json.dumps({
+            "Name": "ichnode-test", "HttpPort": self.port, "DicomServerEnabled": False,
+            "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "storage"),
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
+            "RegisteredUsers": {ORTHANC_USER: ORTHANC_PASSWORD},
+            "Plugins": [str(ORTHANC_DICOMWEB)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}))
+        self.proc = subprocess.Popen([str(ORTHANC), str(config)], stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        wait_for(lambda: self.answers() or self.proc.poll() is not None, 30, what="Orthanc's HTTP server")
+        assert self.proc.poll() is None, f"Orthanc exited:\n{self.log.read_text()[-3000:]}"
+
+    def answers(self) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}/system", auth=(ORTHANC_USER, ORTHANC_PASSWORD)).is_success
+        except httpx.TransportError:
+            return False
+
+    def instances(self, study_uid: str) -> dict[str, str]:
+        """QIDO-RS: the study's instances, SOP Instance UID -> SOP Class UID."""
+        client = DICOMwebClient(self.url, session=create_session_from_user_pass(ORTHANC_USER, ORTHANC_PASSWORD))
+        found = client.search_for_instances(study_instance_uid=study_uid)
+        return {item["00080018"]["Value"][0]: item["00080016"]["Value"][0] for item in found}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    with private_network():
+        server = Orthanc(tmp_path / "orthanc")
+        yield server
+        server.stop()
+
+
+@pytest.mark.integration
+def test_orthanc_is_reachable_only_inside_its_private_network(tmp_path):
+    outside: dict[str, int] = {}
+    started, probed = threading.Event(), threading.Event()
+
+    def probe() -> None:  # this thread starts before the switch, so it stays in the host namespace
+        started.wait(60)
+        with socket.socket() as sock:
+            sock.settimeout(2)
+            outside["connect"] = sock.connect_ex(("127.0.0.1", server.port))
+        probed.set()
+
+    threading.Thread(target=probe, daemon=True).start()
+    with private_network():
+        server = Orthanc(tmp_path / "orthanc")
+        try:
+            started.set()
+            probed.wait(30)
+            assert server.answers()  # from inside: it answers
+        finally:
+            server.stop()
+    assert outside["connect"] == errno.ECONNREFUSED
+
+
+def orthanc_environment(orthanc: Orthanc) -> dict[str, str]:
+    return {"ICHNODE_DESTINATIONS": f"stow:{orthanc.url}", "ICHNODE_STOW_USERNAME": ORTHANC_USER,
+            "ICHNODE_STOW_PASSWORD": ORTHANC_PASSWORD}
+
+
+@pytest.mark.integration
+def test_results_sent_by_stow_appear_in_orthanc_once(tmp_path, orthanc):
+    settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path / "data"), **orthanc_environment(orthanc)})
+    store = Store(settings.database_path)
+    series, paths = result_files(settings.data_dir, count=3)
+    target = str(settings.destinations[0])
+    for path in paths:
+        store.enqueue_delivery(series, 1, "dicom", target, path)
+    assert Deliverer(store, settings).run_once() == 3
+    assert all(item["state"] == "sent" and item["last_error"] is None for item in store.deliveries(series))
+    expected = {dcmread(settings.data_dir / p).SOPInstanceUID: CTImageStorage for p in paths}
+    study_uid = dcmread(settings.data_dir / paths[0]).StudyInstanceUID
+    assert orthanc.instances(study_uid) == expected
+
+    for path in paths:  # a re-analysis delivers the same UIDs again: the archive keeps one copy each
+        store.enqueue_delivery(series, 2, "dicom", target, path)
+    assert Deliverer(store, settings).run_once() == 3
+    assert orthanc.instances(study_uid) == expected
+    store.close()
+
+
+@pytest.mark.integration
+def test_a_study_pushed_by_stow_is_analysed_and_its_results_reach_orthanc(orthanc, node_factory, positive_series):
+    node = node_factory("serve", ICHNODE_WORKERS="1", **orthanc_environment(orthanc)).start()
+    client = DICOMwebClient(f"http://127.0.0.1:{node.http_port}/dicom-web")
+    datasets = [dcmread(path) for path in sorted(positive_series.iterdir())]
+    response = client.store_instances(datasets)
+    assert len(response.ReferencedSOPSequence) == 40 and "FailedSOPSequence" not in response
+    series_uid, study_uid = series_uid_of(positive_series), study_uid_of(positive_series)
+    assert node.series(series_uid)["instances"] == 40  # the request answered after every instance was stored
+
+    series = wait_for(lambda: done(node, series_uid), ANALYSIS_BUDGET, what="analysis of the STOW-RS study")
+    result_uids = set(series["findings"]["result_uids"].values())
+    stored = wait_for(lambda: (lambda found: found if result_uids <= set(found) else None)(orthanc.instances(study_uid)),
+                      60, what="the results in Orthanc")
+    classes = {stored[uid] for uid in result_uids}
+    assert SEG_CLASS in classes and KOS_CLASS in classes and classes & SR_CLASSES and classes & SC_CLASSES
+    wait_for(lambda: all(d["state"] == "sent" for d in node.series(series_uid)["deliveries"]), 30,
+             what="the outbox to record every object as sent")
