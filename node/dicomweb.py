@@ -25,6 +25,7 @@ from pydicom import Dataset, dcmread
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from node.intake import Intake, Refused
 
@@ -89,7 +90,7 @@ def _identify(data: bytes) -> tuple[str | None, str | None]:
     try:
         ds = dcmread(BytesIO(data), stop_before_pixels=True, force=True)
         return ds.get("SOPClassUID"), ds.get("SOPInstanceUID")
-    except Exception:
+    except Exception:  # unreadable: its FailedSOPSequence item has the Failure Reason alone
         return None, None
 
 
@@ -130,8 +131,8 @@ def make_dicomweb_router(intake: Intake) -> APIRouter:
     async def store(request: Request, study_uid: str | None) -> Response:
         media_type = _response_media_type(request.headers.get("accept", ""))
         content_type, params = parse_options_header(request.headers.get("content-type", ""))
-        part_type = params.get(b"type", b"application/dicom").lower()
-        if content_type != b"multipart/related" or part_type != b"application/dicom":
+        related_type = params.get(b"type", b"application/dicom").lower()
+        if content_type != b"multipart/related" or related_type != b"application/dicom":
             raise HTTPException(415, 'STOW-RS takes multipart/related; type="application/dicom" (Part 10 instances)')
         if not params.get(b"boundary"):
             raise HTTPException(400, "the multipart/related Content-Type has no boundary")
@@ -167,6 +168,9 @@ def make_dicomweb_router(intake: Intake) -> APIRouter:
         except MultipartParseError as exc:
             log.warning("%s: malformed multipart body after %d instance(s): %s", source, len(stored) + len(failed), exc)
             raise HTTPException(400, f"malformed multipart body: {exc}") from None
+        except ClientDisconnect:
+            log.warning("%s: the client went away after %d instance(s)", source, len(stored) + len(failed))
+            raise HTTPException(400, "the client disconnected before the end of the body") from None
         if parser.state != MultipartState.END:
             log.warning("%s: body ends before the closing boundary", source)
             raise HTTPException(400, "the multipart body ends before its closing boundary")

@@ -37,7 +37,9 @@ def _system_ca_store() -> str | bool:
     return paths.cafile or paths.capath or True
 
 
-def stow_client(endpoint: StowEndpoint, settings: Settings) -> DICOMwebClient:
+def stow_client(endpoint: StowEndpoint, settings: Settings, on_response) -> DICOMwebClient:
+    """A client whose every HTTP response also goes to `on_response`: dicomweb-client returns only the
+    body it could parse (by exact media type), and raises on an error status."""
     session = requests.Session()
     session.verify = str(settings.stow_ca_bundle) if settings.stow_ca_bundle else _system_ca_store()
     session.headers.update({"Accept": "application/dicom+json", "User-Agent": "ichnode"})
@@ -46,7 +48,8 @@ def stow_client(endpoint: StowEndpoint, settings: Settings) -> DICOMwebClient:
     elif settings.stow_username:
         session.auth = (settings.stow_username, settings.stow_password.get_secret_value())
     # chunk_size above any object: each request goes with a Content-Length (not chunked), which every server takes
-    client = DICOMwebClient(endpoint.url, session=session, timeout=TIMEOUT_SECONDS, chunk_size=1 << 31)
+    client = DICOMwebClient(endpoint.url, session=session, timeout=TIMEOUT_SECONDS, chunk_size=1 << 31,
+                            callback=lambda response, *args, **kwargs: on_response(response))
     client.set_http_retry_params(retry=False)  # the outbox retries, with its backoff
     return client
 
@@ -61,39 +64,43 @@ def describe(code: int | None, reasons: dict[str, str]) -> str:
     return f"0x{text}" + (f" ({meaning})" if meaning else "")
 
 
+def _store_instances_response(response: requests.Response) -> Dataset:
+    """The response body as a data set; empty when it is not DICOM JSON."""
+    media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in ("application/dicom+json", "application/json"):
+        return Dataset()
+    try:
+        return Dataset.from_json(response.json())
+    except (ValueError, TypeError, KeyError):
+        return Dataset()
+
+
 def _item(response: Dataset, sequence: str, sop_uid: str) -> Dataset | None:
     return next((item for item in response.get(sequence, [])
                  if item.get("ReferencedSOPInstanceUID") == sop_uid), None)
 
 
-def _accepted(where: str, sop_uid: str, response: Dataset) -> Outcome:
-    """The outcome of an object whose request the server answered with a success status (200, 202)."""
-    failed = _item(response, "FailedSOPSequence", sop_uid)
+def judge(where: str, sop_uid: str, response: requests.Response) -> Outcome:
+    """The outcome of one object from the server's answer to its STOW-RS request."""
+    status = f"{where}: HTTP {response.status_code} {response.reason}"
+    body = _store_instances_response(response)
+    failed = _item(body, "FailedSOPSequence", sop_uid)
     if failed is not None:
-        return Outcome(error=f"{where}: refused: Failure Reason {describe(failed.get('FailureReason'), FAILURE_REASONS)}")
-    stored = _item(response, "ReferencedSOPSequence", sop_uid)
+        return Outcome(error=f"{status}: Failure Reason {describe(failed.get('FailureReason'), FAILURE_REASONS)}")
+    if not response.ok:
+        return Outcome(error=f"{status}: {' '.join(response.text.split())[:200]}")
+    stored = _item(body, "ReferencedSOPSequence", sop_uid)
     if stored is None:
-        return Outcome(error=f"{where}: the Store Instances Response does not list the object as stored")
+        return Outcome(error=f"{status}: the Store Instances Response does not list the object as stored")
     warning = stored.get("WarningReason")
     return Outcome(warning=None if warning is None else f"{where}: Warning Reason {describe(warning, WARNING_REASONS)}")
 
 
-def _rejected(where: str, sop_uid: str, response: requests.Response) -> Outcome:
-    """The outcome of an object whose request the server answered with an error status (4xx, 5xx)."""
-    detail = " ".join(response.text.split())[:200]
-    if response.headers.get("content-type", "").startswith(("application/dicom+json", "application/json")):
-        try:
-            failed = _item(Dataset.from_json(response.json()), "FailedSOPSequence", sop_uid)
-        except (ValueError, TypeError, KeyError):
-            failed = None
-        if failed is not None:
-            detail = f"Failure Reason {describe(failed.get('FailureReason'), FAILURE_REASONS)}"
-    return Outcome(error=f"{where}: HTTP {response.status_code} {response.reason}: {detail}")
-
-
 def send_stow(endpoint: StowEndpoint, paths: list[Path], settings: Settings) -> dict[Path, Outcome]:
     """STOW-RS each file to the endpoint; returns path -> outcome."""
-    client = stow_client(endpoint, settings)
+    answers: list[requests.Response] = []
+    client = stow_client(endpoint, settings, answers.append)
+    where = str(endpoint)
     outcome: dict[Path, Outcome] = {}
     for path in paths:
         try:
@@ -101,15 +108,18 @@ def send_stow(endpoint: StowEndpoint, paths: list[Path], settings: Settings) -> 
         except (OSError, InvalidDicomError) as exc:
             outcome[path] = Outcome(error=f"result file {path} cannot be read: {exc}")
             continue
-        where, sop_uid = str(endpoint), str(ds.SOPInstanceUID)
+        answers.clear()
+        problem: Exception | None = None
         try:
-            outcome[path] = _accepted(where, sop_uid, client.store_instances([ds]))
-        except requests.HTTPError as exc:
-            outcome[path] = _rejected(where, sop_uid, exc.response)
-        except ValueError as exc:  # a success status whose body is not a DICOM JSON dataset
-            outcome[path] = Outcome(error=f"{where}: unreadable Store Instances Response: {exc}")
+            client.store_instances([ds])
+        except (requests.HTTPError, ValueError) as exc:  # an error status, or a body dicomweb-client cannot read
+            problem = exc
         except requests.RequestException as exc:  # no answer: connection refused, TLS, time-out
             unreachable = Outcome(error=f"{where}: {type(exc).__name__}: {exc}")
             outcome.update({rest: unreachable for rest in paths if rest not in outcome})
             break
+        if answers:
+            outcome[path] = judge(where, str(ds.SOPInstanceUID), answers[-1])
+        else:  # it failed before sending (the object could not be encoded)
+            outcome[path] = Outcome(error=f"{where}: not sent: {type(problem).__name__}: {problem}")
     return outcome

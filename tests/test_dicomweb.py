@@ -178,8 +178,8 @@ class StowStub:
                 parts = [p.split(b"\r\n\r\n", 1)[1][:-2] for p in body.split(delimiter)[1:-1]]
                 uids = [str(dcmread(BytesIO(p), stop_before_pixels=True).SOPInstanceUID) for p in parts]
                 stub.requests.append({"authorization": self.headers.get("Authorization"), "sop_uids": uids})
-                status, content_type, answer = next(
-                    (stub.answers[uid] for uid in uids if uid in stub.answers), (200, "application/dicom+json", None))
+                status, content_type, answer = next((stub.answers[uid] for uid in uids if uid in stub.answers),
+                                                    (200, "application/dicom+json; charset=utf-8", None))
                 if answer is None:
                     answer = stored_response(uids, stub.warnings).to_json().encode()
                 self.send_response(status)
