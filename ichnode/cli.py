@@ -25,6 +25,7 @@ log = logging.getLogger("ichnode")
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # it logs every request at INFO
 
 
 def _settings(args) -> Settings:

@@ -1,6 +1,7 @@
-"""The node's HTTP API (FastAPI): health, metrics, studies and series, worklist and web page.
+"""The node's HTTP API (FastAPI): health, metrics, studies and series, worklist and web page, and
+STOW-RS (node/dicomweb.py).
 
-When `api_token` is set every /api route needs `Authorization: Bearer <token>`.
+When `http.api_token` is set every /api and /dicom-web route needs `Authorization: Bearer <token>`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from pydantic import BaseModel
 
 from ichnode.common.analysis import SeriesFindings, Skipped
 from ichnode.common.config import Settings
+from node.dicomweb import make_dicomweb_router
+from node.intake import Intake
 from node.metrics import CONTENT_TYPE, exposition
+from node.spool import Spool
 from node.store import Channel, DeliveryRow, SeriesRow, SeriesState, Store, StudyRow
 from node.worklist import iso, make_worklist_router, mount_web
 
@@ -177,5 +181,6 @@ def create_app(store: Store, settings: Settings, health: dict | None = None) -> 
         return [DeliveryView.of(d) for d in store.deliveries()]
 
     app.include_router(make_worklist_router(store, settings.storage), dependencies=guarded)
+    app.include_router(make_dicomweb_router(Intake(Spool(settings.storage.spool_dir), store)), dependencies=guarded)
     mount_web(app)
     return app

@@ -1,4 +1,4 @@
-"""Delivery: a persistent outbox of results for PACS (C-STORE), the RIS (HL7) and webhooks.
+"""Delivery: a persistent outbox of results for PACS (C-STORE or STOW-RS), the RIS (HL7) and webhooks.
 
 `plan_deliveries` puts one outbox row per result object and destination, per HL7 endpoint and per
 webhook. `Deliverer.run_once` sends what is due; an item stays pending until its destination
@@ -19,11 +19,12 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from ichnode.common.analysis import SeriesFindings
-from ichnode.common.config import Destination, Settings
-from node.errors import DeliveryError
+from ichnode.common.config import Destination, Settings, StowEndpoint, parse_destination
+from node.errors import DeliveryError, Outcome
 from node.hl7 import build_oru, send_mllp
 from node.metrics import DELIVERIES
 from node.store import DeliveryRow, SeriesRow, Store
+from node.stow import send_stow
 from node.webhooks import build_webhook_payload, post_webhook, should_notify
 
 log = logging.getLogger("ichnode.delivery")
@@ -50,8 +51,8 @@ def plan_deliveries(store: Store, settings: Settings, series: SeriesRow, generat
             store.enqueue_delivery(uid, generation, "webhook", url, payload)
 
 
-def send_dicom(ae_title: str, destination: Destination, paths: list[Path]) -> dict[Path, str | None]:
-    """C-STORE the files over one association; returns path -> None (stored) or the error."""
+def send_dicom(ae_title: str, destination: Destination, paths: list[Path]) -> dict[Path, Outcome]:
+    """C-STORE the files over one association; returns path -> outcome."""
     datasets = {path: dcmread(path) for path in paths}
     ae = AE(ae_title=ae_title)
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets.values()}):
@@ -59,19 +60,22 @@ def send_dicom(ae_title: str, destination: Destination, paths: list[Path]) -> di
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "no association (peer down or refused)"
-        return {path: f"{destination}: {reason}" for path in paths}
-    outcome: dict[Path, str | None] = {}
+        return {path: Outcome(error=f"{destination}: {reason}") for path in paths}
+    outcome: dict[Path, Outcome] = {}
     try:
         for path, ds in datasets.items():
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
             if code is None:
-                outcome[path] = f"{destination}: no C-STORE response (connection lost or timed out)"
-            elif code == 0x0000 or 0xB000 <= code <= 0xBFFF:
-                outcome[path] = None
+                outcome[path] = Outcome(error=f"{destination}: no C-STORE response (connection lost or timed out)")
+                continue
+            reason = f"{destination}: C-STORE status 0x{code:04X} {status.get('ErrorComment', '')}".strip()
+            if code == 0x0000:
+                outcome[path] = Outcome()
+            elif 0xB000 <= code <= 0xBFFF:
+                outcome[path] = Outcome(warning=reason)
             else:
-                comment = status.get("ErrorComment", "")
-                outcome[path] = f"{destination}: C-STORE status 0x{code:04X} {comment}".strip()
+                outcome[path] = Outcome(error=reason)
     finally:
         assoc.release()
     return outcome
@@ -93,9 +97,12 @@ class Deliverer:
                     item.id, item.channel, item.target, item.attempts + 1, delay, error)
         self.store.delivery_failed(item.id, error, now + delay)
 
-    def _sent(self, item: DeliveryRow) -> None:
+    def _sent(self, item: DeliveryRow, warning: str | None = None) -> None:
         DELIVERIES.labels(channel=item.channel, outcome="sent").inc()
-        self.store.delivery_sent(item.id)
+        if warning:
+            log.warning("delivery %d (%s to %s) stored with a warning: %s", item.id, item.channel, item.target,
+                        warning)
+        self.store.delivery_sent(item.id, warning)
 
     def run_once(self, now: float | None = None) -> int:
         """Send everything due; returns how many items were sent."""
@@ -123,15 +130,19 @@ class Deliverer:
             for path in missing:
                 self._failed(paths.pop(path), f"result file {path} is missing", now)
             try:
-                outcome = send_dicom(self.settings.listener.ae_title, Destination.parse(target), list(paths))
+                destination = parse_destination(target)
+                if isinstance(destination, StowEndpoint):
+                    outcome = send_stow(destination, list(paths), self.settings.delivery)
+                else:
+                    outcome = send_dicom(self.settings.listener.ae_title, destination, list(paths))
             except Exception as exc:  # a broken file or socket error: retry later, never drop
-                outcome = {path: f"{target}: {type(exc).__name__}: {exc}" for path in paths}
-            for path, error in outcome.items():
-                if error is None:
-                    self._sent(paths[path])
+                outcome = {path: Outcome(error=f"{target}: {type(exc).__name__}: {exc}") for path in paths}
+            for path, result in outcome.items():
+                if result.error is None:
+                    self._sent(paths[path], result.warning)
                     sent += 1
                 else:
-                    self._failed(paths[path], error, now)
+                    self._failed(paths[path], result.error, now)
         if sent:
             log.info("delivered %d item(s)", sent)
         return sent

@@ -1,7 +1,7 @@
 """Prometheus metrics of the node, served at /metrics."""
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
-INSTANCES = Counter("ichnode_instances_received_total", "C-STORE requests by outcome", ["outcome"])
+INSTANCES = Counter("ichnode_instances_received_total", "Received instances (C-STORE, STOW-RS) by outcome", ["outcome"])
 SERIES = Counter("ichnode_series_total", "Series reaching a state", ["state"])
 DELIVERIES = Counter("ichnode_deliveries_total", "Delivery attempts by channel and outcome", ["channel", "outcome"])
 ANALYSIS_SECONDS = Histogram("ichnode_analysis_seconds", "Worker time per analysed series",

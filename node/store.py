@@ -337,10 +337,11 @@ class Store:
             rows = self._query("SELECT * FROM outbox ORDER BY id")
         return [DeliveryRow(**row) for row in rows]
 
-    def delivery_sent(self, item_id: int) -> None:
+    def delivery_sent(self, item_id: int, warning: str | None = None) -> None:
+        """Mark an item sent; the destination's warning, if any, is kept as its last_error."""
         with self.transaction() as db:
-            db.execute("UPDATE outbox SET state='sent', sent_at=?, attempts=attempts+1, last_error=NULL WHERE id=?",
-                       (time.time(), item_id))
+            db.execute("UPDATE outbox SET state='sent', sent_at=?, attempts=attempts+1, last_error=? WHERE id=?",
+                       (time.time(), warning[:500] if warning else None, item_id))
 
     def delivery_failed(self, item_id: int, error: str, next_attempt_at: float) -> None:
         with self.transaction() as db:

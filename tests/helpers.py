@@ -35,6 +35,11 @@ from worker.priority import assign_priority
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("ICHNODE_TEST_REDIS", "redis://127.0.0.1:6379/15")
 ANALYSIS_BUDGET = 120  # quiet period + 60 s on a 2-core machine, plus worker start-up
+# SOP classes of the result objects, as a PACS or archive receives them
+SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.22"}
+SC_CLASSES = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"}
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
 # --- tools and processes --------------------------------------------------------------------
@@ -151,6 +156,21 @@ def ct_instance(series_uid: str, index: int, sop_class=CTImageStorage, pixels: b
         ds.RescaleSlope = 1
         ds.PixelData = (np.full((16, 16), 40 + index, dtype=np.int16)).tobytes()
     return ds
+
+
+def result_files(storage: StorageSection, count=3) -> tuple[str, list[str]]:
+    """`count` small objects in a new series' result folder, as the worker leaves them; returns the
+    series UID and their paths relative to data_dir (outbox payloads)."""
+    series = new_uid()
+    folder = storage.result_folder(series)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        ds = ct_instance(series, i)
+        path = folder.object_file(ds.Modality, ds.SOPInstanceUID)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(str(path.relative_to(storage.data_dir)))
+    return series, paths
 
 
 # --- the node's records ---------------------------------------------------------------------

@@ -13,9 +13,11 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal, get_origin
+from typing import Annotated, ClassVar, Literal, get_args, get_origin
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from ichnode.common.result_folder import ResultFolder
 from ichnode.common.vocabulary import Level
@@ -50,6 +52,32 @@ class Destination(BaseModel):
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class StowEndpoint(BaseModel):
+    """A DICOMweb archive written as ``stow:https://host/dicom-web`` (the base URL before /studies)."""
+
+    model_config = ConfigDict(frozen=True)
+    url: str
+
+    @classmethod
+    def parse(cls, text: str) -> "StowEndpoint":
+        url = text.strip().removeprefix("stow:").rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError(f"{text!r} is not stow:http(s)://host[:port]/path")
+        if parts.username or parts.password:
+            raise ValueError(f"{parts.hostname}: credentials do not belong in the URL, set stow_username and "
+                             "stow_password or stow_token")
+        return cls(url=url)
+
+    def __str__(self) -> str:
+        return f"stow:{self.url}"
+
+
+def parse_destination(text: str) -> Destination | StowEndpoint:
+    """``stow:<url>`` is a DICOMweb archive, anything else a DICOM peer ``AET@host:port``."""
+    return StowEndpoint.parse(text) if text.strip().startswith("stow:") else Destination.parse(text)
 
 
 class HostPort(BaseModel):
@@ -179,16 +207,39 @@ class PriorityRule(Section):
 
 
 class DeliverySection(Section):
-    """[delivery]: result objects to PACS, through the persistent outbox."""
+    """[delivery]: result objects to PACS (C-STORE) or a DICOMweb archive (STOW-RS), through the
+    persistent outbox."""
 
     former_keys: ClassVar[dict[str, str]] = {"max_backoff_seconds": "delivery_max_backoff_seconds"}
-    destinations: list[Destination] = []
+    destinations: list[Destination | StowEndpoint] = []
     max_backoff_seconds: float = Field(default=300.0, gt=0)
+    # credentials and trust for stow: destinations (never logged)
+    stow_token: SecretStr = SecretStr("")  # sent as `Authorization: Bearer <token>`
+    stow_password: SecretStr = SecretStr("")
+    stow_username: str = Field(default="", validate_default=True)  # with stow_password: HTTP basic authentication
+    stow_ca_bundle: Path | None = None  # PEM file of CAs for https; None: the system's CA store
 
     @field_validator("destinations", mode="before")
     @classmethod
     def _parse_destinations(cls, value):
-        return [Destination.parse(v) if isinstance(v, str) else v for v in value]
+        return [parse_destination(v) if isinstance(v, str) else v for v in value]
+
+    @field_validator("stow_username")
+    @classmethod
+    def _check_stow_credentials(cls, value: str, info: ValidationInfo) -> str:
+        token, password = info.data.get("stow_token"), info.data.get("stow_password")
+        if value and token and token.get_secret_value():
+            raise ValueError("set either stow_token or stow_username/stow_password, not both")
+        if not value and password and password.get_secret_value():
+            raise ValueError("stow_password is set but stow_username is empty")
+        return value
+
+    @field_validator("stow_ca_bundle")
+    @classmethod
+    def _check_ca_bundle(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        return value
 
 
 class Hl7Section(Section):
@@ -280,13 +331,24 @@ def _from_env(environ: dict[str, str]) -> dict[tuple[str, ...], object]:
         raw = environ.get(variable)
         if raw is None:
             continue
-        if get_origin(_field(path).annotation) is list:
+        annotation = _field(path).annotation
+        if get_origin(annotation) is list:
             values[path] = [item.strip() for item in raw.split(",") if item.strip()]
-        elif path[-1] == "model_path" and raw == "":
+        elif raw == "" and _optional(annotation):  # no model path, no CA bundle
             values[path] = None
         else:
             values[path] = raw
     return values
+
+
+def _optional(annotation) -> bool:
+    """A key that may be None (written empty in the environment)."""
+    return type(None) in get_args(annotation)
+
+
+def _redact(text: str) -> str:
+    """Masks the credentials of URLs (scheme://user:password@host) in a config error."""
+    return re.sub(r"//[^/@\s]+@", "//***@", text)
 
 
 def _former_location(key: str) -> str | None:
@@ -341,4 +403,4 @@ def _describe(error: dict, path, env_values: dict[tuple[str, ...], object]) -> s
         return f"config [{loc[0]}] ({where}): {error['msg']}"
     variable = next((name for name, key in environment_variables().items() if key == key_path), None)
     origin = variable if key_path in env_values else f"{dotted} (in {path or 'defaults'})"
-    return f"config {origin}: {error['msg']} (got {error.get('input')!r})"
+    return f"config {origin}: {error['msg']} (got {_redact(repr(error.get('input')))})"

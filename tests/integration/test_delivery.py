@@ -3,23 +3,10 @@ from __future__ import annotations
 
 import time
 
-from ichnode.common.config import StorageSection, load_settings
+from ichnode.common.config import load_settings
 from node.delivery import Deliverer
 from node.store import Store
-from tests.helpers import StoreSCP, ct_instance, free_port, new_uid
-
-
-def result_files(storage: StorageSection, count=3):
-    series = new_uid()
-    folder = storage.result_folder(series)
-    folder.path.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        ds = ct_instance(series, i)
-        path = folder.object_file(ds.Modality, ds.SOPInstanceUID)
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(str(path.relative_to(storage.data_dir)))
-    return series, paths
+from tests.helpers import StoreSCP, free_port, result_files
 
 
 def test_destination_down_then_back_gets_everything_even_across_a_restart(tmp_path):

@@ -9,12 +9,18 @@ from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless, generate_uid
 
-from tests.helpers import ANALYSIS_BUDGET, dcmtk, done, series_uid_of, study_uid_of, wait_for
-
-SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.22"}
-SC_CLASSES = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"}
-SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+from tests.helpers import (
+    ANALYSIS_BUDGET,
+    KOS_CLASS,
+    SC_CLASSES,
+    SEG_CLASS,
+    SR_CLASSES,
+    dcmtk,
+    done,
+    series_uid_of,
+    study_uid_of,
+    wait_for,
+)
 
 
 def received_classes(pacs, study_uid: str) -> dict[str, int]:

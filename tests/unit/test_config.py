@@ -49,6 +49,33 @@ def test_invalid_value_names_the_key(env, key):
         load_settings(environ=env)
 
 
+def test_stow_destinations_and_credentials_live_in_the_delivery_section():
+    settings = load_settings(environ={
+        "ICHNODE_DESTINATIONS": "PACS@10.0.0.5:104,stow:https://vna.example.org/dicom-web/",
+        "ICHNODE_STOW_TOKEN": "secret-token", "ICHNODE_STOW_CA_BUNDLE": "",
+    })
+    pacs, archive = settings.delivery.destinations
+    assert str(pacs) == "PACS@10.0.0.5:104" and str(archive) == "stow:https://vna.example.org/dicom-web"
+    assert settings.delivery.stow_token.get_secret_value() == "secret-token" and settings.delivery.stow_ca_bundle is None
+    assert "secret-token" not in repr(settings)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ICHNODE_STOW_TOKEN": "t", "ICHNODE_STOW_USERNAME": "u"}, "ICHNODE_STOW_USERNAME: .*either stow_token or"),
+    ({"ICHNODE_STOW_PASSWORD": "p"}, "stow_password is set but stow_username is empty"),
+    ({"ICHNODE_STOW_CA_BUNDLE": "/nowhere/ca.pem"}, "ICHNODE_STOW_CA_BUNDLE: .*is not a file"),
+])
+def test_stow_credentials_and_trust_are_checked(env, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ=env)
+
+
+def test_credentials_in_a_stow_url_are_refused_without_being_shown():
+    with pytest.raises(ConfigError, match="credentials do not belong in the URL") as refused:
+        load_settings(environ={"ICHNODE_DESTINATIONS": "stow:https://user:hunter2@vna.example.org/dicom-web"})
+    assert "hunter2" not in str(refused.value)
+
+
 def test_invalid_value_in_the_file_names_section_and_key(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text("[http]\nport = 0\n")

@@ -1,0 +1,133 @@
+"""Intake: the one path by which a received instance enters the node, by C-STORE or by STOW-RS.
+
+`Intake.accept` takes an instance as a Part 10 file, parses it (pixel data is not decoded),
+validates it, writes the bytes to the spool (fsynced) and records the instance, in that order: the
+sender's success answer always follows a durable copy. A SOP Instance UID already stored is
+accepted again and kept once, as first received.
+
+A refusal raises `Refused` with the status the sender gets. The codes are both the C-STORE Status
+(PS3.4 Table B.2-1) and the STOW-RS Failure Reason (PS3.18 uses the same values):
+  0x0122 SOP class not supported (C-STORE refuses it earlier, at negotiation)
+  0xA700 out of resources: the instance could not be written
+  0xA900 data set does not match SOP class: no Pixel Data, a required UID missing, or a UID that
+         differs from the request's (the C-STORE Affected SOP Instance UID, the STOW-RS URL's study)
+  0xC000 cannot understand: the data set could not be parsed
+  0xC001 cannot understand: a UID is not valid (it would not be safe as a file name)
+  0xC122 transfer syntax not supported (C-STORE negotiates it earlier)
+"""
+from __future__ import annotations
+
+import logging
+from io import BytesIO
+from typing import Callable
+
+from pydicom import dcmread
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from ichnode.common.vocabulary import CT_IMAGE_SOP_CLASSES
+from node.headers import InstanceHeader, instance_header
+from node.metrics import INSTANCES
+from node.spool import InvalidUID, Spool, check_uid
+from node.store import Store
+
+log = logging.getLogger("ichnode.intake")
+
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+REQUIRED_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+class Refused(Exception):
+    """An instance the node did not store; `status` is the C-STORE Status / STOW-RS Failure Reason."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Intake:
+    def __init__(self, spool: Spool, store: Store):
+        self.spool = spool
+        self.store = store
+
+    def accept(self, data: bytes, source: str,
+               check: Callable[[InstanceHeader], None] | None = None) -> InstanceHeader:
+        """Store one Part 10 instance from `source` (calling AE title or client address); returns its
+        header. `check(header)` raises `Refused` when the instance does not fit its request."""
+        try:
+            header = self._validated_header(data)
+            if check:
+                check(header)
+            new = self._keep(header, data, source)
+        except Refused as refused:
+            INSTANCES.labels(outcome=f"refused 0x{refused.status:04X}").inc()
+            log.log(logging.ERROR if refused.status == 0xA700 else logging.WARNING,
+                    "instance from %s refused (0x%04X): %s", source, refused.status, refused.reason)
+            raise
+        INSTANCES.labels(outcome="stored" if new else "duplicate").inc()
+        if new:
+            log.debug("stored %s (series %s) from %s", header.sop_instance_uid, header.series_instance_uid, source)
+        else:
+            log.info("duplicate %s from %s: already stored, kept the first copy", header.sop_instance_uid, source)
+        return header
+
+    @staticmethod
+    def _validated_header(data: bytes) -> InstanceHeader:
+        try:
+            ds = dcmread(BytesIO(data))
+            transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+            missing = [kw for kw in REQUIRED_ATTRIBUTES if not ds.get(kw)]
+            header = None if missing else instance_header(ds, transfer_syntax)
+        except Exception as exc:  # a malformed data set must not take the receiver down
+            raise Refused(0xC000, f"cannot parse data set: {exc}") from None
+        if missing:
+            raise Refused(0xA900, f"missing {', '.join(missing)}")
+        if "PixelData" not in ds:
+            raise Refused(0xA900, "no Pixel Data in the data set")
+        if header.sop_class_uid not in CT_IMAGE_SOP_CLASSES:
+            raise Refused(0x0122, f"SOP class {header.sop_class_uid} is not a CT image storage class")
+        if transfer_syntax not in TRANSFER_SYNTAXES:
+            raise Refused(0xC122, f"transfer syntax {transfer_syntax} is not supported")
+        try:
+            for key in ("study_instance_uid", "series_instance_uid", "sop_instance_uid"):
+                check_uid(getattr(header, key), key)
+        except InvalidUID as exc:
+            raise Refused(0xC001, str(exc)) from None
+        return header
+
+    def _keep(self, header: InstanceHeader, data: bytes, source: str) -> bool:
+        """Spool, then record; True for a new instance, False for a duplicate."""
+        try:
+            path, new = self.spool.write(header.study_instance_uid, header.series_instance_uid,
+                                         header.sop_instance_uid, data)
+            if new:
+                self.store.record_instance(header, self.spool.relative(path), source)
+        except OSError as exc:
+            raise Refused(0xA700, f"could not be stored: {exc.strerror or exc}") from None
+        return new

@@ -1,0 +1,140 @@
+"""STOW-RS receive on the node's API (in process): the C-STORE intake behind the multipart parser,
+the Store Instances Response, and the requests it refuses."""
+from __future__ import annotations
+
+from io import BytesIO
+from xml.etree.ElementTree import fromstring
+
+import pytest
+from fastapi.testclient import TestClient
+from pydicom import Dataset, dcmread
+from pynetdicom.sop_class import MRImageStorage
+
+from ichnode.common.config import load_settings
+from node.api import create_app
+from node.spool import Spool
+from node.store import Store
+from tests.helpers import ct_instance, new_uid
+
+
+TOKEN = "stow-test-token"
+BOUNDARY = "ichnode-test-boundary"
+STOW_CONTENT_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+
+
+def part10(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def multipart_related(*parts: bytes, part_type: str = "application/dicom") -> bytes:
+    """A STOW-RS request body written out by hand, to test the node's parser on its own."""
+    body = b"".join(b"--%s\r\nContent-Type: %s\r\n\r\n%s\r\n" % (BOUNDARY.encode(), part_type.encode(), part)
+                    for part in parts)
+    return body + b"--%s--\r\n" % BOUNDARY.encode()
+
+
+@pytest.fixture
+def node_api(tmp_path):
+    settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path / "data"), "ICHNODE_API_TOKEN": TOKEN})
+    store = Store(settings.storage.database_path)
+    client = TestClient(create_app(store, settings, {}), headers={"Authorization": f"Bearer {TOKEN}"})
+    yield client, store, Spool(settings.storage.spool_dir)
+    store.close()
+
+
+def stow(client: TestClient, *datasets_or_bytes, url: str = "/dicom-web/studies", **headers):
+    parts = [part if isinstance(part, bytes) else part10(part) for part in datasets_or_bytes]
+    return client.post(url, content=multipart_related(*parts),
+                       headers={"Content-Type": STOW_CONTENT_TYPE, **headers})
+
+
+def by_sop(response_json: dict, sequence: str) -> dict[str, Dataset]:
+    ds = Dataset.from_json(response_json)
+    return {str(item.get("ReferencedSOPInstanceUID")): item for item in ds.get(sequence, [])}
+
+
+def test_stow_stores_through_the_c_store_path_and_keeps_duplicates_once(node_api):
+    client, store, spool = node_api
+    series = new_uid()
+    instances = [ct_instance(series, i) for i in range(3)]
+    first = stow(client, *instances)
+    assert first.status_code == 200 and first.headers["content-type"] == "application/dicom+json"
+    assert set(by_sop(first.json(), "ReferencedSOPSequence")) == {ds.SOPInstanceUID for ds in instances}
+    assert "00081198" not in first.json()  # no FailedSOPSequence
+    assert store.series(series).instance_count == 3 and store.series(series).state == "receiving"
+    stored = dcmread(spool.path_for(instances[0].StudyInstanceUID, series, instances[0].SOPInstanceUID))
+    assert stored.pixel_array.shape == (16, 16)
+
+    again = stow(client, *instances)  # the same SOP Instance UIDs: accepted, stored once
+    assert again.status_code == 200
+    assert len(by_sop(again.json(), "ReferencedSOPSequence")) == 3
+    assert store.series(series).instance_count == 3 and len(spool.files()) == 3
+
+
+def test_stow_answers_each_refused_instance_with_its_failure_reason(node_api):
+    client, store, spool = node_api
+    series = new_uid()
+    good = ct_instance(series, 0)
+    no_pixels = ct_instance(series, 1, pixels=False)
+    mr = ct_instance(series, 2, sop_class=MRImageStorage)
+    bad_uid = ct_instance("1.2.3", 3, study_uid="1.2.3.09")  # a leading zero: not a valid UID
+    response = stow(client, good, no_pixels, mr, bad_uid, b"not DICOM at all")
+    assert response.status_code == 202
+    assert set(by_sop(response.json(), "ReferencedSOPSequence")) == {good.SOPInstanceUID}
+    failed = by_sop(response.json(), "FailedSOPSequence")
+    assert {uid: item.FailureReason for uid, item in failed.items()} == {
+        no_pixels.SOPInstanceUID: 0xA900, mr.SOPInstanceUID: 0x0122, bad_uid.SOPInstanceUID: 0xC001,
+        "None": 0xC000}
+    assert failed[mr.SOPInstanceUID].ReferencedSOPClassUID == MRImageStorage
+    assert [p.name for p in spool.files()] == [f"{good.SOPInstanceUID}.dcm"]
+
+    none_stored = stow(client, no_pixels)
+    assert none_stored.status_code == 409
+    assert by_sop(none_stored.json(), "FailedSOPSequence")[no_pixels.SOPInstanceUID].FailureReason == 0xA900
+
+
+def test_stow_to_a_study_refuses_instances_of_another_study(node_api):
+    client, store, spool = node_api
+    series = new_uid()
+    ours = ct_instance(series, 0, study_uid="1.2.826.0.1.3680043.8.498.7")
+    theirs = ct_instance(series + ".9", 1, study_uid="1.2.826.0.1.3680043.8.498.8")
+    response = stow(client, ours, theirs, url="/dicom-web/studies/1.2.826.0.1.3680043.8.498.7")
+    assert response.status_code == 202
+    assert set(by_sop(response.json(), "ReferencedSOPSequence")) == {ours.SOPInstanceUID}
+    assert by_sop(response.json(), "FailedSOPSequence")[theirs.SOPInstanceUID].FailureReason == 0xA900
+    assert len(spool.files()) == 1
+
+
+def test_stow_answers_in_xml_to_a_client_that_accepts_only_xml(node_api):
+    client, store, spool = node_api
+    good, refused = ct_instance(new_uid(), 0), ct_instance(new_uid(), 0, pixels=False)
+    response = stow(client, good, refused, Accept="application/dicom+xml")
+    assert response.status_code == 202 and response.headers["content-type"] == "application/dicom+xml"
+    ns = {"d": "http://dicom.nema.org/PS3.19/models/NativeDICOM"}
+    root = fromstring(response.content)
+    failed = root.find("d:DicomAttribute[@keyword='FailedSOPSequence']/d:Item", ns)
+    assert failed.find("d:DicomAttribute[@tag='00081155']/d:Value", ns).text == refused.SOPInstanceUID
+    assert failed.find("d:DicomAttribute[@keyword='FailureReason']", ns).get("vr") == "US"
+    assert failed.find("d:DicomAttribute[@keyword='FailureReason']/d:Value", ns).text == str(0xA900)
+    stored = root.find("d:DicomAttribute[@keyword='ReferencedSOPSequence']/d:Item", ns)
+    assert stored.find("d:DicomAttribute[@keyword='ReferencedSOPInstanceUID']/d:Value", ns).text == good.SOPInstanceUID
+
+
+@pytest.mark.parametrize("headers, body, status, reason", [
+    ({"Authorization": "Bearer wrong"}, None, 401, "bearer token"),
+    ({"Content-Type": "application/dicom"}, None, 415, "multipart/related"),
+    ({"Content-Type": 'multipart/related; type="application/dicom+json"; boundary=x'}, None, 415, "multipart/related"),
+    ({"Content-Type": 'multipart/related; type="application/dicom"'}, None, 400, "no boundary"),
+    ({"Accept": "image/png"}, None, 406, "application/dicom+json"),
+    ({}, multipart_related(), 400, "no instance"),
+    ({}, multipart_related(b"x" * 100)[:-20], 400, "closing boundary"),
+])
+def test_stow_refuses_requests_it_cannot_take_with_the_reason(node_api, headers, body, status, reason):
+    client, store, spool = node_api
+    default_body = multipart_related(part10(ct_instance(new_uid(), 0)))
+    response = client.post("/dicom-web/studies", content=default_body if body is None else body,
+                           headers={"Content-Type": STOW_CONTENT_TYPE, **headers})
+    assert response.status_code == status and reason in response.json()["detail"]
+    assert spool.files() == []
