@@ -3,21 +3,24 @@
 `Intake.accept` takes an instance as a Part 10 file, parses it (pixel data is not decoded),
 validates it, writes the bytes to the spool (fsynced) and records the instance, in that order: the
 sender's success answer always follows a durable copy. A SOP Instance UID already stored is
-accepted again and kept once, as first received.
+accepted again and kept once, as first received. UIDs outside the DICOM grammar are kept as
+received (ichnode.common.uids) and logged once per study; only a missing or empty one is refused.
 
 A refusal raises `Refused` with the status the sender gets. The codes are both the C-STORE Status
 (PS3.4 Table B.2-1) and the STOW-RS Failure Reason (PS3.18 uses the same values):
   0x0122 SOP class not supported (C-STORE refuses it earlier, at negotiation)
   0xA700 out of resources: the instance could not be written
-  0xA900 data set does not match SOP class: no Pixel Data, a required UID missing, or a UID that
-         differs from the request's (the C-STORE Affected SOP Instance UID, the STOW-RS URL's study)
+  0xA900 data set does not match SOP class: no Pixel Data, a required UID missing or empty, or a
+         UID that differs from the request's (the C-STORE Affected SOP Instance UID, the STOW-RS
+         URL's study)
   0xC000 cannot understand: the data set could not be parsed
-  0xC001 cannot understand: a UID is not valid (it would not be safe as a file name)
   0xC122 transfer syntax not supported (C-STORE negotiates it earlier)
 """
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from io import BytesIO
 from typing import Callable
 
@@ -37,10 +40,11 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from ichnode.common.uids import is_conformant
 from ichnode.common.vocabulary import CT_IMAGE_SOP_CLASSES
 from node.headers import InstanceHeader, instance_header
 from node.metrics import INSTANCES
-from node.spool import InvalidUID, Spool, check_uid
+from node.spool import Spool
 from node.store import Store
 
 log = logging.getLogger("ichnode.intake")
@@ -60,6 +64,8 @@ TRANSFER_SYNTAXES = [
     RLELossless,
 ]
 REQUIRED_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+INSTANCE_UIDS = {"StudyInstanceUID": "study_instance_uid", "SeriesInstanceUID": "series_instance_uid",
+                 "SOPInstanceUID": "sop_instance_uid"}  # the header's UIDs, by their DICOM keyword
 
 
 class Refused(Exception):
@@ -69,6 +75,39 @@ class Refused(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+class OnceEach:
+    """Which keys (study or series UIDs) were already reported, the latest `remembered` of them."""
+
+    def __init__(self, remembered: int = 10_000):
+        self.remembered = remembered
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()  # C-STORE associations run in their own threads
+
+    def first(self, key: str) -> bool:
+        """True the first time `key` is asked about."""
+        with self._lock:
+            if key in self._seen:
+                self._seen.move_to_end(key)
+                return False
+            self._seen[key] = None
+            if len(self._seen) > self.remembered:
+                self._seen.popitem(last=False)
+            return True
+
+
+#: Studies whose non-conformant UIDs were logged, shared by the C-STORE and STOW-RS intakes.
+NONCONFORMANT_UIDS_LOGGED = OnceEach()
+
+
+def _log_nonconformant_uids(header: InstanceHeader, source: str) -> None:
+    odd = [f"{keyword} {getattr(header, field)!r}" for keyword, field in INSTANCE_UIDS.items()
+           if not is_conformant(getattr(header, field))]
+    if odd and NONCONFORMANT_UIDS_LOGGED.first(header.study_instance_uid):
+        log.warning("study %r from %s: UIDs outside the DICOM UID grammar, e.g. %s; kept as received (files "
+                    "named by digest), not logged again for this study", header.study_instance_uid, source,
+                    ", ".join(odd))
 
 
 class Intake:
@@ -91,6 +130,7 @@ class Intake:
                     "instance from %s refused (0x%04X): %s", source, refused.status, refused.reason)
             raise
         INSTANCES.labels(outcome="stored" if new else "duplicate").inc()
+        _log_nonconformant_uids(header, source)
         if new:
             log.debug("stored %s (series %s) from %s", header.sop_instance_uid, header.series_instance_uid, source)
         else:
@@ -114,11 +154,6 @@ class Intake:
             raise Refused(0x0122, f"SOP class {header.sop_class_uid} is not a CT image storage class")
         if transfer_syntax not in TRANSFER_SYNTAXES:
             raise Refused(0xC122, f"transfer syntax {transfer_syntax} is not supported")
-        try:
-            for key in ("study_instance_uid", "series_instance_uid", "sop_instance_uid"):
-                check_uid(getattr(header, key), key)
-        except InvalidUID as exc:
-            raise Refused(0xC001, str(exc)) from None
         return header
 
     def _keep(self, header: InstanceHeader, data: bytes, source: str) -> bool:

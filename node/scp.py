@@ -5,17 +5,19 @@ validate, spool with fsync, record) and only then answers success; a refusal is 
 status and an Error Comment saying why (the codes are listed in node/intake.py). SOP classes other
 than Verification and the CT image storage classes (CT, Enhanced CT, Legacy Converted Enhanced
 CT) are refused at association negotiation (presentation context rejected: abstract syntax not
-supported).
+supported). UIDs in commands may break the DICOM grammar or its 64 characters, as in the data sets
+(ichnode.common.uids); only an empty one is refused.
 """
 from __future__ import annotations
 
 import logging
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 
 from ichnode.common.config import ListenerSection
+from ichnode.common.uids import UID_MAX_LENGTH
 from ichnode.common.vocabulary import CT_IMAGE_SOP_CLASSES
 from node.headers import InstanceHeader
 from node.intake import TRANSFER_SYNTAXES, Intake, Refused
@@ -42,7 +44,8 @@ class StoreHandler:
         sop_uid = str(event.request.AffectedSOPInstanceUID)
 
         def matches_command(header: InstanceHeader) -> None:
-            if header.sop_instance_uid != sop_uid:
+            # DCMTK cuts the command's UID at the 64 characters of VR UI; the data set keeps it whole
+            if sop_uid not in (header.sop_instance_uid, header.sop_instance_uid[:UID_MAX_LENGTH]):
                 raise Refused(0xA900, "SOP Instance UID differs from Affected SOP Instance UID")
 
         try:
@@ -61,7 +64,13 @@ def handle_rejected(event) -> None:
     log.warning("association from %s@%s rejected", event.assoc.requestor.ae_title, event.assoc.requestor.address)
 
 
+def accept_any_uid(value: str) -> tuple[bool, str]:
+    """pynetdicom's check of UIDs in DIMSE commands; its default refuses any over 64 characters."""
+    return (True, "") if value else (False, "must not be empty")
+
+
 def make_ae(listener: ListenerSection) -> AE:
+    _config.VALIDATORS["UI"] = accept_any_uid
     ae = AE(ae_title=listener.ae_title)
     ae.maximum_associations = listener.max_associations
     ae.require_called_aet = listener.check_called_aet

@@ -1,28 +1,17 @@
 """`Spool`: every received instance as a Part 10 file, written atomically and fsynced.
 
-Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. UIDs are checked
-against the DICOM UID grammar before they become path components, so no received value can
-escape the spool. A SOP Instance UID that is already stored is kept as first received.
+Layout: ``<spool>/<study>/<series>/<instance>.dcm``, each name the digest of the Study, Series or
+SOP Instance UID (`ichnode.common.uids.path_name`): whatever a sender puts in a UID, it never
+becomes part of a path. The store records each instance's path and its UIDs as received. A SOP
+Instance UID that is already stored is kept as first received.
 """
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from pathlib import Path
 
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-
-
-class InvalidUID(ValueError):
-    pass
-
-
-def check_uid(uid: str, what: str) -> str:
-    """A valid DICOM UID (digits and dots, no leading zeros, at most 64 characters)."""
-    if not isinstance(uid, str) or len(uid) > 64 or not _UID.match(uid):
-        raise InvalidUID(f"{what} {uid!r} is not a valid DICOM UID")
-    return uid
+from ichnode.common.uids import path_name
 
 
 def _fsync_dir(path: Path) -> None:
@@ -39,10 +28,10 @@ class Spool:
         root.mkdir(parents=True, exist_ok=True)
 
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
-        return self.root / check_uid(study_uid, "StudyInstanceUID") / check_uid(series_uid, "SeriesInstanceUID")
+        return self.root / path_name(study_uid) / path_name(series_uid)
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        return self.series_dir(study_uid, series_uid) / (check_uid(sop_uid, "SOPInstanceUID") + ".dcm")
+        return self.series_dir(study_uid, series_uid) / f"{path_name(sop_uid)}.dcm"
 
     def write(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> tuple[Path, bool]:
         """Store the bytes durably; returns (path, True) when new, (path, False) for a duplicate."""

@@ -12,7 +12,7 @@ from ichnode.common.analysis import Findings
 from ichnode.common.vocabulary import DISCLAIMER, LEVEL_RANK, Level
 from node.errors import DeliveryError
 from node.store import StudyRow
-from node.worklist import thumbnail_url
+from node.worklist import series_url, thumbnail_url
 
 EVENT = "ich.result"
 
@@ -39,7 +39,7 @@ def build_webhook_payload(findings: Findings, study: StudyRow, include_patient: 
         "model": findings.model.model_dump(),
         "links": {
             "worklist": f"{base}/",
-            "series": f"{base}/api/series/{series_uid}",
+            "series": base + series_url(series_uid),
             "thumbnails": [base + thumbnail_url(series_uid, n) for n in range(len(findings.key_slices))],
         },
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import APIRouter, FastAPI, HTTPException, Path as PathParam, Query
 from fastapi.responses import FileResponse
@@ -24,8 +25,6 @@ from ichnode.common.vocabulary import Level
 from node.store import SeriesRow, SeriesState, Store, StudyRow
 
 WEB_DIR = Path(__file__).parent / "web"
-UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"  # digits in dot-separated components: never "." or ".."
-UID_MAX = 64
 
 # which series stands for its study when none has findings: the one furthest along
 _STATE_RANK = {"analysing": 5, "queued": 4, "receiving": 3, "done": 2, "failed": 1, "skipped": 0}
@@ -68,9 +67,14 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat() if ts else None
 
 
+def series_url(series_uid: str) -> str:
+    """Where the API serves a series; the UID is quoted, as received UIDs may hold any character."""
+    return f"/api/series/{quote(series_uid, safe='')}"
+
+
 def thumbnail_url(series_uid: str, index: int) -> str:
     """Where the API serves the index-th heatmap thumbnail of a series."""
-    return f"/api/series/{series_uid}/thumbnails/{index}.png"
+    return f"{series_url(series_uid)}/thumbnails/{index}.png"
 
 
 def _chosen_series(series: list[SeriesRow]) -> SeriesRow | None:
@@ -140,7 +144,7 @@ def make_worklist_router(store: Store, storage: StorageSection) -> APIRouter:
         return [item for _, item in sorted(rows, key=lambda row: row[0])]
 
     @router.post("/studies/{study_uid}/ack", response_model=WorklistItem, summary="Acknowledge a study as read")
-    def acknowledge(body: AckRequest, study_uid: str = PathParam(pattern=UID_PATTERN, max_length=UID_MAX)) -> WorklistItem:
+    def acknowledge(body: AckRequest, study_uid: str) -> WorklistItem:
         if not store.acknowledge(study_uid, body.by.strip()):
             raise HTTPException(404, f"no study {study_uid}")
         return _item(storage, store.study(study_uid), _chosen_series(store.study_series(study_uid)))
@@ -151,7 +155,7 @@ def make_worklist_router(store: Store, storage: StorageSection) -> APIRouter:
         responses={200: {"content": {"image/png": {}}}, 404: {"description": "no such thumbnail"}},
         summary="Heatmap thumbnail of the n-th key slice",
     )
-    def thumbnail(series_uid: str = PathParam(pattern=UID_PATTERN, max_length=UID_MAX), n: int = PathParam(ge=0, le=99)):
+    def thumbnail(series_uid: str, n: int = PathParam(ge=0, le=99)):
         path = storage.result_folder(series_uid).thumbnail(n)
         if not path.is_file():
             raise HTTPException(404, f"no thumbnail {n} for series {series_uid}")

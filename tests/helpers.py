@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
+from urllib.parse import quote
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -442,7 +443,7 @@ class NodeProcess:
             return json.loads(response.read())
 
     def series(self, series_uid: str) -> dict:
-        return self.get(f"/api/series/{series_uid}")
+        return self.get(f"/api/series/{quote(series_uid, safe='')}")
 
     def storescu(self, folder: Path, *extra: str) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -20,6 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, 
                       model_validator)
 
 from ichnode.common.result_folder import ResultFolder
+from ichnode.common.uids import path_name
 from ichnode.common.vocabulary import Level
 
 ENV_PREFIX = "ICHNODE_"
@@ -158,7 +159,7 @@ class StorageSection(Section):
         return self.data_dir / "broker"
 
     def result_folder(self, series_uid: str) -> ResultFolder:
-        return ResultFolder(self.results_dir / series_uid)
+        return ResultFolder(self.results_dir / path_name(series_uid))
 
 
 class SeriesSection(Section):

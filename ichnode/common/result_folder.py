@@ -1,6 +1,7 @@
-"""The folder of one analysed series (``data_dir/results/<SeriesInstanceUID>``, or the ``--out`` of
-`ichnode analyze`): the DICOM result objects, findings.json and a PNG thumbnail of each heatmap
-capture. The worker writes it; the node's delivery, worklist and retention read or remove it."""
+"""The folder of one analysed series (``data_dir/results/<digest of its SeriesInstanceUID>``, or
+the ``--out`` of `ichnode analyze`): the DICOM result objects, findings.json and a PNG thumbnail of
+each heatmap capture. The worker writes it; the node's delivery, worklist and retention read or
+remove it."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -227,7 +227,7 @@ async function acknowledge(item, button) {
   }
   button.disabled = true;
   try {
-    const response = await api(`/api/studies/${item.study_instance_uid}/ack`, {
+    const response = await api(`/api/studies/${encodeURIComponent(item.study_instance_uid)}/ack`, {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ by: reader }),

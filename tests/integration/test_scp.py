@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage
 
 from ichnode.common.config import load_settings
+from ichnode.common.uids import quiet_library_uid_complaints
 from node.scp import start_listener
 from node.spool import Spool
 from node.store import Store
@@ -123,11 +125,38 @@ def test_dataset_without_series_uid_gets_failure_status(listener):
     assert spool.files() == []
 
 
-def test_unsafe_uid_is_refused(listener):
+def test_uids_outside_the_grammar_are_stored_as_received_with_one_warning_per_study(listener, tmp_path, caplog):
+    """What anonymisers and RSNA send: hex, leading zeros, over 64 characters, letters, ID_..."""
     scp, store, spool = listener
-    ds = ct_instance("1.2.3", 0, study_uid="1.2.3.09")  # a leading zero: not a valid UID
-    status = pynetdicom_store(scp, ds)
-    assert status.Status == 0xC001
+    quiet_library_uid_complaints()  # as the command line does: pydicom would complain per instance
+    study, series = uuid.uuid4().hex, "1.2.826.0.1.03.77"  # a new study: the warning is once per study and process
+    sop_uids = ["1.2.826.0.1.3680043.8.498." + "1234567890." * 5 + "1", "1.2.3.abc", "ID_0fe31b044",
+                "a3f9c0de41b2"]
+    folder = tmp_path / "send"
+    for i, sop_uid in enumerate(sop_uids):
+        ds = ct_instance(series, i, study_uid=study)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        folder.mkdir(exist_ok=True)
+        ds.save_as(folder / f"{i}.dcm", enforce_file_format=True)
+    with caplog.at_level("INFO"):
+        run = subprocess.run([dcmtk("storescu"), "-aec", scp.ae_title, "+sd", "127.0.0.1", str(scp.port),
+                              str(folder)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "error" not in run.stderr.lower(), run.stderr
+    assert store.study(study).study_uid == study
+    assert sorted(i.sop_uid for i in store.instances(series)) == sorted(sop_uids)
+    assert all(i.header.study_instance_uid == study and i.header.series_instance_uid == series
+               for i in store.instances(series))
+    assert len(spool.files()) == 4 and not any(uid in str(path) for path in spool.files() for uid in
+                                               [study, series, *sop_uids])
+    about_uids = [r for r in caplog.records if r.levelname == "WARNING" and study in r.getMessage()]
+    assert len(about_uids) == 1 and "outside the DICOM UID grammar" in about_uids[0].getMessage()
+    assert not [r for r in caplog.records if "VR UI" in r.getMessage() or "Non-conformant" in r.getMessage()]
+
+
+def test_an_empty_required_uid_is_refused(listener):
+    scp, store, spool = listener
+    status = pynetdicom_store(scp, ct_instance(new_uid(), 0, study_uid=""))
+    assert status.Status == 0xA900 and "StudyInstanceUID" in status.ErrorComment
     assert spool.files() == []
 
 

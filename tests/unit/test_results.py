@@ -368,3 +368,40 @@ def test_results_are_built_and_valid_without_any_one_optional_source_attribute(k
         ds.save_as(path, enforce_file_format=True)
         errors = dciodvfy_errors(path)
         assert not errors, f"{ds.SOPClassUID.name} without {keyword}: " + "\n".join(errors)
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
+@pytest.mark.filterwarnings("ignore:.*for VR UI")
+def test_results_reference_source_uids_outside_the_grammar_exactly_as_received(tmp_path):
+    """Anonymised studies (hex, leading zeros, letters, over 64 characters): the results join the study
+    and point at the slices by the UIDs the sender used, unchanged. dciodvfy's only complaints are
+    those UIDs; highdicom and pydicom take them (pydicom with a warning, see ichnode.common.uids)."""
+    study, series, frame_of_reference = "63b4b5296cbcf3c5fcd0e380bf99c7cb", "1.2.03.4", "ID_0fe31b044"
+    sources, volume = ct_series(head_hu())
+    for index, ds in enumerate(sources):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_reference
+        ds.SOPInstanceUID = ("1.2.826.0.1.3680043.8.498." + "1234567890." * 5 + str(index + 1) if index % 2
+                             else f"a3f9c0de.{index:02d}")
+    volume = replace(volume, slices=[SliceRef(ds.SOPClassUID, ds.SOPInstanceUID) for ds in sources],
+                     frame_of_reference_uid=frame_of_reference)
+    output = detector_output(volume, {"SDH": blob_mask()}, {"any": 0.9, "SDH": 0.9})
+    findings = findings_for(sources, volume, output)
+    results = dict(zip(findings.result_uids, build_results(sources, volume, output, findings)))
+    sent = {ds.SOPInstanceUID for ds in sources}
+    assert set(findings.key_slices) <= sent
+    for kind, ds in results.items():
+        path = tmp_path / f"{kind.replace(':', '_')}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        back = pydicom.dcmread(path)
+        assert back.StudyInstanceUID == study, kind
+        uids = {str(element.value) for element in back.iterall() if element.VR == "UI" and element.value}
+        referenced = {str(element.value) for element in back.iterall()
+                      if element.keyword == "ReferencedSOPInstanceUID"}
+        assert referenced - set(findings.result_uids.values()) <= sent, kind  # only exact source UIDs
+        if kind in ("sr", "seg", "kos"):
+            assert series in uids and referenced & sent, kind
+        source_uids = sent | {study, series, frame_of_reference}
+        others = [e for e in dciodvfy_errors(path) if not any(uid in e for uid in source_uids)
+                  and "invalid data values for Value Representations" not in e]  # dciodvfy's summary of those
+        assert others == [], kind
+    assert frame_of_reference in {str(e.value) for e in results["seg"].iterall() if e.VR == "UI"}

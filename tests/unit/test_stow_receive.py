@@ -79,20 +79,33 @@ def test_stow_answers_each_refused_instance_with_its_failure_reason(node_api):
     good = ct_instance(series, 0)
     no_pixels = ct_instance(series, 1, pixels=False)
     mr = ct_instance(series, 2, sop_class=MRImageStorage)
-    bad_uid = ct_instance("1.2.3", 3, study_uid="1.2.3.09")  # a leading zero: not a valid UID
-    response = stow(client, good, no_pixels, mr, bad_uid, b"not DICOM at all")
+    no_study = ct_instance(series, 3, study_uid="")  # an empty required UID: the one UID refusal left
+    response = stow(client, good, no_pixels, mr, no_study, b"not DICOM at all")
     assert response.status_code == 202
     assert set(by_sop(response.json(), "ReferencedSOPSequence")) == {good.SOPInstanceUID}
     failed = by_sop(response.json(), "FailedSOPSequence")
     assert {uid: item.FailureReason for uid, item in failed.items()} == {
-        no_pixels.SOPInstanceUID: 0xA900, mr.SOPInstanceUID: 0x0122, bad_uid.SOPInstanceUID: 0xC001,
+        no_pixels.SOPInstanceUID: 0xA900, mr.SOPInstanceUID: 0x0122, no_study.SOPInstanceUID: 0xA900,
         "None": 0xC000}
     assert failed[mr.SOPInstanceUID].ReferencedSOPClassUID == MRImageStorage
-    assert [p.name for p in spool.files()] == [f"{good.SOPInstanceUID}.dcm"]
+    assert spool.files() == [spool.path_for(good.StudyInstanceUID, series, good.SOPInstanceUID)]
 
     none_stored = stow(client, no_pixels)
     assert none_stored.status_code == 409
     assert by_sop(none_stored.json(), "FailedSOPSequence")[no_pixels.SOPInstanceUID].FailureReason == 0xA900
+
+
+def test_stow_keeps_uids_outside_the_grammar_exactly_as_received(node_api):
+    client, store, spool = node_api
+    study, series = "63b4b5296cbcf3c5fcd0e380bf99c7cb", "1.2.03.4"  # hex; leading zero
+    instances = [ct_instance(series, 0, study_uid=study), ct_instance(series, 1, study_uid=study)]
+    instances[1].SOPInstanceUID = "1.2.826.0." + "1234567890." * 6 + "7"  # 76 characters
+    response = stow(client, *instances, url=f"/dicom-web/studies/{study}")
+    assert response.status_code == 200
+    assert set(by_sop(response.json(), "ReferencedSOPSequence")) == {ds.SOPInstanceUID for ds in instances}
+    assert {i.sop_uid for i in store.instances(series)} == {ds.SOPInstanceUID for ds in instances}
+    assert store.study(study).study_uid == study and store.series(series).instance_count == 2
+    assert all(study not in str(path) and series not in str(path) for path in spool.files())
 
 
 def test_stow_to_a_study_refuses_instances_of_another_study(node_api):
