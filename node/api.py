@@ -110,6 +110,7 @@ class StudyView(BaseModel):
     acknowledged: str | None
     acknowledged_by: str | None
     series: list[SeriesView]
+    other_objects: int  # objects of other SOP classes than CT images, answered success and not analysed
 
 
 def create_app(store: Store, settings: Settings, health: dict | None = None) -> FastAPI:
@@ -155,6 +156,7 @@ def create_app(store: Store, settings: Settings, health: dict | None = None) -> 
             acknowledged=iso(study.acknowledged_at),
             acknowledged_by=study.acknowledged_by,
             series=[SeriesView.of(s) for s in store.study_series(study.study_uid)],
+            other_objects=store.other_objects(study.study_uid),
         )
 
     @app.get("/api/studies", dependencies=guarded, response_model=list[StudyView])
@@ -181,6 +183,7 @@ def create_app(store: Store, settings: Settings, health: dict | None = None) -> 
         return [DeliveryView.of(d) for d in store.deliveries()]
 
     app.include_router(make_worklist_router(store, settings.storage), dependencies=guarded)
-    app.include_router(make_dicomweb_router(Intake(Spool(settings.storage.spool_dir), store)), dependencies=guarded)
+    intake = Intake(Spool(settings.storage.spool_dir), store, settings.listener)
+    app.include_router(make_dicomweb_router(intake), dependencies=guarded)
     mount_web(app)
     return app

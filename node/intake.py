@@ -6,9 +6,15 @@ sender's success answer always follows a durable copy. A SOP Instance UID alread
 accepted again and kept once, as first received. UIDs outside the DICOM grammar are kept as
 received (ichnode.common.uids) and logged once per study; only a missing or empty one is refused.
 
+Only CT images (`CT_IMAGE_SOP_CLASSES`) are spooled for analysis. With `accept_all_storage` an
+object of any other storage SOP class (dose reports, secondary captures, ...) is answered with
+success too, so a forwarded study never fails at the sender: it is counted for its study
+(`other_objects` in the API), in /metrics and once per series in the log, and discarded or kept in
+the spool as `[listener] other_objects` says. Without it, such an object is refused (0x0122).
+
 A refusal raises `Refused` with the status the sender gets. The codes are both the C-STORE Status
 (PS3.4 Table B.2-1) and the STOW-RS Failure Reason (PS3.18 uses the same values):
-  0x0122 SOP class not supported (C-STORE refuses it earlier, at negotiation)
+  0x0122 SOP class not supported, without accept_all_storage (C-STORE refuses it at negotiation)
   0xA700 out of resources: the instance could not be written
   0xA900 data set does not match SOP class: no Pixel Data, a required UID missing or empty, or a
          UID that differs from the request's (the C-STORE Affected SOP Instance UID, the STOW-RS
@@ -24,7 +30,7 @@ from collections import OrderedDict
 from io import BytesIO
 from typing import Callable
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -38,12 +44,14 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
+    UID,
 )
 
+from ichnode.common.config import ListenerSection
 from ichnode.common.uids import is_conformant
 from ichnode.common.vocabulary import CT_IMAGE_SOP_CLASSES
 from node.headers import InstanceHeader, instance_header
-from node.metrics import INSTANCES
+from node.metrics import INSTANCES, OTHER_OBJECTS
 from node.spool import Spool
 from node.store import Store
 
@@ -99,6 +107,8 @@ class OnceEach:
 
 #: Studies whose non-conformant UIDs were logged, shared by the C-STORE and STOW-RS intakes.
 NONCONFORMANT_UIDS_LOGGED = OnceEach()
+#: Series whose objects of other SOP classes were logged.
+OTHER_SERIES_LOGGED = OnceEach()
 
 
 def _log_nonconformant_uids(header: InstanceHeader, source: str) -> None:
@@ -111,34 +121,43 @@ def _log_nonconformant_uids(header: InstanceHeader, source: str) -> None:
 
 
 class Intake:
-    def __init__(self, spool: Spool, store: Store):
+    def __init__(self, spool: Spool, store: Store, listener: ListenerSection):
         self.spool = spool
         self.store = store
+        self.accept_all_storage = listener.accept_all_storage
+        self.keep_other_objects = listener.other_objects == "keep"
 
     def accept(self, data: bytes, source: str,
                check: Callable[[InstanceHeader], None] | None = None) -> InstanceHeader:
         """Store one Part 10 instance from `source` (calling AE title or client address); returns its
         header. `check(header)` raises `Refused` when the instance does not fit its request."""
         try:
-            header = self._validated_header(data)
+            header, ds = self._parsed(data)
             if check:
                 check(header)
-            new = self._keep(header, data, source)
+            ct_image = header.sop_class_uid in CT_IMAGE_SOP_CLASSES
+            if ct_image:
+                self._check_ct_image(header, ds)
+                new = self._keep_ct_image(header, data, source)
+            elif self.accept_all_storage:
+                new = self._count_other_object(header, data, source)
+            else:
+                raise Refused(0x0122, f"SOP class {header.sop_class_uid} is not a CT image storage class")
         except Refused as refused:
             INSTANCES.labels(outcome=f"refused 0x{refused.status:04X}").inc()
             log.log(logging.ERROR if refused.status == 0xA700 else logging.WARNING,
                     "instance from %s refused (0x%04X): %s", source, refused.status, refused.reason)
             raise
-        INSTANCES.labels(outcome="stored" if new else "duplicate").inc()
+        INSTANCES.labels(outcome=("stored" if ct_image else "other") if new else "duplicate").inc()
         _log_nonconformant_uids(header, source)
         if new:
             log.debug("stored %s (series %s) from %s", header.sop_instance_uid, header.series_instance_uid, source)
         else:
-            log.info("duplicate %s from %s: already stored, kept the first copy", header.sop_instance_uid, source)
+            log.info("duplicate %s from %s: already received, the first copy counts", header.sop_instance_uid, source)
         return header
 
     @staticmethod
-    def _validated_header(data: bytes) -> InstanceHeader:
+    def _parsed(data: bytes) -> tuple[InstanceHeader, Dataset]:
         try:
             ds = dcmread(BytesIO(data))
             transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
@@ -148,15 +167,17 @@ class Intake:
             raise Refused(0xC000, f"cannot parse data set: {exc}") from None
         if missing:
             raise Refused(0xA900, f"missing {', '.join(missing)}")
+        return header, ds
+
+    @staticmethod
+    def _check_ct_image(header: InstanceHeader, ds: Dataset) -> None:
+        """What the worker needs of a CT image: pixel data it can decode."""
         if "PixelData" not in ds:
             raise Refused(0xA900, "no Pixel Data in the data set")
-        if header.sop_class_uid not in CT_IMAGE_SOP_CLASSES:
-            raise Refused(0x0122, f"SOP class {header.sop_class_uid} is not a CT image storage class")
-        if transfer_syntax not in TRANSFER_SYNTAXES:
-            raise Refused(0xC122, f"transfer syntax {transfer_syntax} is not supported")
-        return header
+        if header.transfer_syntax not in TRANSFER_SYNTAXES:
+            raise Refused(0xC122, f"transfer syntax {header.transfer_syntax} is not supported")
 
-    def _keep(self, header: InstanceHeader, data: bytes, source: str) -> bool:
+    def _keep_ct_image(self, header: InstanceHeader, data: bytes, source: str) -> bool:
         """Spool, then record; True for a new instance, False for a duplicate."""
         try:
             path, new = self.spool.write(header.study_instance_uid, header.series_instance_uid,
@@ -165,4 +186,25 @@ class Intake:
                 self.store.record_instance(header, self.spool.relative(path), source)
         except OSError as exc:
             raise Refused(0xA700, f"could not be stored: {exc.strerror or exc}") from None
+        return new
+
+    def _count_other_object(self, header: InstanceHeader, data: bytes, source: str) -> bool:
+        """An object of another SOP class: counted for its study, spooled when configured, never
+        analysed; True when new."""
+        action = "kept" if self.keep_other_objects else "discarded"
+        try:
+            path = None
+            if self.keep_other_objects:
+                path = self.spool.relative(self.spool.write(header.study_instance_uid, header.series_instance_uid,
+                                                            header.sop_instance_uid, data)[0])
+            new = self.store.record_other_object(header, path, source)
+        except OSError as exc:
+            raise Refused(0xA700, f"could not be stored: {exc.strerror or exc}") from None
+        if new:
+            sop_class = UID(header.sop_class_uid).name
+            OTHER_OBJECTS.labels(sop_class=sop_class, action=action).inc()
+            if OTHER_SERIES_LOGGED.first(header.series_instance_uid):
+                log.info("series %r of study %r from %s holds %s objects, not CT images: answered success, %s and "
+                         "counted (other_objects), not analysed; logged once per series", header.series_instance_uid,
+                         header.study_instance_uid, source, sop_class, action)
         return new

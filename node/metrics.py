@@ -2,6 +2,8 @@
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 INSTANCES = Counter("ichnode_instances_received_total", "Received instances (C-STORE, STOW-RS) by outcome", ["outcome"])
+OTHER_OBJECTS = Counter("ichnode_other_objects_total", "Received objects that are not CT images, by SOP class "
+                        "and what was done with them", ["sop_class", "action"])
 SERIES = Counter("ichnode_series_total", "Series reaching a state", ["state"])
 DELIVERIES = Counter("ichnode_deliveries_total", "Delivery attempts by channel and outcome", ["channel", "outcome"])
 ANALYSIS_SECONDS = Histogram("ichnode_analysis_seconds", "Worker time per analysed series",

@@ -2,10 +2,12 @@
 
 The C-STORE handler hands the received bytes to `Intake.accept` (node/intake.py: parse the header,
 validate, spool with fsync, record) and only then answers success; a refusal is answered with its
-status and an Error Comment saying why (the codes are listed in node/intake.py). SOP classes other
-than Verification and the CT image storage classes (CT, Enhanced CT, Legacy Converted Enhanced
-CT) are refused at association negotiation (presentation context rejected: abstract syntax not
-supported). UIDs in commands may break the DICOM grammar or its 64 characters, as in the data sets
+status and an Error Comment saying why (the codes are listed in node/intake.py). The CT image
+storage classes (CT, Enhanced CT, Legacy Converted Enhanced CT) are negotiated with the transfer
+syntaxes the worker decodes; with `accept_all_storage` every other public storage SOP class is
+too, in any transfer syntax (such objects are counted, never decoded). Other abstract syntaxes
+(and, without `accept_all_storage`, the other storage classes) are refused at association
+negotiation (presentation context rejected: abstract syntax not supported). UIDs in commands may break the DICOM grammar or its 64 characters, as in the data sets
 (ichnode.common.uids); only an empty one is refused.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
 
 from ichnode.common.config import ListenerSection
@@ -77,6 +79,10 @@ def make_ae(listener: ListenerSection) -> AE:
     ae.add_supported_context(Verification)
     for sop_class in CT_IMAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+    if listener.accept_all_storage:
+        for context in AllStoragePresentationContexts:
+            if context.abstract_syntax not in CT_IMAGE_SOP_CLASSES:
+                ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     if listener.allowed_calling_aets:
         ae.require_calling_aet = list(listener.allowed_calling_aets)
     return ae
@@ -87,7 +93,7 @@ def start_listener(listener: ListenerSection, spool: Spool, store: Store):
     ae = make_ae(listener)
     handlers = [
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, StoreHandler(Intake(spool, store))),
+        (evt.EVT_C_STORE, StoreHandler(Intake(spool, store, listener))),
         (evt.EVT_REJECTED, handle_rejected),
     ]
     server = ae.start_server((listener.bind, listener.port), block=False, evt_handlers=handlers)

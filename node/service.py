@@ -18,6 +18,7 @@ from pydicom import dcmread
 
 from ichnode.common.config import Settings
 from ichnode.common.queue import make_celery
+from ichnode.common.vocabulary import CT_IMAGE_SOP_CLASSES
 from node.api import create_app
 from node.assembler import SeriesAssembler
 from node.delivery import Deliverer, plan_deliveries
@@ -37,7 +38,7 @@ WORKER_RESTART_SECONDS = 5.0
 
 def reindex_spool(spool: Spool, store: Store) -> int:
     """Record spooled files the store does not know (a crash between fsync and the record)."""
-    known = store.instance_paths()
+    known = store.spooled_paths()
     added = 0
     for path in spool.files():
         relative = spool.relative(path)
@@ -48,7 +49,10 @@ def reindex_spool(spool: Spool, store: Store) -> int:
         except Exception as exc:
             log.error("spooled file %s cannot be read, left in place: %s", path, exc)
             continue
-        added += store.record_instance(header, relative, "(recovered)")
+        if header.sop_class_uid in CT_IMAGE_SOP_CLASSES:
+            added += store.record_instance(header, relative, "(recovered)")
+        else:  # a kept object of another SOP class
+            added += store.record_other_object(header, relative, "(recovered)")
     if added:
         log.warning("recovered %d spooled instance(s) missing from the store", added)
     return added

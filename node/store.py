@@ -1,6 +1,7 @@
 """`Store`: the node's durable state in one SQLite database under data_dir.
 
-Studies, series (with their state machine), instances, results and the delivery outbox. One
+Studies, series (with their state machine), instances, results and the delivery outbox, and the
+objects of other SOP classes a study brought (counted, not analysed; their file kept or not). One
 connection guarded by a lock: pynetdicom runs each association in its own thread, and SQLite in
 WAL mode with short transactions is far faster than the network in front of it.
 
@@ -60,6 +61,16 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_uid);
+CREATE TABLE IF NOT EXISTS other_objects (
+    sop_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    path TEXT,
+    calling_aet TEXT,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS other_objects_by_study ON other_objects(study_uid);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     series_uid TEXT NOT NULL,
@@ -226,8 +237,34 @@ class Store:
             )
             return True
 
-    def instance_paths(self) -> set[str]:
-        return {r["path"] for r in self._query("SELECT path FROM instances")}
+    def record_other_object(self, header: InstanceHeader, path: str | None, calling_aet: str) -> bool:
+        """Count an object that is not a CT image, with its spool path when kept; False when its SOP
+        Instance UID was already known."""
+        with self.transaction() as db:
+            inserted = db.execute(
+                """INSERT INTO other_objects(sop_uid, study_uid, series_uid, sop_class_uid, path, calling_aet,
+                   received_at) VALUES(?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO NOTHING""",
+                (header.sop_instance_uid, header.study_instance_uid, header.series_instance_uid,
+                 header.sop_class_uid, path, calling_aet, time.time()))
+            return inserted.rowcount == 1
+
+    def other_objects(self, study_uid: str) -> int:
+        """How many objects of other SOP classes than CT images the study brought."""
+        return self._query("SELECT COUNT(*) AS n FROM other_objects WHERE study_uid=?", (study_uid,))[0]["n"]
+
+    def expired_other_objects(self, received_before: float) -> list[str]:
+        """Spool paths of kept other objects received before the cut-off."""
+        return [r["path"] for r in self._query(
+            "SELECT path FROM other_objects WHERE path IS NOT NULL AND received_at < ?", (received_before,))]
+
+    def forget_other_object_files(self, paths: list[str]) -> None:
+        with self.transaction() as db:
+            db.executemany("UPDATE other_objects SET path=NULL WHERE path=?", [(p,) for p in paths])
+
+    def spooled_paths(self) -> set[str]:
+        """Spool paths the store knows: CT instances and kept other objects."""
+        return {r["path"] for r in self._query(
+            "SELECT path FROM instances UNION SELECT path FROM other_objects WHERE path IS NOT NULL")}
 
     def instances(self, series_uid: str) -> list[InstanceRow]:
         rows = self._query("SELECT * FROM instances WHERE series_uid=?", (series_uid,))

@@ -1,4 +1,4 @@
-"""Shared fixtures: phantom series on disk, real peers (DCMTK, Redis, MLLP, HTTP) and running node
+"""Shared fixtures: phantom series on disk, real peers (DCMTK, Redis, MLLP, HTTP, Orthanc) and running node
 processes. Tests under tests/integration talk to real peers and are marked `integration`."""
 from __future__ import annotations
 
@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REDIS_URL, MllpListener, NodeProcess, Receiver, StoreSCP, write_phantom
+from tests.helpers import (
+    REDIS_URL,
+    MllpListener,
+    NodeProcess,
+    Orthanc,
+    Receiver,
+    StoreSCP,
+    private_network,
+    write_phantom,
+)
 
 INTEGRATION_DIR = Path(__file__).parent / "integration"
 
@@ -89,3 +98,11 @@ def node_factory(tmp_path):
     yield make
     for node in nodes:
         node.stop()
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    with private_network():
+        server = Orthanc(tmp_path / "orthanc")
+        yield server
+        server.stop()

@@ -1,8 +1,9 @@
 """What several test modules share: real peers (DCMTK storescp, an MLLP listener, an HTTP
-receiver, headless Chromium), the node as a process, and the records the node keeps. Fixtures
+receiver, headless Chromium, Orthanc), the node as a process, and the records the node keeps. Fixtures
 that wrap them are in conftest.py; test modules import from here, never from each other."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -12,14 +13,18 @@ import sys
 import threading
 import time
 import urllib.request
-from urllib.parse import quote
 import uuid
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import quote
 
 import hl7
+import httpx
 import numpy as np
 import pytest
+from dicomweb_client import DICOMwebClient
+from dicomweb_client.session_utils import create_session_from_user_pass
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydicom import Dataset, dcmread
@@ -438,9 +443,12 @@ class NodeProcess:
         except Exception:
             return False
 
-    def get(self, path: str):
+    def get_text(self, path: str) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as response:
-            return json.loads(response.read())
+            return response.read().decode()
+
+    def get(self, path: str):
+        return json.loads(self.get_text(path))
 
     def series(self, series_uid: str) -> dict:
         return self.get(f"/api/series/{quote(series_uid, safe='')}")
@@ -480,3 +488,81 @@ def done(node: NodeProcess, series_uid: str, generation: int = 1) -> dict | None
     if series["state"] in ("failed", "skipped"):
         raise AssertionError(f"series {series['state']}: {series['reason']}\n{node.logs()[-3000:]}")
     return series if series["state"] == "done" and series["generation"] >= generation else None
+
+
+# --- Orthanc, in a private network namespace ---------------------------------------------------
+
+ORTHANC = Path("/usr/sbin/Orthanc")
+ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+ORTHANC_USER, ORTHANC_PASSWORD = "ichnode", "orthanc-test-password"
+CLONE_NEWNET = 0x40000000
+
+
+@contextmanager
+def private_network():
+    """Run the block, and every process it starts, in a new network namespace with only loopback.
+
+    Orthanc 1.10 (Debian 12) listens on all interfaces and cannot be bound to 127.0.0.1, so it runs
+    where nothing outside this test can reach it. Only this thread moves; it moves back at the end.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    host = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        if libc.unshare(CLONE_NEWNET) != 0:
+            pytest.fail(f"cannot make a private network namespace for Orthanc: {os.strerror(ctypes.get_errno())} "
+                        "(needs root, as deploy/test.sh runs)")
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        yield
+    finally:
+        if libc.setns(host, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "cannot return to the host network namespace")
+        os.close(host)
+
+
+class Orthanc:
+    """Orthanc with the DICOMweb plugin, HTTP basic authentication and no DICOM listener (it can still
+    send by C-STORE to the modalities its REST API is given)."""
+
+    def __init__(self, folder: Path):
+        for path in (ORTHANC, ORTHANC_DICOMWEB):
+            if not path.exists():
+                pytest.fail(f"{path} missing: run deploy/test.sh (it installs orthanc and orthanc-dicomweb)")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/dicom-web"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log = folder / "orthanc.log"
+        config = folder / "orthanc.json"
+        config.write_text(json.dumps({
+            "Name": "ichnode-test", "HttpPort": self.port, "DicomServerEnabled": False,
+            "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "storage"),
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
+            "RegisteredUsers": {ORTHANC_USER: ORTHANC_PASSWORD},
+            "Plugins": [str(ORTHANC_DICOMWEB)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}))
+        self.proc = subprocess.Popen([str(ORTHANC), str(config)], stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        wait_for(lambda: self.answers() or self.proc.poll() is not None, 30, what="Orthanc's HTTP server")
+        assert self.proc.poll() is None, f"Orthanc exited:\n{self.log.read_text()[-3000:]}"
+
+    def rest(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """A call to Orthanc's REST API (e.g. POST /instances, POST /modalities/<name>/store)."""
+        return httpx.request(method, f"http://127.0.0.1:{self.port}{path}", auth=(ORTHANC_USER, ORTHANC_PASSWORD),
+                             timeout=120, **kwargs)
+
+    def answers(self) -> bool:
+        try:
+            return self.rest("GET", "/system").is_success
+        except httpx.TransportError:
+            return False
+
+    def instances(self, study_uid: str) -> dict[str, str]:
+        """QIDO-RS: the study's instances, SOP Instance UID -> SOP Class UID."""
+        client = DICOMwebClient(self.url, session=create_session_from_user_pass(ORTHANC_USER, ORTHANC_PASSWORD))
+        found = client.search_for_instances(study_instance_uid=study_uid)
+        return {item["00080018"]["Value"][0]: item["00080016"]["Value"][0] for item in found}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -119,6 +119,9 @@ class ListenerSection(Section):
     allowed_calling_aets: list[str] = []  # empty: any calling AE title is accepted
     check_called_aet: bool = True  # refuse associations addressed to another AE title than ae_title
     max_associations: int = Field(default=16, ge=1)
+    # C-STORE and STOW-RS: take every storage SOP class of a forwarded study; only CT images are analysed
+    accept_all_storage: bool = True
+    other_objects: Literal["discard", "keep"] = "discard"  # those others: counted only, or kept in the spool
 
     @field_validator("ae_title")
     @classmethod

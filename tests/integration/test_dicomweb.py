@@ -2,23 +2,16 @@
 with a real Orthanc and its DICOMweb plugin, run by the tests in a private network namespace."""
 from __future__ import annotations
 
-import ctypes
 import errno
-import json
-import os
 import socket
-import subprocess
 import threading
 import time
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 from pathlib import Path
 
-import httpx
 import pytest
 from dicomweb_client import DICOMwebClient
-from dicomweb_client.session_utils import create_session_from_user_pass
 from pydicom import Dataset, dcmread
 from pynetdicom.sop_class import CTImageStorage
 from python_multipart.multipart import parse_options_header
@@ -29,11 +22,15 @@ from node.store import DeliveryRow, Store
 from tests.helpers import (
     ANALYSIS_BUDGET,
     KOS_CLASS,
+    ORTHANC_PASSWORD,
+    ORTHANC_USER,
     SC_CLASSES,
     SEG_CLASS,
     SR_CLASSES,
+    Orthanc,
     done,
     free_port,
+    private_network,
     result_files,
     series_uid_of,
     study_uid_of,
@@ -169,83 +166,6 @@ def test_an_unreachable_archive_leaves_every_object_pending_with_the_reason(tmp_
 
 
 # --- against a real DICOMweb server: Orthanc with its DICOMweb plugin -------------------------
-
-ORTHANC = Path("/usr/sbin/Orthanc")
-ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-ORTHANC_USER, ORTHANC_PASSWORD = "ichnode", "orthanc-test-password"
-CLONE_NEWNET = 0x40000000
-
-
-@contextmanager
-def private_network():
-    """Run the block, and every process it starts, in a new network namespace with only loopback.
-
-    Orthanc 1.10 (Debian 12) listens on all interfaces and cannot be bound to 127.0.0.1, so it runs
-    where nothing outside this test can reach it. Only this thread moves; it moves back at the end.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    host = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        if libc.unshare(CLONE_NEWNET) != 0:
-            pytest.fail(f"cannot make a private network namespace for Orthanc: {os.strerror(ctypes.get_errno())} "
-                        "(needs root, as deploy/test.sh runs)")
-        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-        yield
-    finally:
-        if libc.setns(host, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "cannot return to the host network namespace")
-        os.close(host)
-
-
-class Orthanc:
-    """Orthanc with the DICOMweb plugin, HTTP basic authentication and no DICOM listener."""
-
-    def __init__(self, folder: Path):
-        for path in (ORTHANC, ORTHANC_DICOMWEB):
-            if not path.exists():
-                pytest.fail(f"{path} missing: run deploy/test.sh (it installs orthanc and orthanc-dicomweb)")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/dicom-web"
-        folder.mkdir(parents=True, exist_ok=True)
-        self.log = folder / "orthanc.log"
-        config = folder / "orthanc.json"
-        config.write_text(json.dumps({
-            "Name": "ichnode-test", "HttpPort": self.port, "DicomServerEnabled": False,
-            "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "storage"),
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
-            "RegisteredUsers": {ORTHANC_USER: ORTHANC_PASSWORD},
-            "Plugins": [str(ORTHANC_DICOMWEB)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}))
-        self.proc = subprocess.Popen([str(ORTHANC), str(config)], stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
-        wait_for(lambda: self.answers() or self.proc.poll() is not None, 30, what="Orthanc's HTTP server")
-        assert self.proc.poll() is None, f"Orthanc exited:\n{self.log.read_text()[-3000:]}"
-
-    def answers(self) -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{self.port}/system", auth=(ORTHANC_USER, ORTHANC_PASSWORD)).is_success
-        except httpx.TransportError:
-            return False
-
-    def instances(self, study_uid: str) -> dict[str, str]:
-        """QIDO-RS: the study's instances, SOP Instance UID -> SOP Class UID."""
-        client = DICOMwebClient(self.url, session=create_session_from_user_pass(ORTHANC_USER, ORTHANC_PASSWORD))
-        found = client.search_for_instances(study_instance_uid=study_uid)
-        return {item["00080018"]["Value"][0]: item["00080016"]["Value"][0] for item in found}
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def orthanc(tmp_path):
-    with private_network():
-        server = Orthanc(tmp_path / "orthanc")
-        yield server
-        server.stop()
 
 
 def test_orthanc_is_reachable_only_inside_its_private_network(tmp_path):

@@ -1,13 +1,14 @@
-"""Real-world DICOM (issue 10) sent by DCMTK storescu to `ichnode serve`, results to a storescp PACS:
-what anonymisers, scanners and PACS actually send."""
+"""Real-world DICOM (issue 10) sent to `ichnode serve` by DCMTK storescu (results to a storescp PACS)
+and by Orthanc forwarding a study: what anonymisers, scanners and PACS actually send."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
-from tests.helpers import ANALYSIS_BUDGET, SC_CLASSES, SR_CLASSES, done, wait_for
+from tests.helpers import ANALYSIS_BUDGET, SC_CLASSES, SR_CLASSES, done, series_uid_of, study_uid_of, wait_for
 
 # an anonymiser's hex digests, a leading zero, a long root, RSNA's slice ids
 HEX_STUDY, LEADING_ZERO_SERIES = "63b4b5296cbcf3c5fcd0e380bf99c7cb", "1.2.826.0.1.3680043.8.498.077"
@@ -64,3 +65,30 @@ def test_uids_outside_the_grammar_are_analysed_and_the_results_reference_them_un
     assert "VR UI" not in log and "Non-conformant" not in log
     assert not any(uid in str(path) for path in (node.data_dir / "spool").rglob("*")
                    for uid in [HEX_STUDY, LEADING_ZERO_SERIES, *sent])
+
+
+def test_an_orthanc_study_forward_with_a_secondary_capture_succeeds_and_the_ct_is_analysed(
+        orthanc, node_factory, positive_series, tmp_path):
+    """Orthanc as the sender: `POST /modalities/ichnode/store` of a study that also holds a Secondary Capture."""
+    node = node_factory("serve", ICHNODE_WORKERS="1").start()
+    capture = dcmread(sorted(positive_series.iterdir())[0])
+    capture.SOPClassUID = capture.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    capture.SeriesInstanceUID, capture.SOPInstanceUID = generate_uid(), generate_uid()
+    capture.file_meta.MediaStorageSOPInstanceUID = capture.SOPInstanceUID
+    capture.Modality, capture.ConversionType = "OT", "WSD"
+    capture.save_as(tmp_path / "sc.dcm", enforce_file_format=True)
+    for path in [tmp_path / "sc.dcm", *sorted(positive_series.iterdir())]:
+        uploaded = orthanc.rest("POST", "/instances", content=path.read_bytes())
+        assert uploaded.is_success, uploaded.text
+    study = uploaded.json()["ParentStudy"]
+    assert orthanc.rest("PUT", "/modalities/ichnode", json={"AET": "ICHNODE", "Host": "127.0.0.1",
+                                                            "Port": node.port}).is_success
+    forwarded = orthanc.rest("POST", "/modalities/ichnode/store", json={"Resources": [study], "Synchronous": True})
+    assert forwarded.is_success, forwarded.text  # Orthanc's job succeeds: every instance answered success
+
+    series = wait_for(lambda: done(node, series_uid_of(positive_series)), ANALYSIS_BUDGET, what="analysis")
+    assert series["instances"] == 40
+    study_view = node.get(f"/api/studies/{study_uid_of(positive_series)}")
+    assert study_view["other_objects"] == 1 and len(study_view["series"]) == 1
+    assert 'ichnode_other_objects_total{action="discarded",sop_class="Secondary Capture Image Storage"} 1.0' in \
+        node.get_text("/metrics")

@@ -10,7 +10,7 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, LegacyConvertedEnhancedCTImageStorage, RLELossless
 from pynetdicom import AE
-from pynetdicom.sop_class import MRImageStorage
+from pynetdicom.sop_class import MRImageStorage, SecondaryCaptureImageStorage, XRayRadiationDoseSRStorage
 
 from ichnode.common.config import load_settings
 from ichnode.common.uids import quiet_library_uid_complaints
@@ -21,16 +21,28 @@ from tests.helpers import ct_instance, dcmtk, free_port, new_uid
 
 
 @pytest.fixture
-def listener(tmp_path):
-    """A running listener: yields its [listener] settings, store and spool."""
-    settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path / "data"), "ICHNODE_PORT": str(free_port()),
-                                      "ICHNODE_BIND": "127.0.0.1", "ICHNODE_ALLOWED_CALLING_AETS": ""})
-    store = Store(settings.storage.database_path)
-    spool = Spool(settings.storage.spool_dir)
-    server = start_listener(settings.listener, spool, store)
-    yield settings.listener, store, spool
-    server.shutdown()
-    store.close()
+def listener_with(tmp_path):
+    """Starts a listener configured by environment variables; returns its [listener] settings, store and spool."""
+    running: list[tuple] = []
+
+    def start(**env: str):
+        settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path / "data"), "ICHNODE_PORT": str(free_port()),
+                                          "ICHNODE_BIND": "127.0.0.1", "ICHNODE_ALLOWED_CALLING_AETS": "", **env})
+        store = Store(settings.storage.database_path)
+        spool = Spool(settings.storage.spool_dir)
+        running.append((start_listener(settings.listener, spool, store), store))
+        return settings.listener, store, spool
+
+    yield start
+    for server, store in running:
+        server.shutdown()
+        store.close()
+
+
+@pytest.fixture
+def listener(listener_with):
+    """A running listener with the default configuration."""
+    return listener_with()
 
 
 def write(ds: Dataset, folder: Path) -> Path:
@@ -89,8 +101,29 @@ def test_compressed_transfer_syntax_is_accepted(listener, tmp_path):
     assert int(stored.pixel_array[0, 0]) == 40
 
 
-def test_other_sop_class_is_refused_at_negotiation(listener, tmp_path):
+def test_every_object_of_a_forwarded_study_is_answered_success_and_only_ct_is_spooled(listener, tmp_path, caplog):
+    """A Philips study as forwarded: CT slices, a dose report and secondary captures of the dose screen."""
     scp, store, spool = listener
+    ct_series, sc_series, sr_series = new_uid(), new_uid(), new_uid()
+    folder = tmp_path / "study"
+    for i in range(3):
+        write(ct_instance(ct_series, i), folder)
+        write(ct_instance(sc_series, i, sop_class=SecondaryCaptureImageStorage), folder)
+    write(ct_instance(sr_series, 0, sop_class=XRayRadiationDoseSRStorage, pixels=False), folder)
+    with caplog.at_level("INFO"):
+        run = subprocess.run([dcmtk("storescu"), "-aec", scp.ae_title, "+sd", "127.0.0.1", str(scp.port),
+                              str(folder)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "error" not in run.stderr.lower(), run.stderr
+    study = ct_instance(ct_series, 0).StudyInstanceUID
+    assert store.series(ct_series).instance_count == 3 and store.other_objects(study) == 4
+    assert store.series(sc_series) is None and store.series(sr_series) is None  # never analysed
+    assert len(spool.files()) == 3  # discarded by default: only counted
+    logged = [r.getMessage() for r in caplog.records if "not CT images" in r.getMessage()]
+    assert len(logged) == 2 and any("Secondary Capture Image Storage" in m for m in logged)  # once per series
+
+
+def test_other_sop_class_is_refused_at_negotiation_when_not_accepting_all_storage(listener_with, tmp_path):
+    scp, store, spool = listener_with(ICHNODE_ACCEPT_ALL_STORAGE="false")
     path = write(ct_instance(new_uid(), 0, sop_class=MRImageStorage), tmp_path / "mr")
     run = subprocess.run([dcmtk("storescu"), "-aec", scp.ae_title, "127.0.0.1", str(scp.port), str(path)],
                          capture_output=True, text=True, timeout=60)

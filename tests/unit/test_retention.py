@@ -1,5 +1,7 @@
 import time
 
+from pydicom.uid import XRayRadiationDoseSRStorage
+
 from ichnode.common.config import load_settings
 from node.retention import purge_expired
 from node.spool import Spool
@@ -35,3 +37,16 @@ def test_zero_keeps_everything(tmp_path):
     store.record_instance(header("1.2.3.4", 0), "p", "SCANNER")
     store.mark_skipped("1.2.3.4", "why")
     assert purge_expired(store, spool, storage, now=time.time() + 1e9) == 0
+
+
+def test_kept_objects_of_other_sop_classes_go_after_retention_and_stay_counted(tmp_path):
+    storage = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path), "ICHNODE_RETENTION_DAYS": "7"}).storage
+    store, spool = Store(storage.database_path), Spool(storage.spool_dir)
+    dose_report = header("1.2.3.9", 0, sop_class_uid=XRayRadiationDoseSRStorage, modality="SR")
+    path, _ = spool.write("1.2.3", "1.2.3.9", dose_report.sop_instance_uid, b"dicom")
+    assert store.record_other_object(dose_report, spool.relative(path), "SCANNER")
+    assert store.spooled_paths() == {spool.relative(path)}
+    purge_expired(store, spool, storage, now=time.time() + 6 * 86400)
+    assert path.exists()
+    purge_expired(store, spool, storage, now=time.time() + 8 * 86400)
+    assert not path.exists() and store.spooled_paths() == set() and store.other_objects("1.2.3") == 1

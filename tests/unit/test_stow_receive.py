@@ -8,7 +8,7 @@ from xml.etree.ElementTree import fromstring
 import pytest
 from fastapi.testclient import TestClient
 from pydicom import Dataset, dcmread
-from pynetdicom.sop_class import MRImageStorage
+from pynetdicom.sop_class import MRImageStorage, XRayRadiationDoseSRStorage
 
 from ichnode.common.config import load_settings
 from node.api import create_app
@@ -36,12 +36,24 @@ def multipart_related(*parts: bytes, part_type: str = "application/dicom") -> by
 
 
 @pytest.fixture
-def node_api(tmp_path):
-    settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path / "data"), "ICHNODE_API_TOKEN": TOKEN})
-    store = Store(settings.storage.database_path)
-    client = TestClient(create_app(store, settings, {}), headers={"Authorization": f"Bearer {TOKEN}"})
-    yield client, store, Spool(settings.storage.spool_dir)
-    store.close()
+def node_api_with(tmp_path):
+    """The node's API in process, configured by environment variables: (client, store, spool)."""
+    stores: list[Store] = []
+
+    def make(**env: str):
+        settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path / "data"), "ICHNODE_API_TOKEN": TOKEN, **env})
+        stores.append(Store(settings.storage.database_path))
+        client = TestClient(create_app(stores[-1], settings, {}), headers={"Authorization": f"Bearer {TOKEN}"})
+        return client, stores[-1], Spool(settings.storage.spool_dir)
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+@pytest.fixture
+def node_api(node_api_with):
+    return node_api_with()
 
 
 def stow(client: TestClient, *datasets_or_bytes, url: str = "/dicom-web/studies", **headers):
@@ -73,8 +85,8 @@ def test_stow_stores_through_the_c_store_path_and_keeps_duplicates_once(node_api
     assert store.series(series).instance_count == 3 and len(spool.files()) == 3
 
 
-def test_stow_answers_each_refused_instance_with_its_failure_reason(node_api):
-    client, store, spool = node_api
+def test_stow_answers_each_refused_instance_with_its_failure_reason(node_api_with):
+    client, store, spool = node_api_with(ICHNODE_ACCEPT_ALL_STORAGE="false")
     series = new_uid()
     good = ct_instance(series, 0)
     no_pixels = ct_instance(series, 1, pixels=False)
@@ -93,6 +105,30 @@ def test_stow_answers_each_refused_instance_with_its_failure_reason(node_api):
     none_stored = stow(client, no_pixels)
     assert none_stored.status_code == 409
     assert by_sop(none_stored.json(), "FailedSOPSequence")[no_pixels.SOPInstanceUID].FailureReason == 0xA900
+
+
+def test_stow_takes_other_storage_classes_counts_them_and_never_analyses_them(node_api):
+    client, store, spool = node_api
+    series = new_uid()
+    ct, mr = ct_instance(series, 0), ct_instance(series + ".2", 0, sop_class=MRImageStorage)
+    dose = ct_instance(series + ".3", 0, sop_class=XRayRadiationDoseSRStorage, pixels=False)  # no Pixel Data
+    response = stow(client, ct, mr, dose, mr)  # the MR twice: counted once
+    assert response.status_code == 200
+    assert set(by_sop(response.json(), "ReferencedSOPSequence")) == {ct.SOPInstanceUID, mr.SOPInstanceUID,
+                                                                    dose.SOPInstanceUID}
+    assert store.other_objects(ct.StudyInstanceUID) == 2 and store.series(series + ".2") is None
+    assert spool.files() == [spool.path_for(ct.StudyInstanceUID, series, ct.SOPInstanceUID)]  # discarded
+    assert client.get(f"/api/studies/{ct.StudyInstanceUID}").json()["other_objects"] == 2
+    metrics = client.get("/metrics").text
+    assert 'ichnode_other_objects_total{action="discarded",sop_class="MR Image Storage"}' in metrics
+
+
+def test_other_objects_are_kept_in_the_spool_when_configured(node_api_with):
+    client, store, spool = node_api_with(ICHNODE_OTHER_OBJECTS="keep")
+    mr = ct_instance(new_uid(), 0, sop_class=MRImageStorage)
+    assert stow(client, mr).status_code == 200
+    assert spool.files() == [spool.path_for(mr.StudyInstanceUID, mr.SeriesInstanceUID, mr.SOPInstanceUID)]
+    assert store.other_objects(mr.StudyInstanceUID) == 1 and store.study(mr.StudyInstanceUID) is None
 
 
 def test_stow_keeps_uids_outside_the_grammar_exactly_as_received(node_api):
