@@ -2,8 +2,12 @@
 
 `Intake.accept` takes an instance as a Part 10 file, parses it (pixel data is not decoded),
 validates it, writes the bytes to the spool (fsynced) and records the instance, in that order: the
-sender's success answer always follows a durable copy. A SOP Instance UID already stored is
-accepted again and kept once, as first received. UIDs outside the DICOM grammar are kept as
+sender's success answer always follows a durable copy of a whole instance. A CT image's Pixel
+Data must be complete: native, as long as Rows x Columns x frames x samples x Bits Allocated;
+encapsulated, every fragment whole and as many frames as Number of Frames; no element may declare
+more bytes than the data set holds. A SOP Instance UID already stored is accepted again and kept
+once, as first received; a corrupt copy of it is refused like any corrupt instance, never taken
+for a duplicate. UIDs outside the DICOM grammar are kept as
 received (ichnode.common.uids) and logged once per study; only a missing or empty one is refused.
 
 Only CT images (`CT_IMAGE_SOP_CLASSES`) are spooled for analysis. With `accept_all_storage` an
@@ -16,21 +20,24 @@ A refusal raises `Refused` with the status the sender gets. The codes are both t
 (PS3.4 Table B.2-1) and the STOW-RS Failure Reason (PS3.18 uses the same values):
   0x0122 SOP class not supported, without accept_all_storage (C-STORE refuses it at negotiation)
   0xA700 out of resources: the instance could not be written
-  0xA900 data set does not match SOP class: no Pixel Data, a required UID missing or empty, or a
-         UID that differs from the request's (the C-STORE Affected SOP Instance UID, the STOW-RS
-         URL's study)
-  0xC000 cannot understand: the data set could not be parsed
+  0xA900 data set does not match SOP class: no Pixel Data, Rows, Columns or Bits Allocated, a
+         required UID missing or empty, or a UID that differs from the request's (the C-STORE
+         Affected SOP Instance UID, the STOW-RS URL's study)
+  0xC000 cannot understand: the data set could not be parsed, or it or its Pixel Data is cut short
   0xC122 transfer syntax not supported (C-STORE negotiates it earlier)
 """
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 from collections import OrderedDict
 from io import BytesIO
 from typing import Callable
 
 from pydicom import Dataset, dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.encaps import generate_frames
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -72,6 +79,8 @@ TRANSFER_SYNTAXES = [
     RLELossless,
 ]
 REQUIRED_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+IMAGE_ATTRIBUTES = ("Rows", "Columns", "BitsAllocated")  # what the length of native Pixel Data follows from
+UNDEFINED_LENGTH = 0xFFFFFFFF
 INSTANCE_UIDS = {"StudyInstanceUID": "study_instance_uid", "SeriesInstanceUID": "series_instance_uid",
                  "SOPInstanceUID": "sop_instance_uid"}  # the header's UIDs, by their DICOM keyword
 
@@ -118,6 +127,35 @@ def _log_nonconformant_uids(header: InstanceHeader, source: str) -> None:
         log.warning("study %r from %s: UIDs outside the DICOM UID grammar, e.g. %s; kept as received (files "
                     "named by digest), not logged again for this study", header.study_instance_uid, source,
                     ", ".join(odd))
+
+
+def _check_lengths(ds: Dataset) -> None:
+    """An element whose declared length runs past the end of the data set (pydicom reads what is
+    there without a word) means the instance was cut short."""
+    for element in ds.elements():  # top level, not decoded
+        if (isinstance(element, RawDataElement) and element.value is not None
+                and element.length != UNDEFINED_LENGTH and len(element.value) < element.length):
+            raise Refused(0xC000, f"{element.tag} declares {element.length} bytes, {len(element.value)} follow")
+
+
+def _check_fragments(pixel_data: bytes, frames: int) -> None:
+    """Encapsulated Pixel Data: every item whole (pydicom's own parsers skip past the end without a
+    word), and as many frames as NumberOfFrames says."""
+    offset = 0
+    while offset < len(pixel_data):
+        if offset + 8 > len(pixel_data):
+            raise Refused(0xC000, f"Pixel Data: item header cut at byte {offset}")
+        group, element, length = struct.unpack_from("<HHL", pixel_data, offset)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            break
+        if (group, element) != (0xFFFE, 0xE000):
+            raise Refused(0xC000, f"Pixel Data: ({group:04X},{element:04X}) at byte {offset}, not an item")
+        if offset + 8 + length > len(pixel_data):
+            raise Refused(0xC000, f"Pixel Data: fragment of {length} bytes cut at {len(pixel_data) - offset - 8}")
+        offset += 8 + length
+    found = sum(1 for _ in generate_frames(pixel_data, number_of_frames=frames))
+    if found != frames:
+        raise Refused(0xC000, f"Pixel Data holds {found} frames, NumberOfFrames {frames}")
 
 
 class Intake:
@@ -171,11 +209,22 @@ class Intake:
 
     @staticmethod
     def _check_ct_image(header: InstanceHeader, ds: Dataset) -> None:
-        """What the worker needs of a CT image: pixel data it can decode."""
+        """What the worker needs of a CT image: whole pixel data it can decode."""
         if "PixelData" not in ds:
             raise Refused(0xA900, "no Pixel Data in the data set")
         if header.transfer_syntax not in TRANSFER_SYNTAXES:
             raise Refused(0xC122, f"transfer syntax {header.transfer_syntax} is not supported")
+        missing = [kw for kw in IMAGE_ATTRIBUTES if ds.get(kw) in (None, "")]
+        if missing:
+            raise Refused(0xA900, f"missing {', '.join(missing)}")
+        _check_lengths(ds)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        if UID(header.transfer_syntax).is_encapsulated:
+            _check_fragments(ds.PixelData, frames)
+        else:
+            expected = -(-ds.Rows * ds.Columns * frames * int(ds.get("SamplesPerPixel") or 1) * ds.BitsAllocated // 8)
+            if len(ds.PixelData) < expected:
+                raise Refused(0xC000, f"Pixel Data truncated: {len(ds.PixelData)} of {expected} bytes")
 
     def _keep_ct_image(self, header: InstanceHeader, data: bytes, source: str) -> bool:
         """Spool, then record; True for a new instance, False for a duplicate."""

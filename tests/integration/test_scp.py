@@ -10,7 +10,7 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, LegacyConvertedEnhancedCTImageStorage, RLELossless
 from pynetdicom import AE
-from pynetdicom.sop_class import MRImageStorage, SecondaryCaptureImageStorage, XRayRadiationDoseSRStorage
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage, XRayRadiationDoseSRStorage
 
 from ichnode.common.config import load_settings
 from ichnode.common.uids import quiet_library_uid_complaints
@@ -245,3 +245,69 @@ def test_wrong_called_ae_title_is_rejected_unless_the_check_is_off(tmp_path, che
         assert wrong.returncode != 0 and "called ae title not recognized" in (wrong.stderr + wrong.stdout).lower()
     else:
         assert wrong.returncode == 0
+
+
+def storescu(scp, *paths: Path, options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([dcmtk("storescu"), *options, "-aec", scp.ae_title, "127.0.0.1", str(scp.port),
+                           *map(str, paths)], capture_output=True, text=True, timeout=60)
+
+
+def short_pixel_data(ds: Dataset) -> Dataset:
+    """The same instance with its Pixel Data cut to 400 of 512 bytes: a well-formed element that
+    holds less than Rows x Columns x Bits Allocated (DCMTK sends it as it is)."""
+    ds.PixelData = ds.PixelData[:400]
+    return ds
+
+
+def test_truncated_pixel_data_gets_a_failure_status_naming_the_problem(listener, tmp_path):
+    scp, store, spool = listener
+    ds = ct_instance(new_uid(), 0)
+    run = storescu(scp, write(short_pixel_data(ds), tmp_path / "cut"), options=("-d",))
+    answer = run.stdout + run.stderr
+    assert run.returncode != 0 and "[Pixel Data truncated: 400 of 512 bytes]" in answer, answer
+    assert "0xc000" in answer.lower() or "Cannot understand" in answer
+    assert spool.files() == [] and store.series(ds.SeriesInstanceUID) is None
+    status = pynetdicom_store(scp, short_pixel_data(ct_instance(new_uid(), 0)))
+    assert status.Status == 0xC000 and status.ErrorComment == "Pixel Data truncated: 400 of 512 bytes"
+
+
+def test_a_corrupt_copy_is_refused_not_taken_for_a_duplicate_of_the_stored_one(listener, tmp_path):
+    scp, store, spool = listener
+    series = new_uid()
+    good = write(ct_instance(series, 0), tmp_path / "good")
+    corrupt = write(short_pixel_data(ct_instance(series, 0)), tmp_path / "corrupt")  # the same SOP Instance UID
+    assert storescu(scp, good).returncode == 0
+    assert storescu(scp, corrupt).returncode != 0  # a failure, where a duplicate would get success
+    assert len(spool.files()) == 1 and dcmread(spool.files()[0]).pixel_array.shape == (16, 16)  # the good copy
+    # and the other way round: a corrupt first copy leaves room for the good one
+    other = new_uid()
+    assert storescu(scp, write(short_pixel_data(ct_instance(other, 0)), tmp_path / "c2")).returncode != 0
+    assert storescu(scp, write(ct_instance(other, 0), tmp_path / "g2")).returncode == 0
+    assert store.series(other).instance_count == 1
+
+
+def test_a_file_cut_in_its_pixel_data_gets_a_failure_status(listener, tmp_path):
+    """DCMTK refuses to read such a file; pynetdicom sends what it holds."""
+    scp, store, spool = listener
+    path = write(ct_instance(new_uid(), 0), tmp_path / "whole")
+    path.write_bytes(path.read_bytes()[:-100])
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title=scp.ae_title)
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+    assert status.Status == 0xC000 and status.ErrorComment == "Pixel Data truncated: 412 of 512 bytes"
+    assert spool.files() == []
+
+
+def test_encapsulated_pixel_data_with_fewer_frames_than_declared_gets_a_failure_status(listener, tmp_path):
+    scp, store, spool = listener
+    ds = ct_instance(new_uid(), 0)
+    ds.compress(RLELossless)
+    ds.NumberOfFrames = 2  # one frame of fragments follows
+    run = storescu(scp, write(ds, tmp_path / "rle"), options=("-xr", "-d"))
+    answer = run.stdout + run.stderr
+    assert run.returncode != 0 and "Pixel Data holds 1 frames, NumberOfFrames 2" in answer, answer
+    assert spool.files() == []

@@ -8,6 +8,7 @@ from xml.etree.ElementTree import fromstring
 import pytest
 from fastapi.testclient import TestClient
 from pydicom import Dataset, dcmread
+from pydicom.uid import RLELossless
 from pynetdicom.sop_class import MRImageStorage, XRayRadiationDoseSRStorage
 
 from ichnode.common.config import load_settings
@@ -186,4 +187,39 @@ def test_stow_refuses_requests_it_cannot_take_with_the_reason(node_api, headers,
     response = client.post("/dicom-web/studies", content=default_body if body is None else body,
                            headers={"Content-Type": STOW_CONTENT_TYPE, **headers})
     assert response.status_code == status and reason in response.json()["detail"]
+    assert spool.files() == []
+
+
+def declared_length_past_the_end(ds: Dataset) -> bytes:
+    """The Part 10 bytes of `ds` with its Pixel Data length field 1000 bytes longer than what follows."""
+    data = bytearray(part10(ds))
+    at = data.rfind(b"\xe0\x7f\x10\x00OW\x00\x00")  # (7FE0,0010) OW, 2 reserved bytes, then a 4-byte length
+    length = int.from_bytes(data[at + 8:at + 12], "little")
+    data[at + 8:at + 12] = (length + 1000).to_bytes(4, "little")
+    return bytes(data)
+
+
+def cut_fragment(ds: Dataset) -> Dataset:
+    """RLE Pixel Data whose one fragment declares 16 bytes more than the element holds."""
+    ds.compress(RLELossless)
+    pixel_data = bytearray(ds.PixelData)
+    at = 8 + int.from_bytes(pixel_data[4:8], "little")  # after the Basic Offset Table item
+    length = int.from_bytes(pixel_data[at + 4:at + 8], "little")
+    pixel_data[at + 4:at + 8] = (length + 16).to_bytes(4, "little")
+    ds.PixelData = bytes(pixel_data)
+    return ds
+
+
+def test_stow_refuses_instances_cut_short_with_the_reason(node_api, caplog):
+    client, store, spool = node_api
+    series = new_uid()
+    past_end, fragment = ct_instance(series, 0), cut_fragment(ct_instance(series, 1))
+    with caplog.at_level("WARNING", logger="ichnode.intake"):
+        response = stow(client, declared_length_past_the_end(past_end), fragment)
+    assert "(0xC000): (7FE0,0010) declares 1512 bytes, 512 follow" in caplog.text
+    assert "(0xC000): Pixel Data: fragment of" in caplog.text
+    assert response.status_code == 409
+    failed = by_sop(response.json(), "FailedSOPSequence")
+    assert {uid: item.FailureReason for uid, item in failed.items()} == {
+        past_end.SOPInstanceUID: 0xC000, fragment.SOPInstanceUID: 0xC000}
     assert spool.files() == []
