@@ -217,14 +217,18 @@ class Intake:
         missing = [kw for kw in IMAGE_ATTRIBUTES if ds.get(kw) in (None, "")]
         if missing:
             raise Refused(0xA900, f"missing {', '.join(missing)}")
-        _check_lengths(ds)
-        frames = int(ds.get("NumberOfFrames") or 1)
-        if UID(header.transfer_syntax).is_encapsulated:
-            _check_fragments(ds.PixelData, frames)
-        else:
-            expected = -(-ds.Rows * ds.Columns * frames * int(ds.get("SamplesPerPixel") or 1) * ds.BitsAllocated // 8)
-            if len(ds.PixelData) < expected:
-                raise Refused(0xC000, f"Pixel Data truncated: {len(ds.PixelData)} of {expected} bytes")
+        try:
+            _check_lengths(ds)
+            frames = int(ds.get("NumberOfFrames") or 1)
+            if UID(header.transfer_syntax).is_encapsulated:
+                _check_fragments(ds.PixelData, frames)
+            else:
+                samples = int(ds.get("SamplesPerPixel") or 1)
+                expected = -(-ds.Rows * ds.Columns * frames * samples * ds.BitsAllocated // 8)
+                if len(ds.PixelData) < expected:
+                    raise Refused(0xC000, f"Pixel Data truncated: {len(ds.PixelData)} of {expected} bytes")
+        except (TypeError, ValueError) as exc:  # a value of the wrong form, or fragments pydicom cannot split
+            raise Refused(0xC000, f"Pixel Data cannot be checked: {exc}") from None
 
     def _keep_ct_image(self, header: InstanceHeader, data: bytes, source: str) -> bool:
         """Spool, then record; True for a new instance, False for a duplicate."""

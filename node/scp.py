@@ -7,8 +7,9 @@ storage classes (CT, Enhanced CT, Legacy Converted Enhanced CT) are negotiated w
 syntaxes the worker decodes; with `accept_all_storage` every other public storage SOP class is
 too, in any transfer syntax (such objects are counted, never decoded). Other abstract syntaxes
 (and, without `accept_all_storage`, the other storage classes) are refused at association
-negotiation (presentation context rejected: abstract syntax not supported). UIDs in commands may break the DICOM grammar or its 64 characters, as in the data sets
-(ichnode.common.uids); only an empty one is refused.
+negotiation (presentation context rejected: abstract syntax not supported). UIDs in commands may
+break the DICOM grammar or its 64 characters, as in the data sets (ichnode.common.uids); only an
+empty one is refused.
 """
 from __future__ import annotations
 
