@@ -70,14 +70,13 @@ def stratified_folds(scans: list[Scan], folds: int, seed: int) -> list[list[str]
     return [sorted(g) for g in groups]
 
 
-def _predict_fold(cfg: TrainingConfig, data: TrainingData, heldout: list[Example], k: int, device: torch.device,
-                  checkpoints: Path) -> list[dict]:
+def _predict_fold(cfg: TrainingConfig, data: TrainingData, heldout: list[Example], k: int, device: torch.device) -> list[dict]:
     model_dir = cfg.fold_model_dir(k)
     if (model_dir / MANIFEST).is_file():  # trained earlier: predict again (after a change of inference)
         ensemble, _ = load_model(model_dir, device)
     else:
         ensemble, _ = train_ensemble(
-            cfg, data, device, checkpoints / f"fold-{k}", checkpoints / "slice_CNN_pretraining.pt"
+            cfg, data, device, cfg.cv_checkpoints / f"fold-{k}", cfg.cv_checkpoints / "slice_CNN_pretraining.pt"
         )
         fit_combiner(ensemble, data.validation or data.train, device)  # a usable detector for the gallery
         save_model(ensemble, model_dir, f"{cfg.output.name}-fold-{k}", cfg.output.version,
@@ -339,7 +338,6 @@ def crossval_main(config_path: Path) -> dict:
     cv_scans = by_spec[cfg.cv.data]
     groups = stratified_folds(cv_scans, cfg.cv.folds, cfg.cv.seed)
     examples = {e.scan_id: e for e in data.train}
-    checkpoints = cfg.cv_checkpoints
     predictions: list[dict] = []
     for k, patients in enumerate(groups):
         path = out / "folds" / f"fold-{k}.json"
@@ -348,7 +346,7 @@ def crossval_main(config_path: Path) -> dict:
         else:
             log.info("fold %d/%d: training without %d patients", k + 1, len(groups), len(patients))
             heldout = [examples[s.scan_id] for s in cv_scans if s.patient_id in patients]
-            write_json(path, _predict_fold(cfg, data.without_patients(set(patients)), heldout, k, device, checkpoints))
+            write_json(path, _predict_fold(cfg, data.without_patients(set(patients)), heldout, k, device))
         predictions.extend(json.loads(path.read_text()))
     metrics, calibration, p = summarise(predictions, cfg.ensemble().slice_top_k)
     detectors = FoldDetectors(cfg, groups)
