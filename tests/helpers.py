@@ -523,7 +523,8 @@ class Orthanc:
     """Orthanc with the DICOMweb plugin, HTTP basic authentication and no DICOM listener (it can still
     send by C-STORE to the modalities its REST API is given)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, **settings):
+        """`settings`: more Orthanc configuration options (e.g. MaximumStorageSize)."""
         for path in (ORTHANC, ORTHANC_DICOMWEB):
             if not path.exists():
                 pytest.fail(f"{path} missing: run deploy/test.sh (it installs orthanc and orthanc-dicomweb)")
@@ -537,7 +538,7 @@ class Orthanc:
             "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "storage"),
             "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
             "RegisteredUsers": {ORTHANC_USER: ORTHANC_PASSWORD},
-            "Plugins": [str(ORTHANC_DICOMWEB)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}))
+            "Plugins": [str(ORTHANC_DICOMWEB)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, **settings}))
         self.proc = subprocess.Popen([str(ORTHANC), str(config)], stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
         wait_for(lambda: self.answers() or self.proc.poll() is not None, 30, what="Orthanc's HTTP server")
         assert self.proc.poll() is None, f"Orthanc exited:\n{self.log.read_text()[-3000:]}"

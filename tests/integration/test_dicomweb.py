@@ -28,6 +28,7 @@ from tests.helpers import (
     SEG_CLASS,
     SR_CLASSES,
     Orthanc,
+    ct_instance,
     done,
     free_port,
     private_network,
@@ -214,6 +215,38 @@ def test_results_sent_by_stow_appear_in_orthanc_once(tmp_path, orthanc):
     assert Deliverer(store, settings).run_once() == 3
     assert orthanc.instances(study_uid) == expected
     store.close()
+
+
+def test_an_object_orthanc_refuses_fails_alone_with_its_reason_and_the_others_arrive(tmp_path):
+    """A real archive refusing one instance: Orthanc with a 1 MB storage quota cannot take a 2 MB
+    object. Debian's DICOMweb plugin 1.7 then answers HTTP 200 and lists the instance in neither
+    ReferencedSOPSequence nor FailedSOPSequence (newer plugins answer 400 with Failure Reason 0xA700,
+    as the stub test above covers): not listed as stored is a failure too."""
+    with private_network():
+        orthanc = Orthanc(tmp_path / "orthanc", MaximumStorageSize=1)
+        try:
+            settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path / "data"), **orthanc_environment(orthanc)})
+            store = Store(settings.storage.database_path)
+            series, small = result_files(settings.storage, count=3)
+            large = ct_instance(series, 99)
+            large.Rows = large.Columns = 1024
+            large.PixelData = bytes(1024 * 1024 * 2)
+            large_path = settings.storage.result_folder(series).object_file("CT", large.SOPInstanceUID)
+            large.save_as(large_path, enforce_file_format=True)
+            target = str(settings.delivery.destinations[0])
+            for path in [str(large_path.relative_to(settings.storage.data_dir)), *small]:  # the refused one first
+                store.enqueue_delivery(series, 1, "dicom", target, path)
+
+            assert Deliverer(store, settings).run_once() == 3
+            items = outbox(store, series)
+            refused = items.pop(large.SOPInstanceUID)
+            assert refused.state != "sent"
+            assert "HTTP 200 OK: the Store Instances Response does not list the object as stored" in refused.last_error
+            assert all(item.state == "sent" and item.last_error is None for item in items.values())
+            assert set(orthanc.instances(large.StudyInstanceUID)) == set(items)  # QIDO: the three, not the refused one
+            store.close()
+        finally:
+            orthanc.stop()
 
 
 def test_a_study_pushed_by_stow_is_analysed_and_its_results_reach_orthanc(orthanc, node_factory, positive_series):
