@@ -8,6 +8,8 @@ SERIES = Counter("ichnode_series_total", "Series reaching a state", ["state"])
 DELIVERIES = Counter("ichnode_deliveries_total", "Delivery attempts by channel and outcome", ["channel", "outcome"])
 ANALYSIS_SECONDS = Histogram("ichnode_analysis_seconds", "Worker time per analysed series",
                              buckets=(1, 2, 5, 10, 15, 20, 30, 60, 120, 300))
+GROUP_COMMIT_SIZE = Histogram("ichnode_intake_group_commit_instances", "Instances made durable together by one "
+                              "fsync of their folders and one store commit", buckets=(1, 2, 4, 8, 16, 32, 64))
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
@@ -74,7 +75,11 @@ def accept_any_uid(value: str) -> tuple[bool, str]:
 
 def make_ae(listener: ListenerSection) -> AE:
     _config.VALIDATORS["UI"] = accept_any_uid
+    # values are kept as received and UIDs checked by the intake; pydicom's per-value checks only
+    # warn, and cost a large share of the listener's CPU (every UID it makes, per association too)
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     ae = AE(ae_title=listener.ae_title)
+    ae.maximum_pdu_size = listener.max_pdu_bytes
     ae.maximum_associations = listener.max_associations
     ae.require_called_aet = listener.check_called_aet
     ae.add_supported_context(Verification)

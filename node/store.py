@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -157,6 +158,64 @@ class DeliveryRow(_Row):
     sent_at: float | None
 
 
+@dataclass(frozen=True)
+class Received:
+    """An object the intake spooled (or, for a discarded other object, only counts)."""
+
+    header: InstanceHeader
+    path: str | None  # relative to the spool directory; None for a discarded other object
+    calling_aet: str
+    ct_image: bool
+
+
+def _insert_instance(db: sqlite3.Connection, item: Received, now: float) -> bool:
+    """A new instance for a series that was already dispatched puts it back to receiving."""
+    header = item.header
+    if db.execute("SELECT 1 FROM instances WHERE sop_uid=?", (header.sop_instance_uid,)).fetchone():
+        return False
+    db.execute(
+        """INSERT INTO studies(study_uid, patient_id, patient_name, accession_number, study_date,
+           study_description, received_at) VALUES(?,?,?,?,?,?,?)
+           ON CONFLICT(study_uid) DO NOTHING""",
+        (header.study_instance_uid, header.patient_id, header.patient_name,
+         header.accession_number, header.study_date, header.study_description, now),
+    )
+    row = db.execute("SELECT state FROM series WHERE series_uid=?", (header.series_instance_uid,)).fetchone()
+    if row is None:
+        db.execute(
+            """INSERT INTO series(series_uid, study_uid, state, modality, body_part, description, protocol,
+               kernel, images_in_acquisition, received_at, last_received_at)
+               VALUES(?,?,?,?,?,?,?,?,?,?,?)""",
+            (header.series_instance_uid, header.study_instance_uid, "receiving", header.modality,
+             header.body_part, header.series_description, header.protocol_name,
+             header.kernel, header.images_in_acquisition, now, now),
+        )
+    else:
+        # late or continuing instance: the series is (again) being received
+        db.execute(
+            "UPDATE series SET state='receiving', reason=NULL, last_received_at=? WHERE series_uid=?",
+            (now, header.series_instance_uid),
+        )
+    db.execute(
+        """INSERT INTO instances(sop_uid, series_uid, sop_class_uid, path, header, calling_aet, received_at)
+           VALUES(?,?,?,?,?,?,?)""",
+        (header.sop_instance_uid, header.series_instance_uid, header.sop_class_uid, item.path,
+         header.model_dump_json(), item.calling_aet, now),
+    )
+    db.execute("UPDATE series SET instance_count=instance_count+1 WHERE series_uid=?", (header.series_instance_uid,))
+    return True
+
+
+def _insert_other_object(db: sqlite3.Connection, item: Received, now: float) -> bool:
+    header = item.header
+    inserted = db.execute(
+        """INSERT INTO other_objects(sop_uid, study_uid, series_uid, sop_class_uid, path, calling_aet,
+           received_at) VALUES(?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO NOTHING""",
+        (header.sop_instance_uid, header.study_instance_uid, header.series_instance_uid,
+         header.sop_class_uid, item.path, item.calling_aet, now))
+    return inserted.rowcount == 1
+
+
 class Store:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,59 +253,20 @@ class Store:
 
     # --- receiving -------------------------------------------------------------------------
     def record_instance(self, header: InstanceHeader, path: str, calling_aet: str) -> bool:
-        """Record a stored instance; returns False when the SOP Instance UID was already known.
-
-        A new instance for a series that was already dispatched puts it back to receiving.
-        """
-        now = time.time()
-        with self.transaction() as db:
-            if db.execute("SELECT 1 FROM instances WHERE sop_uid=?", (header.sop_instance_uid,)).fetchone():
-                return False
-            db.execute(
-                """INSERT INTO studies(study_uid, patient_id, patient_name, accession_number, study_date,
-                   study_description, received_at) VALUES(?,?,?,?,?,?,?)
-                   ON CONFLICT(study_uid) DO NOTHING""",
-                (header.study_instance_uid, header.patient_id, header.patient_name,
-                 header.accession_number, header.study_date, header.study_description, now),
-            )
-            row = db.execute("SELECT state FROM series WHERE series_uid=?", (header.series_instance_uid,)).fetchone()
-            if row is None:
-                db.execute(
-                    """INSERT INTO series(series_uid, study_uid, state, modality, body_part, description, protocol,
-                       kernel, images_in_acquisition, received_at, last_received_at)
-                       VALUES(?,?,?,?,?,?,?,?,?,?,?)""",
-                    (header.series_instance_uid, header.study_instance_uid, "receiving", header.modality,
-                     header.body_part, header.series_description, header.protocol_name,
-                     header.kernel, header.images_in_acquisition, now, now),
-                )
-            else:
-                # late or continuing instance: the series is (again) being received
-                db.execute(
-                    "UPDATE series SET state='receiving', reason=NULL, last_received_at=? WHERE series_uid=?",
-                    (now, header.series_instance_uid),
-                )
-            db.execute(
-                """INSERT INTO instances(sop_uid, series_uid, sop_class_uid, path, header, calling_aet, received_at)
-                   VALUES(?,?,?,?,?,?,?)""",
-                (header.sop_instance_uid, header.series_instance_uid, header.sop_class_uid, path,
-                 header.model_dump_json(), calling_aet, now),
-            )
-            db.execute(
-                "UPDATE series SET instance_count=instance_count+1 WHERE series_uid=?",
-                (header.series_instance_uid,),
-            )
-            return True
+        """Record a stored instance; returns False when the SOP Instance UID was already known."""
+        return self.record_received([Received(header, path, calling_aet, ct_image=True)])[0]
 
     def record_other_object(self, header: InstanceHeader, path: str | None, calling_aet: str) -> bool:
         """Count an object that is not a CT image, with its spool path when kept; False when its SOP
         Instance UID was already known."""
+        return self.record_received([Received(header, path, calling_aet, ct_image=False)])[0]
+
+    def record_received(self, items: list[Received]) -> list[bool]:
+        """Record received objects in one transaction (the intake's group commit); for each, False
+        when its SOP Instance UID was already known."""
+        now = time.time()
         with self.transaction() as db:
-            inserted = db.execute(
-                """INSERT INTO other_objects(sop_uid, study_uid, series_uid, sop_class_uid, path, calling_aet,
-                   received_at) VALUES(?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO NOTHING""",
-                (header.sop_instance_uid, header.study_instance_uid, header.series_instance_uid,
-                 header.sop_class_uid, path, calling_aet, time.time()))
-            return inserted.rowcount == 1
+            return [(_insert_instance if item.ct_image else _insert_other_object)(db, item, now) for item in items]
 
     def other_objects(self, study_uid: str) -> int:
         """How many objects of other SOP classes than CT images the study brought."""
