@@ -14,6 +14,8 @@ empty one is refused.
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from typing import Callable
 
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
@@ -39,10 +41,22 @@ def _status(refused: Refused) -> Dataset:
 
 
 class StoreHandler:
-    """Handles EVT_C_STORE: the instance goes through the intake, then the answer."""
+    """Handles EVT_C_STORE: the instance goes through the intake, then the answer. Counts the CT
+    instances each association brought per series, for `on_released` when its sender releases it
+    (an early hint that a series is complete, node/assembler.py)."""
 
-    def __init__(self, intake: Intake):
+    def __init__(self, intake: Intake, on_released: Callable[[dict[str, int]], None] | None = None):
         self.intake = intake
+        self.on_released = on_released
+        self._brought: dict[int, Counter[str]] = {}  # by id(association); the GIL guards the dict
+
+    def released(self, event) -> None:
+        brought = self._brought.pop(id(event.assoc), None)
+        if brought and self.on_released:
+            self.on_released(dict(brought))
+
+    def closed(self, event) -> None:
+        self._brought.pop(id(event.assoc), None)  # aborted or refused: no hint
 
     def __call__(self, event) -> Dataset | int:
         sop_uid = str(event.request.AffectedSOPInstanceUID)
@@ -53,9 +67,11 @@ class StoreHandler:
                 raise Refused(0xA900, "SOP Instance UID differs from Affected SOP Instance UID")
 
         try:
-            self.intake.accept(event.encoded_dataset(), event.assoc.requestor.ae_title, matches_command)
+            header = self.intake.accept(event.encoded_dataset(), event.assoc.requestor.ae_title, matches_command)
         except Refused as refused:
             return _status(refused)
+        if header.sop_class_uid in CT_IMAGE_SOP_CLASSES:
+            self._brought.setdefault(id(event.assoc), Counter())[header.series_instance_uid] += 1
         return 0x0000
 
 
@@ -94,12 +110,17 @@ def make_ae(listener: ListenerSection) -> AE:
     return ae
 
 
-def start_listener(listener: ListenerSection, spool: Spool, store: Store):
-    """Start the SCP in its own threads; returns the pynetdicom server (call .shutdown())."""
+def start_listener(listener: ListenerSection, spool: Spool, store: Store,
+                   on_released: Callable[[dict[str, int]], None] | None = None):
+    """Start the SCP in its own threads; returns the pynetdicom server (call .shutdown()).
+    `on_released(instances by series)` is called when a sender releases an association."""
     ae = make_ae(listener)
+    store_handler = StoreHandler(Intake(spool, store, listener), on_released)
     handlers = [
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, StoreHandler(Intake(spool, store, listener))),
+        (evt.EVT_C_STORE, store_handler),
+        (evt.EVT_RELEASED, store_handler.released),
+        (evt.EVT_CONN_CLOSE, store_handler.closed),
         (evt.EVT_REJECTED, handle_rejected),
     ]
     server = ae.start_server((listener.bind, listener.port), block=False, evt_handlers=handlers)

@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS series (
     images_in_acquisition INTEGER,
     instance_count INTEGER NOT NULL DEFAULT 0,
     received_at REAL NOT NULL, last_received_at REAL NOT NULL,
-    completed_at REAL, queued_at REAL, started_at REAL, analysed_at REAL,
+    completed_at REAL, completed_by TEXT, queued_at REAL, started_at REAL, analysed_at REAL,
     generation INTEGER NOT NULL DEFAULT 0,
     task_id TEXT,
     findings TEXT,
@@ -89,6 +89,8 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
 """
+#: Columns added since the first schema, by table: a database made before gets them at start.
+_ADDED_COLUMNS = {"series": {"completed_by": "TEXT"}}
 
 
 class _Row(BaseModel):
@@ -122,6 +124,7 @@ class SeriesRow(_Row):
     received_at: float
     last_received_at: float
     completed_at: float | None
+    completed_by: str | None  # what told the series was complete: node.assembler.Completion
     queued_at: float | None
     started_at: float | None
     analysed_at: float | None
@@ -227,6 +230,11 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            for table, columns in _ADDED_COLUMNS.items():
+                have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns.items():
+                    if name not in have:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -316,12 +324,13 @@ class Store:
     def study_series(self, study_uid: str) -> list[SeriesRow]:
         return self._series("SELECT * FROM series WHERE study_uid=? ORDER BY received_at", (study_uid,))
 
-    def mark_complete(self, series_uid: str, last_received_at: float) -> bool:
-        """Completion seen by the assembler; False when an instance arrived meanwhile."""
+    def mark_complete(self, series_uid: str, last_received_at: float, by: str) -> bool:
+        """Completion seen by the assembler (`by`: what told it); False when an instance arrived meanwhile."""
         with self.transaction() as db:
             cur = db.execute(
-                "UPDATE series SET completed_at=? WHERE series_uid=? AND state='receiving' AND last_received_at=?",
-                (time.time(), series_uid, last_received_at),
+                """UPDATE series SET completed_at=?, completed_by=?
+                   WHERE series_uid=? AND state='receiving' AND last_received_at=?""",
+                (time.time(), by, series_uid, last_received_at),
             )
             return cur.rowcount == 1
 
