@@ -1,8 +1,11 @@
 """The DICOM listener against real peers: DCMTK echoscu/storescu and pynetdicom."""
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -354,3 +357,47 @@ def test_encapsulated_pixel_data_with_fewer_frames_than_declared_gets_a_failure_
     answer = run.stdout + run.stderr
     assert run.returncode != 0 and "Pixel Data holds 1 frames, NumberOfFrames 2" in answer, answer
     assert spool.files() == []
+
+
+def test_every_acknowledged_instance_survives_the_node_killed_while_receiving(node_factory, tmp_path):
+    """SIGKILL in the middle of four concurrent associations: after a restart the store and the spool
+    hold every instance the senders were answered success for (group commit answers only after the
+    group's fsyncs and commit), whole."""
+    node = node_factory("serve", ICHNODE_WORKERS="0").start()
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+
+    def send(series: str) -> None:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="ICHNODE")
+        for index in range(200):
+            if not assoc.is_established:
+                return
+            ds = ct_instance(series, index)
+            status = assoc.send_c_store(ds)
+            if status and status.Status == 0x0000:
+                with lock:
+                    acknowledged.append(str(ds.SOPInstanceUID))
+        assoc.release()
+
+    senders = [threading.Thread(target=send, args=(new_uid(),)) for _ in range(4)]
+    for thread in senders:
+        thread.start()
+    wait_for(lambda: len(acknowledged) >= 80, 120, interval=0.01, what="80 acknowledged instances")
+    os.killpg(node.procs[0].pid, signal.SIGKILL)
+    for thread in senders:
+        thread.join(60)
+    assert 80 <= len(acknowledged) < 800  # killed while receiving
+
+    again = node_factory("serve", ICHNODE_WORKERS="0").start()  # the same data dir
+    assert again.data_dir == node.data_dir
+    store = Store(node.data_dir / "ichnode.sqlite3")
+    try:
+        recorded = {i.sop_uid: i.path for study in store.studies() for s in store.study_series(study.study_uid)
+                    for i in store.instances(s.series_uid)}
+        assert set(acknowledged) <= set(recorded)
+        for sop_uid in acknowledged:
+            assert dcmread(node.data_dir / "spool" / recorded[sop_uid]).pixel_array.shape == (16, 16)
+    finally:
+        store.close()
