@@ -1,7 +1,7 @@
 """The DICOM listener: C-ECHO and C-STORE SCP, one plain handler per event.
 
 The C-STORE handler hands the received bytes to `Intake.accept` (node/intake.py: parse the header,
-validate, spool with fsync, record) and only then answers success; a refusal is answered with its
+validate, spool with fsync, record in a group commit) and only then answers success; a refusal is answered with its
 status and an Error Comment saying why (the codes are listed in node/intake.py). The CT image
 storage classes (CT, Enhanced CT, Legacy Converted Enhanced CT) are negotiated with the transfer
 syntaxes the worker decodes; with `accept_all_storage` every other public storage SOP class is
@@ -9,7 +9,9 @@ too, in any transfer syntax (such objects are counted, never decoded). Other abs
 (and, without `accept_all_storage`, the other storage classes) are refused at association
 negotiation (presentation context rejected: abstract syntax not supported). UIDs in commands may
 break the DICOM grammar or its 64 characters, as in the data sets (ichnode.common.uids); only an
-empty one is refused.
+empty one is refused. When a sender releases an association, the CT instances it brought are
+reported per series (`on_released`): the assembler may then finish those series early. The
+largest PDU accepted is `max_pdu_bytes`.
 """
 from __future__ import annotations
 
