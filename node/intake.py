@@ -245,7 +245,7 @@ class GroupCommit:
         try:
             sync_dirs([folder for pending in group for folder in pending.dirs])
             results = self.store.record_received([pending.item for pending in group])
-        except (OSError, sqlite3.Error) as exc:
+        except Exception as exc:  # every instance of the group gets it, none is left waiting
             for pending in group:
                 pending.error, pending.done = exc, True
             return
