@@ -37,6 +37,7 @@ import sqlite3
 import struct
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -207,15 +208,23 @@ def _check_fragments(pixel_data: bytes | memoryview, frames: int, transfer_synta
 
 class GroupCommit:
     """Makes received objects durable in groups: the first caller to find no commit under way
-    commits everything waiting (fsync of the new files' folders, then one store transaction), the
+    commits everything waiting (fsync of the new files' folders and one store transaction), the
     others wait for it and are answered together. There is no added delay: a lone association
-    commits each instance at once, concurrent ones share the fsyncs of whoever is waiting."""
+    commits each instance at once, concurrent ones share the fsyncs of whoever is waiting.
+
+    The folders' fsync and the store's commit run at the same time (the file system serves both
+    flushes with one journal commit, about half the time of one after the other), and every
+    instance of the group is answered only when both are over. A crash between the two may leave
+    an index row whose file name was not yet durable: that instance was never answered, its sender
+    sends it again (the file comes back under the same name, the row is kept), and a worker leaves
+    out a file it cannot read, saying so."""
 
     def __init__(self, store: Store):
         self.store = store
         self._cond = threading.Condition()
         self._waiting: list[_Pending] = []
         self._committing = False
+        self._folders = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-fsync")
 
     def record(self, item: Received, dirs: list[Path]) -> bool:
         """Durably record `item` whose file (if any) is written and fsynced and whose directory
@@ -242,9 +251,10 @@ class GroupCommit:
 
     def _commit(self, group: list[_Pending]) -> None:
         GROUP_COMMIT_SIZE.observe(len(group))
+        folders = self._folders.submit(sync_dirs, [folder for pending in group for folder in pending.dirs])
         try:
-            sync_dirs([folder for pending in group for folder in pending.dirs])
             results = self.store.record_received([pending.item for pending in group])
+            folders.result()
         except Exception as exc:  # every instance of the group gets it, none is left waiting
             for pending in group:
                 pending.error, pending.done = exc, True

@@ -79,6 +79,22 @@ def test_a_failed_commit_refuses_every_instance_of_its_group_as_out_of_resources
     assert refused.value.status == 0xA700 and "disk I/O error" in refused.value.reason
 
 
+def test_a_folder_that_cannot_be_fsynced_refuses_the_instance_even_though_its_row_is_committed(intake, monkeypatch):
+    intake, store = intake
+
+    def full_disk(dirs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("node.intake.sync_dirs", full_disk)
+    ds = ct_instance(new_uid(), 0)
+    with pytest.raises(Refused) as refused:
+        intake.accept(part10(ds), "SCANNER")
+    assert refused.value.status == 0xA700 and "No space left" in refused.value.reason
+    monkeypatch.undo()
+    assert intake.accept(part10(ds), "SCANNER")  # sent again: stored, and answered success this time
+    assert store.series(ds.SeriesInstanceUID).instance_count == 1
+
+
 @pytest.mark.parametrize("transfer_syntax", [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
 def test_other_transfer_syntaxes_are_checked_the_same_way(intake, transfer_syntax):
     intake, store = intake
