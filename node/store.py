@@ -3,7 +3,9 @@
 Studies, series (with their state machine), instances, results and the delivery outbox, and the
 objects of other SOP classes a study brought (counted, not analysed; their file kept or not). One
 connection guarded by a lock: pynetdicom runs each association in its own thread, and SQLite in
-WAL mode with short transactions is far faster than the network in front of it.
+WAL mode with short transactions is far faster than the network in front of it. Every commit is
+durable (`synchronous=FULL`); `record_received` records a group of received objects in one
+transaction (the intake's group commit, node/intake.py).
 
 Series states: receiving -> queued -> analysing -> done | failed | skipped. A late instance puts a
 done/queued/analysing series back to receiving, and its next dispatch bumps `generation`, so a
