@@ -167,14 +167,22 @@ def cmd_benchmark(args) -> None:
         from training.benchmark import benchmark_main
 
         benchmark_main(slices=args.slices, matrix=args.matrix)
-    if args.part in ("ingest", "all"):
-        from node.benchmark import benchmark_ingest
+    if args.part in ("ingest", "latency", "all"):
+        from node.benchmark import benchmark_ingest, benchmark_latency
         from training.phantom import make_study
 
-        with tempfile.TemporaryDirectory() as series:
-            for ds in make_study(1, positive=True, matrix=args.matrix, n_slices=args.instances).datasets:
-                ds.save_as(Path(series) / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
-            benchmark_ingest(Path(series), repeats=args.repeats, as_json=args.json)
+        def write_series(folder: Path, seed: int, slices: int) -> Path:
+            folder.mkdir()
+            for ds in make_study(seed, positive=True, matrix=args.matrix, n_slices=slices).datasets:
+                ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+            return folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.part in ("ingest", "all"):
+                benchmark_ingest(write_series(Path(tmp) / "ingest", 1, args.instances), args.repeats, args.json)
+            if args.part in ("latency", "all"):
+                benchmark_latency(write_series(Path(tmp) / "warm-up", 2, args.slices),
+                                  write_series(Path(tmp) / "latency", 3, args.slices), args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,13 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="training config, with --cv")
     p.set_defaults(func=lambda args, p=p: cmd_evaluate(args, p))
     p = sub.add_parser("benchmark", help="time the detector per member; C-STORE ingest of ichnode against DCMTK "
-                       "storescp and Orthanc (docs/PERFORMANCE.md)")
-    p.add_argument("part", nargs="?", choices=("all", "detector", "ingest"), default="all")
-    p.add_argument("--slices", type=int, default=40, help="detector: slices of the series")
+                       "storescp and Orthanc; a series' latency per stage (docs/PERFORMANCE.md)")
+    p.add_argument("part", nargs="?", choices=("all", "detector", "ingest", "latency"), default="all")
+    p.add_argument("--slices", type=int, default=40, help="detector and latency: slices of the series")
     p.add_argument("--matrix", type=int, default=512, help="rows and columns of every image")
     p.add_argument("--instances", type=int, default=400, help="ingest: instances of the series sent")
     p.add_argument("--repeats", type=int, default=3, help="ingest: runs per receiver and association count (median)")
-    p.add_argument("--json", action="store_true", help="ingest: the report as JSON")
+    p.add_argument("--json", action="store_true", help="ingest and latency: the report as JSON")
     p.set_defaults(func=cmd_benchmark)
     return parser
 

@@ -1,4 +1,10 @@
-"""Ingest benchmark: the same series C-STOREd by DCMTK storescu into ichnode, DCMTK storescp and
+"""Benchmarks of the node against real peers (docs/PERFORMANCE.md).
+
+`benchmark_latency`: a series sent by storescu to `ichnode serve` with one worker and DCMTK
+storescp as the destination; the series' latency per stage (node/latency.py) as the API shows it
+once every result is acknowledged, for a second series (the first one warms the worker up).
+
+`benchmark_ingest`: the same series C-STOREd by DCMTK storescu into ichnode, DCMTK storescp and
 Orthanc (when installed), with 1 and with 4 concurrent associations, in one run.
 
 Every receiver starts fresh with empty storage for every measurement, and every DCMTK process
@@ -30,6 +36,10 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+from urllib.parse import quote
+
+import httpx
+from pydicom import dcmread
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 CLONE_NEWNET = 0x40000000
@@ -84,18 +94,41 @@ class Receiver:
     stored: Callable[[Path], int]  # how many instances the folder holds afterwards
 
 
-def _ichnode(folder: Path, port: int) -> subprocess.Popen:
-    env = dict(os.environ, ICHNODE_DATA_DIR=str(folder), ICHNODE_PORT=str(port), ICHNODE_BIND="127.0.0.1",
-               ICHNODE_HTTP_PORT=str(free_port()), ICHNODE_HTTP_BIND="127.0.0.1", ICHNODE_LOG_LEVEL="WARNING",
-               ICHNODE_AE_TITLE="ICHNODE")
-    env.pop("ICHNODE_CONFIG", None)
-    return subprocess.Popen([sys.executable, "-m", "ichnode.cli", "serve", "--workers", "0"], env=env,
+def _serve(folder: Path, port: int, workers: int = 0, http_port: int | None = None,
+           **env: str) -> subprocess.Popen:
+    """`ichnode serve` with its defaults, on loopback, data in `folder` (its log beside it)."""
+    environ = dict(os.environ, ICHNODE_DATA_DIR=str(folder), ICHNODE_PORT=str(port), ICHNODE_BIND="127.0.0.1",
+                   ICHNODE_HTTP_PORT=str(http_port or free_port()), ICHNODE_HTTP_BIND="127.0.0.1",
+                   ICHNODE_LOG_LEVEL="WARNING", ICHNODE_AE_TITLE="ICHNODE", **env)
+    environ.pop("ICHNODE_CONFIG", None)
+    return subprocess.Popen([sys.executable, "-m", "ichnode.cli", "serve", "--workers", str(workers)], env=environ,
                             stdout=(folder.parent / f"{folder.name}.log").open("wb"), stderr=subprocess.STDOUT)
 
 
 def _storescp(folder: Path, port: int) -> subprocess.Popen:
     return subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(folder), str(port)], env=DCMTK_ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _wait(what: str, predicate: Callable[[], object], timeout: float, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with {proc.returncode}")
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise RuntimeError(f"{what}: not within {timeout:.0f} s")
 
 
 def _orthanc(folder: Path, port: int) -> subprocess.Popen:
@@ -114,7 +147,7 @@ def _files(folder: Path, pattern: str) -> int:
 
 RECEIVERS = {
     "ichnode": Receiver("ichnode", "ICHNODE", "fsync of file and folder, index commit (WAL, synchronous=FULL)",
-                        _ichnode, lambda folder: _files(folder, "spool/*/*/*.dcm")),
+                        _serve, lambda folder: _files(folder, "spool/*/*/*.dcm")),
     "storescp": Receiver("storescp", "STORESCP", "file written, no fsync", _storescp,
                          lambda folder: _files(folder, "*")),
     "orthanc": Receiver("orthanc", "ORTHANC", "SyncStorageArea: fsync of file, SQLite index commit", _orthanc,
@@ -152,22 +185,13 @@ def _measure(receiver: Receiver, parts: list[Path], count: int, work: Path) -> d
     port = free_port()
     proc = receiver.start(folder, port)
     try:
-        deadline = time.monotonic() + 60
-        while not _listening(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{receiver.name} did not start listening (exit code {proc.poll()})")
-            time.sleep(0.1)
+        _wait(f"{receiver.name} listening", lambda: _listening(port), 60, proc)
         time.sleep(1.0)  # let start-up work settle before the CPU count starts
         cpu = _cpu_seconds(proc.pid)
         seconds = _send(parts, port, receiver.ae_title)
         cpu = _cpu_seconds(proc.pid) - cpu
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
     stored = receiver.stored(folder)
     if stored != count:
         raise RuntimeError(f"{receiver.name} holds {stored} of {count} instances after the run")
@@ -235,3 +259,59 @@ def _print(report: dict) -> None:
                   f"{row['cpu_ms_per_instance']:12.2f} {ratio:>14}")
     for name, what in report["durability"].items():
         print(f"  {name}: {what}")
+
+
+def _series_uid(folder: Path) -> str:
+    return str(dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
+
+
+def benchmark_latency(warm_up: Path, series: Path, as_json: bool = False) -> dict:
+    """Send `warm_up`, then `series`, each by one storescu association, to `ichnode serve` (one
+    worker, storescp as the DICOM destination, defaults otherwise); returns `series`' timings once
+    every result is acknowledged."""
+    with tempfile.TemporaryDirectory(prefix="ichnode-latency-") as tmp_name:
+        work = Path(tmp_name)
+        (work / "pacs").mkdir()
+        pacs_port, port, http_port = free_port(), free_port(), free_port()
+        pacs = _storescp(work / "pacs", pacs_port)
+        node = _serve(work / "node", port, workers=1, http_port=http_port,
+                      ICHNODE_DESTINATIONS=f"STORESCP@127.0.0.1:{pacs_port}")
+        try:
+            api = f"http://127.0.0.1:{http_port}"
+            _wait("ichnode serve healthy", lambda: _get(f"{api}/healthz"), 120, node)
+            for folder in (warm_up, series):
+                _send([folder], port, "ICHNODE")
+                uid = _series_uid(folder)
+                timings = _wait(f"series {uid} analysed and delivered", lambda: _delivered(api, uid), 900, node)
+        finally:
+            _stop(node)
+            _stop(pacs)
+    report = {"instances": len(list(series.glob("*.dcm"))), **timings}
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"Latency of a {report['instances']}-instance series (storescu -> ichnode serve, 1 worker -> "
+              f"storescp), after a warm-up series; complete by {report['completed_by']}:")
+        for stage, seconds in report["stages"].items():
+            print(f"  {stage:16s} {seconds if seconds is not None else '-':>8} s")
+    return report
+
+
+def _get(url: str):
+    try:
+        response = httpx.get(url, timeout=5)
+    except httpx.TransportError:
+        return None
+    return response.json() if response.is_success else None
+
+
+def _delivered(api: str, series_uid: str) -> dict | None:
+    """The series' timings once it is analysed and every delivery is sent; None before."""
+    series = _get(f"{api}/api/series/{quote(series_uid, safe='')}")
+    if series and series["state"] in ("failed", "skipped"):
+        raise RuntimeError(f"series {series_uid} {series['state']}: {series['reason']}")
+    if not series or series["state"] != "done" or not series["deliveries"]:
+        return None
+    if not all(d["state"] == "sent" for d in series["deliveries"]):
+        return None
+    return {"completed_by": series["timings"]["completed_by"], "stages": series["timings"]["stages"]}
