@@ -161,6 +161,30 @@ def cmd_evaluate(args, parser: argparse.ArgumentParser) -> None:
     evaluate_main(args.data, Path(args.model) if args.model else None, Path(args.out))
 
 
+def _ingest_series(folder: Path, instances: int, matrix: int) -> Path:
+    """One series of `instances` CT images for the ingest benchmark: the slices of a phantom (at most
+    40: a phantom of hundreds of slices takes minutes to make) repeated along the slice direction,
+    each instance with its own SOP Instance UID, number and position."""
+    from pydicom.uid import generate_uid
+
+    from training.phantom import make_study
+
+    slices = make_study(1, positive=True, matrix=matrix, n_slices=min(instances, 40)).datasets
+    first = [float(v) for v in slices[0].ImagePositionPatient]
+    step = ([float(b) - float(a) for a, b in zip(slices[0].ImagePositionPatient, slices[1].ImagePositionPatient)]
+            if len(slices) > 1 else [0.0, 0.0, float(slices[0].SliceThickness)])
+    folder.mkdir()
+    for index in range(instances):
+        ds = slices[index % len(slices)]
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = index + 1
+        ds.ImagePositionPatient = [round(start + index * delta, 4) for start, delta in zip(first, step)]
+        if "ImagesInAcquisition" in ds:
+            ds.ImagesInAcquisition = instances
+        ds.save_as(folder / f"{index + 1:05d}.dcm", enforce_file_format=True)
+    return folder
+
+
 def cmd_benchmark(args) -> None:
     _setup_logging("WARNING")
     if args.part in ("detector", "all"):
@@ -179,7 +203,8 @@ def cmd_benchmark(args) -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             if args.part in ("ingest", "all"):
-                benchmark_ingest(write_series(Path(tmp) / "ingest", 1, args.instances), args.repeats, args.json)
+                benchmark_ingest(_ingest_series(Path(tmp) / "ingest", args.instances, args.matrix), args.repeats,
+                                 args.json)
             if args.part in ("latency", "all"):
                 benchmark_latency(write_series(Path(tmp) / "warm-up", 2, args.slices),
                                   write_series(Path(tmp) / "latency", 3, args.slices), args.json)
