@@ -161,20 +161,53 @@ def cmd_evaluate(args, parser: argparse.ArgumentParser) -> None:
     evaluate_main(args.data, Path(args.model) if args.model else None, Path(args.out))
 
 
+def _ingest_series(folder: Path, instances: int, matrix: int) -> Path:
+    """One series of `instances` CT images for the ingest benchmark: the slices of a phantom (at most
+    40: a phantom of hundreds of slices takes minutes to make) repeated along the slice direction,
+    each instance with its own SOP Instance UID, number and position."""
+    from pydicom.uid import generate_uid
+
+    from training.phantom import make_study
+
+    slices = make_study(1, positive=True, matrix=matrix, n_slices=min(instances, 40)).datasets
+    first = [float(v) for v in slices[0].ImagePositionPatient]
+    step = ([float(b) - float(a) for a, b in zip(slices[0].ImagePositionPatient, slices[1].ImagePositionPatient)]
+            if len(slices) > 1 else [0.0, 0.0, float(slices[0].SliceThickness)])
+    folder.mkdir()
+    for index in range(instances):
+        ds = slices[index % len(slices)]
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = index + 1
+        ds.ImagePositionPatient = [round(start + index * delta, 4) for start, delta in zip(first, step)]
+        if "ImagesInAcquisition" in ds:
+            ds.ImagesInAcquisition = instances
+        ds.save_as(folder / f"{index + 1:05d}.dcm", enforce_file_format=True)
+    return folder
+
+
 def cmd_benchmark(args) -> None:
     _setup_logging("WARNING")
     if args.part in ("detector", "all"):
         from training.benchmark import benchmark_main
 
         benchmark_main(slices=args.slices, matrix=args.matrix)
-    if args.part in ("listener", "all"):
-        from node.benchmark import benchmark_listener
+    if args.part in ("ingest", "latency", "all"):
+        from node.benchmark import benchmark_ingest, benchmark_latency
         from training.phantom import make_study
 
-        with tempfile.TemporaryDirectory() as series:
-            for ds in make_study(1, positive=True, matrix=args.matrix, n_slices=args.slices).datasets:
-                ds.save_as(Path(series) / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
-            benchmark_listener(Path(series))
+        def write_series(folder: Path, seed: int, slices: int) -> Path:
+            folder.mkdir()
+            for ds in make_study(seed, positive=True, matrix=args.matrix, n_slices=slices).datasets:
+                ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+            return folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.part in ("ingest", "all"):
+                benchmark_ingest(_ingest_series(Path(tmp) / "ingest", args.instances, args.matrix), args.repeats,
+                                 args.json)
+            if args.part in ("latency", "all"):
+                benchmark_latency(write_series(Path(tmp) / "warm-up", 2, args.slices),
+                                  write_series(Path(tmp) / "latency", 3, args.slices), args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,10 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cv", action="store_true", help="k-fold cross-validation of --config (resumes when stopped)")
     p.add_argument("--config", help="training config, with --cv")
     p.set_defaults(func=lambda args, p=p: cmd_evaluate(args, p))
-    p = sub.add_parser("benchmark", help="time the detector per member, and the listener against DCMTK storescp")
-    p.add_argument("part", nargs="?", choices=("all", "detector", "listener"), default="all")
-    p.add_argument("--slices", type=int, default=40)
-    p.add_argument("--matrix", type=int, default=512)
+    p = sub.add_parser("benchmark", help="time the detector per member; C-STORE ingest of ichnode against DCMTK "
+                       "storescp and Orthanc; a series' latency per stage (docs/PERFORMANCE.md)")
+    p.add_argument("part", nargs="?", choices=("all", "detector", "ingest", "latency"), default="all")
+    p.add_argument("--slices", type=int, default=40, help="detector and latency: slices of the series")
+    p.add_argument("--matrix", type=int, default=512, help="rows and columns of every image")
+    p.add_argument("--instances", type=int, default=400, help="ingest: instances of the series sent")
+    p.add_argument("--repeats", type=int, default=3, help="ingest: runs per receiver and association count (median)")
+    p.add_argument("--json", action="store_true", help="ingest and latency: the report as JSON")
     p.set_defaults(func=cmd_benchmark)
     return parser
 

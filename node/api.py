@@ -16,6 +16,7 @@ from ichnode.common.analysis import SeriesFindings, Skipped
 from ichnode.common.config import Settings
 from node.dicomweb import make_dicomweb_router
 from node.intake import Intake
+from node.latency import StageSeconds, stage_seconds
 from node.metrics import CONTENT_TYPE, exposition
 from node.spool import Spool
 from node.store import Channel, DeliveryRow, SeriesRow, SeriesState, Store, StudyRow
@@ -23,14 +24,17 @@ from node.worklist import iso, make_worklist_router, mount_web
 
 
 class SeriesTimings(BaseModel):
-    """When the series reached each step (ISO-8601 UTC)."""
+    """When the series reached each step (ISO-8601 UTC), what told it was complete, and the latency
+    of its latest analysis per stage in seconds (node/latency.py)."""
 
     received: str | None
     last_received: str | None
     completed: str | None
+    completed_by: str | None  # quiet, count_hint or association_release (node/assembler.py)
     queued: str | None
     started: str | None
     analysed: str | None
+    stages: StageSeconds
 
 
 class SeriesView(BaseModel):
@@ -49,7 +53,8 @@ class SeriesView(BaseModel):
     findings: SeriesFindings | Skipped | None
 
     @classmethod
-    def of(cls, series: SeriesRow) -> "SeriesView":
+    def of(cls, series: SeriesRow, deliveries: list[DeliveryRow]) -> "SeriesView":
+        """`deliveries`: the series' outbox items."""
         skipped = Skipped(skipped=series.reason) if series.state == "skipped" else None
         return cls(
             series_instance_uid=series.series_uid,
@@ -65,9 +70,11 @@ class SeriesView(BaseModel):
                 received=iso(series.received_at),
                 last_received=iso(series.last_received_at),
                 completed=iso(series.completed_at),
+                completed_by=series.completed_by,
                 queued=iso(series.queued_at),
                 started=iso(series.started_at),
                 analysed=iso(series.analysed_at),
+                stages=stage_seconds(series, deliveries),
             ),
             findings=series.findings or skipped,
         )
@@ -155,7 +162,7 @@ def create_app(store: Store, settings: Settings, health: dict | None = None) -> 
             received=iso(study.received_at),
             acknowledged=iso(study.acknowledged_at),
             acknowledged_by=study.acknowledged_by,
-            series=[SeriesView.of(s) for s in store.study_series(study.study_uid)],
+            series=[SeriesView.of(s, store.deliveries(s.series_uid)) for s in store.study_series(study.study_uid)],
             other_objects=store.other_objects(study.study_uid),
         )
 
@@ -175,8 +182,8 @@ def create_app(store: Store, settings: Settings, health: dict | None = None) -> 
         found = store.series(series_uid)
         if not found:
             raise HTTPException(404, f"no series {series_uid}")
-        deliveries = [DeliveryView.of(d) for d in store.deliveries(series_uid)]
-        return SeriesWithDeliveries(**dict(SeriesView.of(found)), deliveries=deliveries)
+        items = store.deliveries(series_uid)
+        return SeriesWithDeliveries(**dict(SeriesView.of(found, items)), deliveries=[DeliveryView.of(d) for d in items])
 
     @app.get("/api/deliveries", dependencies=guarded, response_model=list[DeliveryView])
     def deliveries():

@@ -1,81 +1,317 @@
-"""Listener benchmark: C-STORE of one series into ichnode vs DCMTK storescp, in the same run.
+"""Benchmarks of the node against real peers (docs/PERFORMANCE.md).
 
-Both receive the same files from DCMTK storescu over loopback and both write every instance to
-disk; ichnode also fsyncs each file and records it in its store before answering, which is the
-price of "nothing received is lost". Reported: median seconds and instances per second.
+`benchmark_latency`: a series sent by storescu to `ichnode serve` with one worker and DCMTK
+storescp as the destination; the series' latency per stage (node/latency.py) as the API shows it
+once every result is acknowledged, for a second series (the first one warms the worker up).
+
+`benchmark_ingest`: the same series C-STOREd by DCMTK storescu into ichnode, DCMTK storescp and
+Orthanc (when installed), with 1 and with 4 concurrent associations, in one run.
+
+Every receiver starts fresh with empty storage for every measurement, and every DCMTK process
+runs with `TCP_NODELAY=1` (without it DCMTK stalls about 45 ms per instance, Nagle against
+delayed ACK, which would flatter whoever it is compared with). All of them, and every storescu,
+run in one private network namespace with only loopback (Orthanc 1.10 cannot be bound to
+127.0.0.1 alone); where that cannot be made (not root) the run stays on the host's loopback and
+Orthanc is left out, saying so.
+
+What each receiver does before answering success differs, and the report says it: ichnode fsyncs
+each file and its folder and commits its index (node/intake.py); Orthanc with SyncStorageArea
+fsyncs each file and commits its SQLite index; storescp writes the file and fsyncs nothing.
+Measured per run: wall time from the first association to the last response, the receiver's CPU
+time over that window (/proc/<pid>/stat, all its threads), and the instances it holds afterwards.
 """
 from __future__ import annotations
 
+import ctypes
+import json
+import os
+import shutil
+import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import quote
 
-from ichnode.common.config import load_settings
-from node.scp import start_listener
-from node.spool import Spool
-from node.store import Store
+import httpx
+from pydicom import dcmread
 
-DCMTK = Path("/usr/bin")
+ORTHANC = Path("/usr/sbin/Orthanc")
+CLONE_NEWNET = 0x40000000
+ASSOCIATIONS = (1, 4)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _free_port() -> int:
-    import socket
+@contextmanager
+def private_network() -> Iterator[None]:
+    """Run the block, and every process it starts, in a new network namespace with only loopback.
+    Only the calling thread moves; it moves back at the end. Needs root (CAP_SYS_ADMIN)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    host = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        if libc.unshare(CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "cannot make a private network namespace: "
+                          f"{os.strerror(ctypes.get_errno())} (needs root)")
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        yield
+    finally:
+        if libc.setns(host, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "cannot return to the host network namespace")
+        os.close(host)
 
+
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _send(folder: Path, port: int, aet: str) -> float:
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of the process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
+
+
+@dataclass(frozen=True)
+class Receiver:
+    name: str
+    ae_title: str
+    durability: str  # what it does before answering success
+    start: Callable[[Path, int], subprocess.Popen]  # (fresh folder, port) -> the running receiver
+    stored: Callable[[Path], int]  # how many instances the folder holds afterwards
+
+
+def _serve(folder: Path, port: int, workers: int = 0, http_port: int | None = None,
+           **env: str) -> subprocess.Popen:
+    """`ichnode serve` with its defaults, on loopback, data in `folder` (its log beside it)."""
+    environ = dict(os.environ, ICHNODE_DATA_DIR=str(folder), ICHNODE_PORT=str(port), ICHNODE_BIND="127.0.0.1",
+                   ICHNODE_HTTP_PORT=str(http_port or free_port()), ICHNODE_HTTP_BIND="127.0.0.1",
+                   ICHNODE_LOG_LEVEL="WARNING", ICHNODE_AE_TITLE="ICHNODE", **env)
+    environ.pop("ICHNODE_CONFIG", None)
+    return subprocess.Popen([sys.executable, "-m", "ichnode.cli", "serve", "--workers", str(workers)], env=environ,
+                            stdout=(folder.parent / f"{folder.name}.log").open("wb"), stderr=subprocess.STDOUT)
+
+
+def _storescp(folder: Path, port: int) -> subprocess.Popen:
+    return subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(folder), str(port)], env=DCMTK_ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _wait(what: str, predicate: Callable[[], object], timeout: float, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with {proc.returncode}")
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise RuntimeError(f"{what}: not within {timeout:.0f} s")
+
+
+def _orthanc(folder: Path, port: int) -> subprocess.Popen:
+    config = folder / "orthanc.json"
+    config.write_text(json.dumps({
+        "Name": "benchmark", "DicomServerEnabled": True, "DicomAet": "ORTHANC", "DicomPort": port,
+        "HttpServerEnabled": False, "RemoteAccessAllowed": False, "SyncStorageArea": True,
+        "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "index")}))
+    return subprocess.Popen([str(ORTHANC), str(config)], stdout=(folder / "orthanc.log").open("wb"),
+                            stderr=subprocess.STDOUT)
+
+
+def _files(folder: Path, pattern: str) -> int:
+    return sum(1 for path in folder.glob(pattern) if path.is_file())
+
+
+RECEIVERS = {
+    "ichnode": Receiver("ichnode", "ICHNODE", "fsync of file and folder, index commit (WAL, synchronous=FULL)",
+                        _serve, lambda folder: _files(folder, "spool/*/*/*.dcm")),
+    "storescp": Receiver("storescp", "STORESCP", "file written, no fsync", _storescp,
+                         lambda folder: _files(folder, "*")),
+    "orthanc": Receiver("orthanc", "ORTHANC", "SyncStorageArea: fsync of file, SQLite index commit", _orthanc,
+                        lambda folder: _files(folder, "storage/*/*/*")),
+}
+
+
+def _send(parts: list[Path], port: int, ae_title: str) -> float:
+    """One storescu per folder in `parts`, all at once; seconds until the last one is done."""
     started = time.perf_counter()
-    subprocess.run([str(DCMTK / "storescu"), "-aec", aet, "+sd", "127.0.0.1", str(port), str(folder)],
-                   check=True, capture_output=True)
-    return time.perf_counter() - started
+    senders = [subprocess.Popen(["storescu", "-aec", ae_title, "+sd", "127.0.0.1", str(port), str(part)],
+                                env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for part in parts]
+    errors = [sender.communicate()[1].decode(errors="replace") for sender in senders]
+    seconds = time.perf_counter() - started
+    failed = [e for sender, e in zip(senders, errors) if sender.returncode]
+    if failed:
+        raise RuntimeError(f"storescu failed: {failed[0][-500:]}")
+    return seconds
 
 
-def _wait_listening(port: int) -> None:
-    import socket
+def _split(series: Path, parts: int, into: Path) -> list[Path]:
+    """The series' files in `parts` folders (hard links), round robin, one per association."""
+    folders = [into / f"association{i + 1}" for i in range(parts)]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    for index, path in enumerate(sorted(series.glob("*.dcm"))):
+        os.link(path, folders[index % parts] / path.name)
+    return folders
 
-    for _ in range(100):
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
+
+def _measure(receiver: Receiver, parts: list[Path], count: int, work: Path) -> dict:
+    folder = work / receiver.name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    port = free_port()
+    proc = receiver.start(folder, port)
+    try:
+        _wait(f"{receiver.name} listening", lambda: _listening(port), 60, proc)
+        time.sleep(1.0)  # let start-up work settle before the CPU count starts
+        cpu = _cpu_seconds(proc.pid)
+        seconds = _send(parts, port, receiver.ae_title)
+        cpu = _cpu_seconds(proc.pid) - cpu
+    finally:
+        _stop(proc)
+    stored = receiver.stored(folder)
+    if stored != count:
+        raise RuntimeError(f"{receiver.name} holds {stored} of {count} instances after the run")
+    return {"seconds": seconds, "cpu_seconds": cpu}
 
 
-def benchmark_listener(series: Path, repeats: int = 3) -> dict:
-    """C-STORE the DICOM files in the folder `series` into both listeners `repeats` times."""
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        count = len(list(series.glob("*.dcm")))
-        timings: dict[str, list[float]] = {"ichnode": [], "dcmtk storescp": []}
-        for run in range(repeats):
-            settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp / f"node{run}"),
-                                              "ICHNODE_PORT": str(_free_port()), "ICHNODE_BIND": "127.0.0.1"})
-            store = Store(settings.storage.database_path)
-            server = start_listener(settings.listener, Spool(settings.storage.spool_dir), store)
-            try:
-                timings["ichnode"].append(_send(series, settings.listener.port, settings.listener.ae_title))
-            finally:
-                server.shutdown()
-                store.close()
-            port = _free_port()
-            out = tmp / f"storescp{run}"
-            out.mkdir()
-            peer = subprocess.Popen([str(DCMTK / "storescp"), "-od", str(out), str(port)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                _wait_listening(port)
-                timings["dcmtk storescp"].append(_send(series, port, "STORESCP"))
-            finally:
-                peer.terminate()
-                peer.wait(10)
-    report = {name: {"median_s": round(statistics.median(t), 3), "instances_per_s": round(count / statistics.median(t), 1)}
-              for name, t in timings.items()}
-    print(f"C-STORE of {count} instances from DCMTK storescu, median of {repeats}:")
-    for name, row in report.items():
-        print(f"  {name:16s} {row['median_s']:7.3f} s  {row['instances_per_s']:8.1f} instances/s")
+def _median_row(runs: list[dict], count: int, megabytes: float) -> dict:
+    seconds = statistics.median(r["seconds"] for r in runs)
+    cpu = statistics.median(r["cpu_seconds"] for r in runs)
+    return {"instances_per_s": round(count / seconds, 1), "mb_per_s": round(megabytes / seconds, 1),
+            "cpu_ms_per_instance": round(1000 * cpu / count, 2), "seconds": [round(r["seconds"], 3) for r in runs],
+            "cpu_seconds": [round(r["cpu_seconds"], 3) for r in runs]}
+
+
+def benchmark_ingest(series: Path, repeats: int = 3, as_json: bool = False) -> dict:
+    """C-STORE the files in `series` into every receiver, `repeats` times at each association count;
+    prints (or, with `as_json`, prints as JSON) and returns the medians and ichnode's ratios."""
+    files = sorted(series.glob("*.dcm"))
+    count, megabytes = len(files), sum(p.stat().st_size for p in files) / 1e6
+    receivers = [RECEIVERS["ichnode"], RECEIVERS["storescp"]]
+    notes: list[str] = []
+    results: dict[str, dict[str, dict]] = {}
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(private_network())
+            notes.append("all receivers and senders in one private network namespace (loopback only)")
+            if ORTHANC.exists():
+                receivers.append(RECEIVERS["orthanc"])
+            else:
+                notes.append(f"Orthanc not measured: {ORTHANC} not installed")
+        except OSError as exc:
+            notes.append(f"on the host's loopback; Orthanc not measured: {exc}")
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ichnode-ingest-")))
+        for associations in ASSOCIATIONS:
+            parts = _split(series, associations, work / f"send{associations}")
+            runs: dict[str, list[dict]] = {r.name: [] for r in receivers}
+            for _ in range(repeats):  # interleaved, so a slow spell of the machine hits every receiver
+                for receiver in receivers:
+                    runs[receiver.name].append(_measure(receiver, parts, count, work / "receive"))
+            results[str(associations)] = {name: _median_row(r, count, megabytes) for name, r in runs.items()}
+    for by_receiver in results.values():
+        ours = by_receiver["ichnode"]["instances_per_s"]
+        for name, row in by_receiver.items():
+            if name != "ichnode":
+                row["ichnode_ratio"] = round(ours / row["instances_per_s"], 2)
+    report = {"instances": count, "megabytes": round(megabytes, 1), "repeats": repeats,
+              "durability": {r.name: r.durability for r in receivers}, "notes": notes, "associations": results}
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print(report)
     return report
+
+
+def _print(report: dict) -> None:
+    print(f"C-STORE of {report['instances']} instances ({report['megabytes']} MB) by DCMTK storescu (TCP_NODELAY=1), "
+          f"median of {report['repeats']}; each receiver fresh and empty")
+    for note in report["notes"]:
+        print(f"  {note}")
+    print(f"{'associations':>12}  {'receiver':10} {'inst/s':>8} {'MB/s':>7} {'CPU ms/inst':>12} {'ichnode ratio':>14}")
+    for associations, by_receiver in report["associations"].items():
+        for name, row in by_receiver.items():
+            ratio = f"{row['ichnode_ratio']:.2f}x" if "ichnode_ratio" in row else ""
+            print(f"{associations:>12}  {name:10} {row['instances_per_s']:8.1f} {row['mb_per_s']:7.1f} "
+                  f"{row['cpu_ms_per_instance']:12.2f} {ratio:>14}")
+    for name, what in report["durability"].items():
+        print(f"  {name}: {what}")
+
+
+def _series_uid(folder: Path) -> str:
+    return str(dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
+
+
+def benchmark_latency(warm_up: Path, series: Path, as_json: bool = False) -> dict:
+    """Send `warm_up`, then `series`, each by one storescu association, to `ichnode serve` (one
+    worker, storescp as the DICOM destination, defaults otherwise); returns `series`' timings once
+    every result is acknowledged."""
+    with tempfile.TemporaryDirectory(prefix="ichnode-latency-") as tmp_name:
+        work = Path(tmp_name)
+        (work / "pacs").mkdir()
+        pacs_port, port, http_port = free_port(), free_port(), free_port()
+        pacs = _storescp(work / "pacs", pacs_port)
+        node = _serve(work / "node", port, workers=1, http_port=http_port,
+                      ICHNODE_DESTINATIONS=f"STORESCP@127.0.0.1:{pacs_port}")
+        try:
+            api = f"http://127.0.0.1:{http_port}"
+            _wait("ichnode serve healthy", lambda: _get(f"{api}/healthz"), 120, node)
+            for folder in (warm_up, series):
+                _send([folder], port, "ICHNODE")
+                uid = _series_uid(folder)
+                timings = _wait(f"series {uid} analysed and delivered", lambda: _delivered(api, uid), 900, node)
+        finally:
+            _stop(node)
+            _stop(pacs)
+    report = {"instances": len(list(series.glob("*.dcm"))), **timings}
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"Latency of a {report['instances']}-instance series (storescu -> ichnode serve, 1 worker -> "
+              f"storescp), after a warm-up series; complete by {report['completed_by']}:")
+        for stage, seconds in report["stages"].items():
+            print(f"  {stage:16s} {seconds if seconds is not None else '-':>8} s")
+    return report
+
+
+def _get(url: str):
+    try:
+        response = httpx.get(url, timeout=5)
+    except httpx.TransportError:
+        return None
+    return response.json() if response.is_success else None
+
+
+def _delivered(api: str, series_uid: str) -> dict | None:
+    """The series' timings once it is analysed and every delivery is sent; None before."""
+    series = _get(f"{api}/api/series/{quote(series_uid, safe='')}")
+    if series and series["state"] in ("failed", "skipped"):
+        raise RuntimeError(f"series {series_uid} {series['state']}: {series['reason']}")
+    if not series or series["state"] != "done" or not series["deliveries"]:
+        return None
+    if not all(d["state"] == "sent" for d in series["deliveries"]):
+        return None
+    return {"completed_by": series["timings"]["completed_by"], "stages": series["timings"]["stages"]}

@@ -22,6 +22,7 @@ from ichnode.common.analysis import SeriesFindings
 from ichnode.common.config import Destination, Settings, StowEndpoint, parse_destination
 from node.errors import DeliveryError, Outcome
 from node.hl7 import build_oru, send_mllp
+from node.latency import observe, stage_seconds
 from node.metrics import DELIVERIES
 from node.store import DeliveryRow, SeriesRow, Store
 from node.stow import send_stow
@@ -103,6 +104,9 @@ class Deliverer:
             log.warning("delivery %d (%s to %s) stored with a warning: %s", item.id, item.channel, item.target,
                         warning)
         self.store.delivery_sent(item.id, warning)
+        series = self.store.series(item.series_uid)
+        if series is not None and series.generation == item.generation:
+            observe(stage_seconds(series, self.store.deliveries(item.series_uid)), "delivery", "total")
 
     def run_once(self, now: float | None = None) -> int:
         """Send everything due; returns how many items were sent."""

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from ichnode.common.analysis import AnalysisResult, SeriesFindings, Skipped
 from ichnode.common.config import Settings
 from ichnode.common.queue import ANALYZE_TASK
+from node.latency import observe, stage_seconds
 from node.metrics import ANALYSIS_SECONDS, SERIES
 from node.store import SeriesRow, Store
 
@@ -104,3 +105,6 @@ class Dispatcher:
         ANALYSIS_SECONDS.observe(findings.seconds or 0)
         log.info("series %s done: %s %s", uid, findings.priority.level, findings.probabilities)
         self.on_result(series, generation, findings)
+        # "total" is known here only when nothing is to be delivered; else the last delivery observes it
+        observe(stage_seconds(self.store.series(uid), self.store.deliveries(uid)),
+                "completion_wait", "queue", "load", "detector", "result_objects", "total")

@@ -1,8 +1,12 @@
 """Intake: the one path by which a received instance enters the node, by C-STORE or by STOW-RS.
 
-`Intake.accept` takes an instance as a Part 10 file, parses it (pixel data is not decoded),
-validates it, writes the bytes to the spool (fsynced) and records the instance, in that order: the
-sender's success answer always follows a durable copy of a whole instance. A CT image's Pixel
+`Intake.accept` takes an instance as a Part 10 file, parses its header (up to Pixel Data; pixel
+data is never decoded, its element is checked in the received bytes), validates it, writes the
+bytes as received to the spool (fsynced) and records the instance, in that order: the sender's
+success answer always follows a durable copy of a whole instance. Instances received at the same
+time on several associations (or STOW-RS requests) are made durable together (`GroupCommit`): one
+fsync per new directory entry's folder and one SQLite commit for the group, and no instance of a
+group is answered before that commit returns. A CT image's Pixel
 Data must be complete: native, as long as Rows x Columns x frames x samples x Bits Allocated;
 encapsulated, every fragment whole and as many frames as Number of Frames; no element may declare
 more bytes than the data set holds. A SOP Instance UID already stored is accepted again and kept
@@ -29,15 +33,20 @@ A refusal raises `Refused` with the status the sender gets. The codes are both t
 from __future__ import annotations
 
 import logging
+import sqlite3
 import struct
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 from typing import Callable
 
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.encaps import generate_frames
+from pydicom.filereader import read_dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -58,9 +67,9 @@ from ichnode.common.config import ListenerSection
 from ichnode.common.uids import is_conformant
 from ichnode.common.vocabulary import CT_IMAGE_SOP_CLASSES
 from node.headers import InstanceHeader, instance_header
-from node.metrics import INSTANCES, OTHER_OBJECTS
-from node.spool import Spool
-from node.store import Store
+from node.metrics import GROUP_COMMIT_SIZE, INSTANCES, OTHER_OBJECTS
+from node.spool import Spool, sync_dirs
+from node.store import Received, Store
 
 log = logging.getLogger("ichnode.intake")
 
@@ -81,6 +90,7 @@ TRANSFER_SYNTAXES = [
 REQUIRED_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 IMAGE_ATTRIBUTES = ("Rows", "Columns", "BitsAllocated")  # what the length of native Pixel Data follows from
 UNDEFINED_LENGTH = 0xFFFFFFFF
+EXPLICIT_LONG_VRS = {b"OB", b"OW", b"UN", b"OF", b"OD", b"OL", b"OV"}  # the VRs Pixel Data may have, 4-byte length
 INSTANCE_UIDS = {"StudyInstanceUID": "study_instance_uid", "SeriesInstanceUID": "series_instance_uid",
                  "SOPInstanceUID": "sop_instance_uid"}  # the header's UIDs, by their DICOM keyword
 
@@ -138,30 +148,134 @@ def _check_lengths(ds: Dataset) -> None:
             raise Refused(0xC000, f"{element.tag} declares {element.length} bytes, {len(element.value)} follow")
 
 
-def _check_fragments(pixel_data: bytes, frames: int) -> None:
+def _check_tail(tail: bytes | memoryview, transfer_syntax: UID) -> None:
+    """The elements after Pixel Data (trailing padding, rarely anything): parsed and whole."""
+    if not len(tail):
+        return
+    try:
+        elements = read_dataset(BytesIO(tail), transfer_syntax.is_implicit_VR, True)
+    except Exception as exc:
+        raise Refused(0xC000, f"cannot parse the elements after Pixel Data: {exc}") from None
+    _check_lengths(elements)
+
+
+def _raw_pixel_data(data: bytes, offset: int, transfer_syntax: UID) -> memoryview | None:
+    """The value of the Pixel Data element at `offset` of the received bytes (where a header-only
+    parse stopped; encapsulated: its items to the end of the data set), None when the data set ends
+    there without one. Native Pixel Data must hold its declared length."""
+    if offset + 8 > len(data) or struct.unpack_from("<HH", data, offset) != (0x7FE0, 0x0010):
+        return None
+    if transfer_syntax.is_implicit_VR:
+        length, start = struct.unpack_from("<L", data, offset + 4)[0], offset + 8
+    elif data[offset + 4:offset + 6] in EXPLICIT_LONG_VRS:
+        if offset + 12 > len(data):
+            raise Refused(0xC000, "Pixel Data element header cut short")
+        length, start = struct.unpack_from("<L", data, offset + 8)[0], offset + 12
+    else:
+        raise Refused(0xC000, f"Pixel Data with VR {data[offset + 4:offset + 6]!r}")
+    view = memoryview(data)
+    if length == UNDEFINED_LENGTH:
+        if not transfer_syntax.is_encapsulated:
+            raise Refused(0xC000, "native Pixel Data of undefined length")
+        return view[start:]
+    if start + length > len(data):
+        raise Refused(0xC000, f"(7FE0,0010) declares {length} bytes, {len(data) - start} follow")
+    _check_tail(view[start + length:], transfer_syntax)
+    return view[start:start + length]
+
+
+def _check_fragments(pixel_data: bytes | memoryview, frames: int, transfer_syntax: UID) -> None:
     """Encapsulated Pixel Data: every item whole (pydicom's own parsers skip past the end without a
-    word), and as many frames as NumberOfFrames says."""
+    word), as many frames as NumberOfFrames says, and whole elements after it."""
     offset = 0
     while offset < len(pixel_data):
         if offset + 8 > len(pixel_data):
             raise Refused(0xC000, f"Pixel Data: item header cut at byte {offset}")
         group, element, length = struct.unpack_from("<HHL", pixel_data, offset)
         if (group, element) == (0xFFFE, 0xE0DD):
+            _check_tail(pixel_data[offset + 8:], transfer_syntax)
+            pixel_data = pixel_data[:offset + 8]
             break
         if (group, element) != (0xFFFE, 0xE000):
             raise Refused(0xC000, f"Pixel Data: ({group:04X},{element:04X}) at byte {offset}, not an item")
         if offset + 8 + length > len(pixel_data):
             raise Refused(0xC000, f"Pixel Data: fragment of {length} bytes cut at {len(pixel_data) - offset - 8}")
         offset += 8 + length
-    found = sum(1 for _ in generate_frames(pixel_data, number_of_frames=frames))
+    found = sum(1 for _ in generate_frames(bytes(pixel_data), number_of_frames=frames))
     if found != frames:
         raise Refused(0xC000, f"Pixel Data holds {found} frames, NumberOfFrames {frames}")
+
+
+class GroupCommit:
+    """Makes received objects durable in groups: the first caller to find no commit under way
+    commits everything waiting (fsync of the new files' folders and one store transaction), the
+    others wait for it and are answered together. There is no added delay: a lone association
+    commits each instance at once, concurrent ones share the fsyncs of whoever is waiting.
+
+    The folders' fsync and the store's commit run at the same time (the file system serves both
+    flushes with one journal commit, about half the time of one after the other), and every
+    instance of the group is answered only when both are over. A crash between the two may leave
+    an index row whose file name was not yet durable: that instance was never answered, its sender
+    sends it again (the file comes back under the same name, the row is kept), and a worker leaves
+    out a file it cannot read, saying so."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._cond = threading.Condition()
+        self._waiting: list[_Pending] = []
+        self._committing = False
+        self._folders = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-fsync")
+
+    def record(self, item: Received, dirs: list[Path]) -> bool:
+        """Durably record `item` whose file (if any) is written and fsynced and whose directory
+        entries need `dirs` fsynced; False when its SOP Instance UID was already recorded."""
+        pending = _Pending(item, dirs)
+        with self._cond:
+            self._waiting.append(pending)
+            while not pending.done:
+                if self._committing:
+                    self._cond.wait()
+                    continue
+                self._committing = True
+                group, self._waiting = self._waiting, []
+                self._cond.release()
+                try:
+                    self._commit(group)
+                finally:
+                    self._cond.acquire()
+                    self._committing = False
+                    self._cond.notify_all()
+        if pending.error is not None:
+            raise pending.error
+        return pending.new
+
+    def _commit(self, group: list[_Pending]) -> None:
+        GROUP_COMMIT_SIZE.observe(len(group))
+        folders = self._folders.submit(sync_dirs, [folder for pending in group for folder in pending.dirs])
+        try:
+            results = self.store.record_received([pending.item for pending in group])
+            folders.result()
+        except Exception as exc:  # every instance of the group gets it, none is left waiting
+            for pending in group:
+                pending.error, pending.done = exc, True
+            return
+        for pending, new in zip(group, results):
+            pending.new, pending.done = new, True
+
+
+@dataclass
+class _Pending:
+    item: Received
+    dirs: list[Path]
+    new: bool = False
+    error: Exception | None = None
+    done: bool = False
 
 
 class Intake:
     def __init__(self, spool: Spool, store: Store, listener: ListenerSection):
         self.spool = spool
-        self.store = store
+        self.group_commit = GroupCommit(store)
         self.accept_all_storage = listener.accept_all_storage
         self.keep_other_objects = listener.other_objects == "keep"
 
@@ -170,13 +284,13 @@ class Intake:
         """Store one Part 10 instance from `source` (calling AE title or client address); returns its
         header. `check(header)` raises `Refused` when the instance does not fit its request."""
         try:
-            header, ds = self._parsed(data)
+            header, ds, offset = self._parsed(data)
             if check:
                 check(header)
             ct_image = header.sop_class_uid in CT_IMAGE_SOP_CLASSES
             if ct_image:
-                self._check_ct_image(header, ds)
-                new = self._keep_ct_image(header, data, source)
+                self._check_ct_image(header, ds, data, offset)
+                new = self._keep(header, data, source, ct_image=True)
             elif self.accept_all_storage:
                 new = self._count_other_object(header, data, source)
             else:
@@ -195,64 +309,72 @@ class Intake:
         return header
 
     @staticmethod
-    def _parsed(data: bytes) -> tuple[InstanceHeader, Dataset]:
+    def _parsed(data: bytes) -> tuple[InstanceHeader, Dataset, int | None]:
+        """The data set up to Pixel Data and the offset in `data` where the header-only parse stopped;
+        a deflated data set is inflated and parsed whole (offset None): its bytes are not its elements."""
         try:
-            ds = dcmread(BytesIO(data))
-            transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+            stream = BytesIO(data)
+            ds = dcmread(stream, stop_before_pixels=True)
+            transfer_syntax = UID(ds.file_meta.TransferSyntaxUID)
+            offset: int | None = stream.tell()
+            if transfer_syntax.is_deflated:
+                ds, offset = dcmread(BytesIO(data)), None
             missing = [kw for kw in REQUIRED_ATTRIBUTES if not ds.get(kw)]
-            header = None if missing else instance_header(ds, transfer_syntax)
+            header = None if missing else instance_header(ds, str(transfer_syntax))
         except Exception as exc:  # a malformed data set must not take the receiver down
             raise Refused(0xC000, f"cannot parse data set: {exc}") from None
         if missing:
             raise Refused(0xA900, f"missing {', '.join(missing)}")
-        return header, ds
+        return header, ds, offset
 
     @staticmethod
-    def _check_ct_image(header: InstanceHeader, ds: Dataset) -> None:
+    def _check_ct_image(header: InstanceHeader, ds: Dataset, data: bytes, offset: int | None) -> None:
         """What the worker needs of a CT image: whole pixel data it can decode."""
-        if "PixelData" not in ds:
-            raise Refused(0xA900, "no Pixel Data in the data set")
         if header.transfer_syntax not in TRANSFER_SYNTAXES:
             raise Refused(0xC122, f"transfer syntax {header.transfer_syntax} is not supported")
+        transfer_syntax = UID(header.transfer_syntax)
+        _check_lengths(ds)
+        if offset is None:
+            pixels = ds.get("PixelData")
+        else:
+            pixels = _raw_pixel_data(data, offset, transfer_syntax)
+        if pixels is None:
+            raise Refused(0xA900, "no Pixel Data in the data set")
         missing = [kw for kw in IMAGE_ATTRIBUTES if ds.get(kw) in (None, "")]
         if missing:
             raise Refused(0xA900, f"missing {', '.join(missing)}")
         try:
-            _check_lengths(ds)
             frames = int(ds.get("NumberOfFrames") or 1)
-            if UID(header.transfer_syntax).is_encapsulated:
-                _check_fragments(ds.PixelData, frames)
+            if transfer_syntax.is_encapsulated:
+                _check_fragments(pixels, frames, transfer_syntax)
             else:
                 samples = int(ds.get("SamplesPerPixel") or 1)
                 expected = -(-ds.Rows * ds.Columns * frames * samples * ds.BitsAllocated // 8)
-                if len(ds.PixelData) < expected:
-                    raise Refused(0xC000, f"Pixel Data truncated: {len(ds.PixelData)} of {expected} bytes")
+                if len(pixels) < expected:
+                    raise Refused(0xC000, f"Pixel Data truncated: {len(pixels)} of {expected} bytes")
         except (TypeError, ValueError) as exc:  # a value of the wrong form, or fragments pydicom cannot split
             raise Refused(0xC000, f"Pixel Data cannot be checked: {exc}") from None
 
-    def _keep_ct_image(self, header: InstanceHeader, data: bytes, source: str) -> bool:
-        """Spool, then record; True for a new instance, False for a duplicate."""
+    def _keep(self, header: InstanceHeader, data: bytes | None, source: str, ct_image: bool) -> bool:
+        """Spool the bytes (unless None: a discarded other object), then record durably; True for a
+        new instance, False for a duplicate."""
         try:
-            path, new = self.spool.write(header.study_instance_uid, header.series_instance_uid,
-                                         header.sop_instance_uid, data)
-            if new:
-                self.store.record_instance(header, self.spool.relative(path), source)
+            path, dirs = None, []
+            if data is not None:
+                written, _, dirs = self.spool.write_file(header.study_instance_uid, header.series_instance_uid,
+                                                         header.sop_instance_uid, data)
+                path = self.spool.relative(written)
+            return self.group_commit.record(Received(header, path, source, ct_image), dirs)
         except OSError as exc:
             raise Refused(0xA700, f"could not be stored: {exc.strerror or exc}") from None
-        return new
+        except sqlite3.Error as exc:
+            raise Refused(0xA700, f"could not be recorded: {exc}") from None
 
     def _count_other_object(self, header: InstanceHeader, data: bytes, source: str) -> bool:
         """An object of another SOP class: counted for its study, spooled when configured, never
         analysed; True when new."""
         action = "kept" if self.keep_other_objects else "discarded"
-        try:
-            path = None
-            if self.keep_other_objects:
-                path = self.spool.relative(self.spool.write(header.study_instance_uid, header.series_instance_uid,
-                                                            header.sop_instance_uid, data)[0])
-            new = self.store.record_other_object(header, path, source)
-        except OSError as exc:
-            raise Refused(0xA700, f"could not be stored: {exc.strerror or exc}") from None
+        new = self._keep(header, data if self.keep_other_objects else None, source, ct_image=False)
         if new:
             sop_class = UID(header.sop_class_uid).name
             OTHER_OBJECTS.labels(sop_class=sop_class, action=action).inc()

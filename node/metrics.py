@@ -8,6 +8,14 @@ SERIES = Counter("ichnode_series_total", "Series reaching a state", ["state"])
 DELIVERIES = Counter("ichnode_deliveries_total", "Delivery attempts by channel and outcome", ["channel", "outcome"])
 ANALYSIS_SECONDS = Histogram("ichnode_analysis_seconds", "Worker time per analysed series",
                              buckets=(1, 2, 5, 10, 15, 20, 30, 60, 120, 300))
+GROUP_COMMIT_SIZE = Histogram("ichnode_intake_group_commit_instances", "Instances made durable together by one "
+                              "fsync of their folders and one store commit", buckets=(1, 2, 4, 8, 16, 32, 64))
+STAGE_SECONDS = Histogram("ichnode_series_stage_seconds", "Latency of an analysed series per stage, from its last "
+                          "instance received to its results acknowledged (node/latency.py)", ["stage"],
+                          buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120, 300, 600))
+SERIES_COMPLETED = Counter("ichnode_series_completed_total", "Series found complete, by what told: quiet (no "
+                           "instance for quiet_seconds), count_hint (Images in Acquisition reached) or "
+                           "association_release (its sender released the association)", ["by"])
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 

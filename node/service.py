@@ -146,7 +146,8 @@ class NodeService:
     def start(self) -> None:
         self.settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
         reindex_spool(self.spool, self.store)
-        self.server = start_listener(self.settings.listener, self.spool, self.store)
+        self.server = start_listener(self.settings.listener, self.spool, self.store,
+                                     self.assembler.association_released)
         self.health["dicom_listener"] = True
         if self.workers:
             self.workers.start()

@@ -1,5 +1,9 @@
 """`Spool`: every received instance as a Part 10 file, written atomically and fsynced.
 
+`write_file` makes the file's data durable and names the directories whose entries must still be
+fsynced (`sync_dirs`) before the file counts as stored; the C-STORE intake fsyncs them once for a
+whole group of instances (node/intake.py). `write` does both for one instance.
+
 Layout: ``<spool>/<study>/<series>/<instance>.dcm``, each name the digest of the Study, Series or
 SOP Instance UID (`ichnode.common.uids.path_name`): whatever a sender puts in a UID, it never
 becomes part of a path. The store records each instance's path and its UIDs as received. A SOP
@@ -22,6 +26,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def sync_dirs(dirs: list[Path]) -> None:
+    """fsync each directory once, in the order given (a new file's folder before its parents)."""
+    for folder in dict.fromkeys(dirs):
+        _fsync_dir(folder)
+
+
 class Spool:
     def __init__(self, root: Path):
         self.root = root
@@ -35,9 +45,19 @@ class Spool:
 
     def write(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> tuple[Path, bool]:
         """Store the bytes durably; returns (path, True) when new, (path, False) for a duplicate."""
+        path, new, dirs = self.write_file(study_uid, series_uid, sop_uid, data)
+        sync_dirs(dirs)
+        return path, new
+
+    def write_file(self, study_uid: str, series_uid: str, sop_uid: str,
+                   data: bytes) -> tuple[Path, bool, list[Path]]:
+        """Write and fsync the file under its final name; returns (path, new, the directories to fsync
+        before the file's name is durable). For a duplicate they are its folders up to the spool
+        root: the first copy may still be on its way to being durable in another thread."""
         final = self.path_for(study_uid, series_uid, sop_uid)
+        every_level = [final.parent, final.parent.parent, self.root]
         if final.exists():
-            return final, False
+            return final, False, every_level
         created = [p for p in (final.parent.parent, final.parent) if not p.exists()]
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", dir=final.parent)
@@ -49,16 +69,14 @@ class Spool:
             try:
                 os.link(tmp_name, final)  # atomic, and refuses to replace a concurrent duplicate
             except FileExistsError:
-                return final, False
+                return final, False, every_level
         finally:
             os.unlink(tmp_name)
-        _fsync_dir(final.parent)
-        for folder in created:
-            _fsync_dir(folder.parent)
-        return final, True
+        return final, True, [final.parent] + [folder.parent for folder in created]
 
     def files(self) -> list[Path]:
         return sorted(self.root.glob("*/*/*.dcm"))
 
     def relative(self, path: Path) -> str:
-        return str(path.relative_to(self.root))
+        """The path below the spool root, as the store records it."""
+        return os.path.relpath(path, self.root)

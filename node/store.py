@@ -3,7 +3,9 @@
 Studies, series (with their state machine), instances, results and the delivery outbox, and the
 objects of other SOP classes a study brought (counted, not analysed; their file kept or not). One
 connection guarded by a lock: pynetdicom runs each association in its own thread, and SQLite in
-WAL mode with short transactions is far faster than the network in front of it.
+WAL mode with short transactions is far faster than the network in front of it. Every commit is
+durable (`synchronous=FULL`); `record_received` records a group of received objects in one
+transaction (the intake's group commit, node/intake.py).
 
 Series states: receiving -> queued -> analysing -> done | failed | skipped. A late instance puts a
 done/queued/analysing series back to receiving, and its next dispatch bumps `generation`, so a
@@ -15,6 +17,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -43,7 +46,7 @@ CREATE TABLE IF NOT EXISTS series (
     images_in_acquisition INTEGER,
     instance_count INTEGER NOT NULL DEFAULT 0,
     received_at REAL NOT NULL, last_received_at REAL NOT NULL,
-    completed_at REAL, queued_at REAL, started_at REAL, analysed_at REAL,
+    completed_at REAL, completed_by TEXT, queued_at REAL, started_at REAL, analysed_at REAL,
     generation INTEGER NOT NULL DEFAULT 0,
     task_id TEXT,
     findings TEXT,
@@ -88,6 +91,8 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
 """
+#: Columns added since the first schema, by table: a database made before gets them at start.
+_ADDED_COLUMNS = {"series": {"completed_by": "TEXT"}}
 
 
 class _Row(BaseModel):
@@ -121,6 +126,7 @@ class SeriesRow(_Row):
     received_at: float
     last_received_at: float
     completed_at: float | None
+    completed_by: str | None  # what told the series was complete: node.assembler.Completion
     queued_at: float | None
     started_at: float | None
     analysed_at: float | None
@@ -157,6 +163,64 @@ class DeliveryRow(_Row):
     sent_at: float | None
 
 
+@dataclass(frozen=True)
+class Received:
+    """An object the intake spooled (or, for a discarded other object, only counts)."""
+
+    header: InstanceHeader
+    path: str | None  # relative to the spool directory; None for a discarded other object
+    calling_aet: str
+    ct_image: bool
+
+
+def _insert_instance(db: sqlite3.Connection, item: Received, now: float) -> bool:
+    """A new instance for a series that was already dispatched puts it back to receiving."""
+    header = item.header
+    if db.execute("SELECT 1 FROM instances WHERE sop_uid=?", (header.sop_instance_uid,)).fetchone():
+        return False
+    db.execute(
+        """INSERT INTO studies(study_uid, patient_id, patient_name, accession_number, study_date,
+           study_description, received_at) VALUES(?,?,?,?,?,?,?)
+           ON CONFLICT(study_uid) DO NOTHING""",
+        (header.study_instance_uid, header.patient_id, header.patient_name,
+         header.accession_number, header.study_date, header.study_description, now),
+    )
+    row = db.execute("SELECT state FROM series WHERE series_uid=?", (header.series_instance_uid,)).fetchone()
+    if row is None:
+        db.execute(
+            """INSERT INTO series(series_uid, study_uid, state, modality, body_part, description, protocol,
+               kernel, images_in_acquisition, received_at, last_received_at)
+               VALUES(?,?,?,?,?,?,?,?,?,?,?)""",
+            (header.series_instance_uid, header.study_instance_uid, "receiving", header.modality,
+             header.body_part, header.series_description, header.protocol_name,
+             header.kernel, header.images_in_acquisition, now, now),
+        )
+    else:
+        # late or continuing instance: the series is (again) being received
+        db.execute(
+            "UPDATE series SET state='receiving', reason=NULL, last_received_at=? WHERE series_uid=?",
+            (now, header.series_instance_uid),
+        )
+    db.execute(
+        """INSERT INTO instances(sop_uid, series_uid, sop_class_uid, path, header, calling_aet, received_at)
+           VALUES(?,?,?,?,?,?,?)""",
+        (header.sop_instance_uid, header.series_instance_uid, header.sop_class_uid, item.path,
+         header.model_dump_json(), item.calling_aet, now),
+    )
+    db.execute("UPDATE series SET instance_count=instance_count+1 WHERE series_uid=?", (header.series_instance_uid,))
+    return True
+
+
+def _insert_other_object(db: sqlite3.Connection, item: Received, now: float) -> bool:
+    header = item.header
+    inserted = db.execute(
+        """INSERT INTO other_objects(sop_uid, study_uid, series_uid, sop_class_uid, path, calling_aet,
+           received_at) VALUES(?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO NOTHING""",
+        (header.sop_instance_uid, header.study_instance_uid, header.series_instance_uid,
+         header.sop_class_uid, item.path, item.calling_aet, now))
+    return inserted.rowcount == 1
+
+
 class Store:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +232,11 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            for table, columns in _ADDED_COLUMNS.items():
+                have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns.items():
+                    if name not in have:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -194,59 +263,20 @@ class Store:
 
     # --- receiving -------------------------------------------------------------------------
     def record_instance(self, header: InstanceHeader, path: str, calling_aet: str) -> bool:
-        """Record a stored instance; returns False when the SOP Instance UID was already known.
-
-        A new instance for a series that was already dispatched puts it back to receiving.
-        """
-        now = time.time()
-        with self.transaction() as db:
-            if db.execute("SELECT 1 FROM instances WHERE sop_uid=?", (header.sop_instance_uid,)).fetchone():
-                return False
-            db.execute(
-                """INSERT INTO studies(study_uid, patient_id, patient_name, accession_number, study_date,
-                   study_description, received_at) VALUES(?,?,?,?,?,?,?)
-                   ON CONFLICT(study_uid) DO NOTHING""",
-                (header.study_instance_uid, header.patient_id, header.patient_name,
-                 header.accession_number, header.study_date, header.study_description, now),
-            )
-            row = db.execute("SELECT state FROM series WHERE series_uid=?", (header.series_instance_uid,)).fetchone()
-            if row is None:
-                db.execute(
-                    """INSERT INTO series(series_uid, study_uid, state, modality, body_part, description, protocol,
-                       kernel, images_in_acquisition, received_at, last_received_at)
-                       VALUES(?,?,?,?,?,?,?,?,?,?,?)""",
-                    (header.series_instance_uid, header.study_instance_uid, "receiving", header.modality,
-                     header.body_part, header.series_description, header.protocol_name,
-                     header.kernel, header.images_in_acquisition, now, now),
-                )
-            else:
-                # late or continuing instance: the series is (again) being received
-                db.execute(
-                    "UPDATE series SET state='receiving', reason=NULL, last_received_at=? WHERE series_uid=?",
-                    (now, header.series_instance_uid),
-                )
-            db.execute(
-                """INSERT INTO instances(sop_uid, series_uid, sop_class_uid, path, header, calling_aet, received_at)
-                   VALUES(?,?,?,?,?,?,?)""",
-                (header.sop_instance_uid, header.series_instance_uid, header.sop_class_uid, path,
-                 header.model_dump_json(), calling_aet, now),
-            )
-            db.execute(
-                "UPDATE series SET instance_count=instance_count+1 WHERE series_uid=?",
-                (header.series_instance_uid,),
-            )
-            return True
+        """Record a stored instance; returns False when the SOP Instance UID was already known."""
+        return self.record_received([Received(header, path, calling_aet, ct_image=True)])[0]
 
     def record_other_object(self, header: InstanceHeader, path: str | None, calling_aet: str) -> bool:
         """Count an object that is not a CT image, with its spool path when kept; False when its SOP
         Instance UID was already known."""
+        return self.record_received([Received(header, path, calling_aet, ct_image=False)])[0]
+
+    def record_received(self, items: list[Received]) -> list[bool]:
+        """Record received objects in one transaction (the intake's group commit); for each, False
+        when its SOP Instance UID was already known."""
+        now = time.time()
         with self.transaction() as db:
-            inserted = db.execute(
-                """INSERT INTO other_objects(sop_uid, study_uid, series_uid, sop_class_uid, path, calling_aet,
-                   received_at) VALUES(?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO NOTHING""",
-                (header.sop_instance_uid, header.study_instance_uid, header.series_instance_uid,
-                 header.sop_class_uid, path, calling_aet, time.time()))
-            return inserted.rowcount == 1
+            return [(_insert_instance if item.ct_image else _insert_other_object)(db, item, now) for item in items]
 
     def other_objects(self, study_uid: str) -> int:
         """How many objects of other SOP classes than CT images the study brought."""
@@ -296,12 +326,13 @@ class Store:
     def study_series(self, study_uid: str) -> list[SeriesRow]:
         return self._series("SELECT * FROM series WHERE study_uid=? ORDER BY received_at", (study_uid,))
 
-    def mark_complete(self, series_uid: str, last_received_at: float) -> bool:
-        """Completion seen by the assembler; False when an instance arrived meanwhile."""
+    def mark_complete(self, series_uid: str, last_received_at: float, by: str) -> bool:
+        """Completion seen by the assembler (`by`: what told it); False when an instance arrived meanwhile."""
         with self.transaction() as db:
             cur = db.execute(
-                "UPDATE series SET completed_at=? WHERE series_uid=? AND state='receiving' AND last_received_at=?",
-                (time.time(), series_uid, last_received_at),
+                """UPDATE series SET completed_at=?, completed_by=?
+                   WHERE series_uid=? AND state='receiving' AND last_received_at=?""",
+                (time.time(), by, series_uid, last_received_at),
             )
             return cur.rowcount == 1
 

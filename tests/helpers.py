@@ -3,7 +3,6 @@ receiver, headless Chromium, Orthanc), the node as a process, and the records th
 that wrap them are in conftest.py; test modules import from here, never from each other."""
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -14,7 +13,6 @@ import threading
 import time
 import urllib.request
 import uuid
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote
@@ -33,6 +31,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from ichnode.common.analysis import ModelIdentity, SeriesFindings
 from ichnode.common.config import PriorityRule, Settings, StorageSection
+from node.benchmark import ORTHANC, private_network  # Orthanc and its private network namespace, as the benchmark runs them
 from node.headers import InstanceHeader
 from node.store import Store, StudyRow
 from node.worklist import make_worklist_router, mount_web
@@ -492,31 +491,8 @@ def done(node: NodeProcess, series_uid: str, generation: int = 1) -> dict | None
 
 # --- Orthanc, in a private network namespace ---------------------------------------------------
 
-ORTHANC = Path("/usr/sbin/Orthanc")
 ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 ORTHANC_USER, ORTHANC_PASSWORD = "ichnode", "orthanc-test-password"
-CLONE_NEWNET = 0x40000000
-
-
-@contextmanager
-def private_network():
-    """Run the block, and every process it starts, in a new network namespace with only loopback.
-
-    Orthanc 1.10 (Debian 12) listens on all interfaces and cannot be bound to 127.0.0.1, so it runs
-    where nothing outside this test can reach it. Only this thread moves; it moves back at the end.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    host = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        if libc.unshare(CLONE_NEWNET) != 0:
-            pytest.fail(f"cannot make a private network namespace for Orthanc: {os.strerror(ctypes.get_errno())} "
-                        "(needs root, as deploy/test.sh runs)")
-        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-        yield
-    finally:
-        if libc.setns(host, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "cannot return to the host network namespace")
-        os.close(host)
 
 
 class Orthanc:

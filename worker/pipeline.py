@@ -15,7 +15,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from ichnode.common.analysis import Findings
+from ichnode.common.analysis import Findings, WorkerStages
 from ichnode.common.config import PriorityRule
 from ichnode.common.result_folder import ResultFolder
 from worker.detector import Detector
@@ -33,6 +33,7 @@ class Analysis:
     result_files: list[Path]  # DICOM objects to deliver, in sending order
     warnings: list[str]
     seconds: float
+    stages: WorkerStages
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -55,11 +56,13 @@ def analyze_series(paths: Sequence[Path], detector: Detector, rule: PriorityRule
     for warning in loaded.warnings:
         log.warning("%s", warning)
     first = loaded.sources[0]
+    loaded_at = time.monotonic()
     output = detector.detect(loaded.volume)
     priority = assign_priority(rule, output.probabilities, output.volumes_ml, output.difficult)
     findings = findings_from_output(
         str(first.StudyInstanceUID), str(first.SeriesInstanceUID), loaded.volume, output, priority
     )
+    detected_at = time.monotonic()
     objects = build_results(loaded.sources, loaded.volume, output, findings)
     folder.path.mkdir(parents=True, exist_ok=True)
     result_files = []
@@ -74,4 +77,7 @@ def analyze_series(paths: Sequence[Path], detector: Detector, rule: PriorityRule
             _write_atomic(folder.thumbnail(thumbnails), _thumbnail(ds))
             thumbnails += 1
     _write_atomic(folder.findings_file, findings.model_dump_json(indent=2).encode())
-    return Analysis(findings, result_files, loaded.warnings, time.monotonic() - started)
+    finished = time.monotonic()
+    stages = WorkerStages(load=round(loaded_at - started, 3), detector=round(detected_at - loaded_at, 3),
+                          result_objects=round(finished - detected_at, 3))
+    return Analysis(findings, result_files, loaded.warnings, finished - started, stages)

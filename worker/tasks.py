@@ -45,6 +45,7 @@ def create_worker_app(settings: Settings, detector: Detector) -> Celery:
             result_files=[str(p.resolve().relative_to(data_dir)) for p in analysis.result_files],
             warnings=analysis.warnings,
             seconds=round(analysis.seconds, 2),
+            stages=analysis.stages,
         )
         return AnalysisResult(series_uid=series_uid, generation=generation, outcome=findings)
 

@@ -1,7 +1,7 @@
 """The result contract: what the worker hands back for one series, one model end to end.
 
 `Findings` is findings.json (README "findings.json"). `SeriesFindings` adds what the worker
-knows of its run (result files, loader warnings, seconds); the node stores it, the API shows it
+knows of its run (result files, loader warnings, seconds, seconds per stage); the node stores it, the API shows it
 and HL7, webhooks and the worklist read it. `AnalysisResult` is the Celery task's return value:
 the series, its dispatch generation, and its findings or why it was not analysed.
 """
@@ -42,12 +42,22 @@ class Findings(BaseModel):
     result_uids: dict[str, str] = {}  # object kind (sr, seg, kos, sc:<n>) -> SOP Instance UID
 
 
+class WorkerStages(BaseModel):
+    """The worker's seconds per stage of one series (the node adds the stages around them)."""
+
+    model_config = ConfigDict(frozen=True)
+    load: float  # reading the instances into a Hounsfield volume
+    detector: float  # the model, findings and priority
+    result_objects: float  # building and writing the DICOM results, thumbnails and findings.json
+
+
 class SeriesFindings(Findings):
     """Findings with what the worker adds about its run: the node's record of an analysed series."""
 
     result_files: list[str] = []  # DICOM result objects in sending order, relative to data_dir
     warnings: list[str] = []  # the loader's: instances left out, gantry tilt, missing slices
     seconds: float | None = None  # the worker's time for the series
+    stages: WorkerStages | None = None  # the same time per stage (None from older workers)
 
 
 class Skipped(BaseModel):

@@ -122,6 +122,15 @@ class ListenerSection(Section):
     # C-STORE and STOW-RS: take every storage SOP class of a forwarded study; only CT images are analysed
     accept_all_storage: bool = True
     other_objects: Literal["discard", "keep"] = "discard"  # those others: counted only, or kept in the spool
+    # the largest P-DATA PDU the node accepts (0: no limit); senders cut data sets into PDUs of this size
+    max_pdu_bytes: int = 262_144
+
+    @field_validator("max_pdu_bytes")
+    @classmethod
+    def _check_pdu(cls, value: int) -> int:
+        if value != 0 and not 4096 <= value <= 0xFFFFFFFF:
+            raise ValueError("must be 0 (no limit) or 4096 to 4294967295 bytes")
+        return value
 
     @field_validator("ae_title")
     @classmethod

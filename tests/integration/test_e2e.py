@@ -55,6 +55,19 @@ def test_serve_embedded_broker_end_to_end(node_factory, storescp, positive_serie
     study = node.get(f"/api/studies/{study_uid}")
     assert study["series"][0]["timings"]["analysed"]
 
+    # the latency of the analysis per stage, once every result is acknowledged, in the API and /metrics
+    wait_for(lambda: all(d["state"] == "sent" for d in node.series(series_uid)["deliveries"]), 60, what="delivery")
+    timings = node.series(series_uid)["timings"]
+    stages = timings["stages"]
+    assert all(stages[name] is not None and stages[name] >= 0 for name in (
+        "completion_wait", "queue", "load", "detector", "result_objects", "delivery", "total")), stages
+    assert stages["total"] >= stages["completion_wait"] + stages["detector"] + stages["delivery"]
+    assert timings["completed_by"] in ("count_hint", "association_release", "quiet")
+    metrics = node.get_text("/metrics")
+    for stage in ("completion_wait", "queue", "load", "detector", "result_objects", "delivery", "total"):
+        assert f'ichnode_series_stage_seconds_count{{stage="{stage}"}} 1.0' in metrics, stage
+    assert f'ichnode_series_completed_total{{by="{timings["completed_by"]}"}} 1.0' in metrics
+
     # the same instances again are duplicates: no new analysis
     assert node.storescu(positive_series).returncode == 0
     assert node.series(series_uid)["instances"] == 40

@@ -1,8 +1,12 @@
 """The DICOM listener against real peers: DCMTK echoscu/storescu and pynetdicom."""
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -17,7 +21,7 @@ from ichnode.common.uids import quiet_library_uid_complaints
 from node.scp import start_listener
 from node.spool import Spool
 from node.store import Store
-from tests.helpers import ct_instance, dcmtk, free_port, new_uid
+from tests.helpers import ct_instance, dcmtk, free_port, new_uid, wait_for
 
 
 @pytest.fixture
@@ -86,6 +90,48 @@ def test_storescu_series_is_spooled_and_recorded_once(listener, tmp_path):
     # the spooled file is the received data set, readable as DICOM with pixel data
     stored = dcmread(spool.files()[0])
     assert stored.SeriesInstanceUID == series and stored.pixel_array.shape == (16, 16)
+
+
+@pytest.mark.parametrize("max_pdu", [1_048_576, 0])
+def test_the_listener_offers_its_configured_maximum_pdu_length(listener_with, max_pdu):
+    scp, _, _ = listener_with(ICHNODE_MAX_PDU_BYTES=str(max_pdu))
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title=scp.ae_title)
+    assert assoc.is_established
+    try:
+        assert assoc.acceptor.maximum_length == max_pdu
+    finally:
+        assoc.release()
+
+
+def test_a_released_association_reports_the_ct_instances_it_brought_an_aborted_one_nothing(tmp_path):
+    settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path / "data"), "ICHNODE_PORT": str(free_port()),
+                                      "ICHNODE_BIND": "127.0.0.1"})
+    store = Store(settings.storage.database_path)
+    released: list[dict[str, int]] = []
+    server = start_listener(settings.listener, Spool(settings.storage.spool_dir), store, released.append)
+    try:
+        series, folder = new_uid(), tmp_path / "send"
+        for i in range(3):
+            write(ct_instance(series, i), folder)
+        write(ct_instance(new_uid(), 0, sop_class=SecondaryCaptureImageStorage), folder)  # not counted
+        run = subprocess.run([dcmtk("storescu"), "-aec", "ICHNODE", "+sd", "127.0.0.1", str(settings.listener.port),
+                              str(folder)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        wait_for(lambda: released, 10, what="the release")
+        assert released == [{series: 3}]
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", settings.listener.port, ae_title="ICHNODE")
+        assert assoc.send_c_store(ct_instance(new_uid(), 0)).Status == 0
+        assoc.abort()
+        wait_for(lambda: store.series_in_state("receiving") and len(store.series_in_state("receiving")) == 2, 10)
+        time.sleep(0.5)
+        assert released == [{series: 3}]
+    finally:
+        server.shutdown()
+        store.close()
 
 
 def test_compressed_transfer_syntax_is_accepted(listener, tmp_path):
@@ -311,3 +357,47 @@ def test_encapsulated_pixel_data_with_fewer_frames_than_declared_gets_a_failure_
     answer = run.stdout + run.stderr
     assert run.returncode != 0 and "Pixel Data holds 1 frames, NumberOfFrames 2" in answer, answer
     assert spool.files() == []
+
+
+def test_every_acknowledged_instance_survives_the_node_killed_while_receiving(node_factory, tmp_path):
+    """SIGKILL in the middle of four concurrent associations: after a restart the store and the spool
+    hold every instance the senders were answered success for (group commit answers only after the
+    group's fsyncs and commit), whole."""
+    node = node_factory("serve", ICHNODE_WORKERS="0").start()
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+
+    def send(series: str) -> None:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="ICHNODE")
+        for index in range(200):
+            if not assoc.is_established:
+                return
+            ds = ct_instance(series, index)
+            status = assoc.send_c_store(ds)
+            if status and status.Status == 0x0000:
+                with lock:
+                    acknowledged.append(str(ds.SOPInstanceUID))
+        assoc.release()
+
+    senders = [threading.Thread(target=send, args=(new_uid(),)) for _ in range(4)]
+    for thread in senders:
+        thread.start()
+    wait_for(lambda: len(acknowledged) >= 80, 120, interval=0.01, what="80 acknowledged instances")
+    os.killpg(node.procs[0].pid, signal.SIGKILL)
+    for thread in senders:
+        thread.join(60)
+    assert 80 <= len(acknowledged) < 800  # killed while receiving
+
+    again = node_factory("serve", ICHNODE_WORKERS="0").start()  # the same data dir
+    assert again.data_dir == node.data_dir
+    store = Store(node.data_dir / "ichnode.sqlite3")
+    try:
+        recorded = {i.sop_uid: i.path for study in store.studies() for s in store.study_series(study.study_uid)
+                    for i in store.instances(s.series_uid)}
+        assert set(acknowledged) <= set(recorded)
+        for sop_uid in acknowledged:
+            assert dcmread(node.data_dir / "spool" / recorded[sop_uid]).pixel_array.shape == (16, 16)
+    finally:
+        store.close()

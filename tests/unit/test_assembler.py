@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from prometheus_client import REGISTRY
 
 from ichnode.common.config import load_settings
 from node.assembler import SeriesAssembler
@@ -59,6 +60,48 @@ def test_count_hint_and_continuous_positions_finish_early(node):
     receive(store, "1.2.3.4", 30, hint=30)
     assembler.tick(time.time() + 1.5)
     assert store.series("1.2.3.4").state == "queued"
+
+
+def completions(by: str) -> float:
+    return REGISTRY.get_sample_value("ichnode_series_completed_total", {"by": by}) or 0.0
+
+
+def test_what_told_a_series_was_complete_is_kept_and_counted(node):
+    store, assembler, celery, _ = node
+    before = {by: completions(by) for by in ("quiet", "count_hint")}
+    receive(store, "1.2.3.4", 30, hint=30)
+    receive(store, "1.2.3.5", 30, kernel="H70h", study="1.2.3.99")
+    assembler.tick(time.time() + 1.5)
+    assembler.tick(time.time() + 11)
+    assert store.series("1.2.3.4").completed_by == "count_hint" and store.series("1.2.3.5").completed_by == "quiet"
+    assert completions("count_hint") == before["count_hint"] + 1 and completions("quiet") == before["quiet"] + 1
+
+
+def test_released_association_that_brought_the_whole_series_finishes_it_early(node):
+    store, assembler, celery, _ = node
+    receive(store, "1.2.3.4", 30)  # no count hint
+    assembler.tick(time.time() + 1.5)
+    assert store.series("1.2.3.4").state == "receiving"  # nothing tells yet
+    assembler.association_released({"1.2.3.4": 30})
+    assembler.tick(time.time() + 1.5)
+    series = store.series("1.2.3.4")
+    assert series.state == "queued" and series.completed_by == "association_release"
+
+
+@pytest.mark.parametrize("case", ["part of the series", "instance after the release", "too few slices", "gap",
+                                  "within the settle time"])
+def test_association_release_does_not_finish_a_series_that_may_still_grow(node, case):
+    store, assembler, celery, _ = node
+    count = 10 if case == "too few slices" else 30  # min_slices is 16
+    for i in range(count):
+        z = 5.0 * i + (5.0 if case == "gap" and i >= 15 else 0.0)
+        store.record_instance(header("1.2.3.4", i, z=z), f"p{i}", "SCANNER")
+    brought = 20 if case == "part of the series" else count  # the other instances came on another association
+    assembler.association_released({"1.2.3.4": brought}, at=time.time() - (5 if case == "instance after the release" else 0))
+    assembler.tick(time.time() + (0.5 if case == "within the settle time" else 1.5))
+    assert store.series("1.2.3.4").state == "receiving"
+    assembler.tick(time.time() + 11)  # the quiet period still completes it
+    assert store.series("1.2.3.4").completed_by == "quiet"
 
 
 def test_count_hint_with_a_gap_waits_for_the_quiet_period(node):
