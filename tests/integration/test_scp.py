@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, LegacyConvertedEnhancedCTImageStorage, RLELossless
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage, XRayRadiationDoseSRStorage
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage, Verification,
+                                  XRayRadiationDoseSRStorage)
 
-from ichnode.common.config import load_settings
-from ichnode.common.uids import quiet_library_uid_complaints
+from ichnode.common.config import Destination, load_settings
+from ichnode.common.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, quiet_library_uid_complaints
+from node.delivery import send_dicom
 from node.scp import start_listener
 from node.spool import Spool
 from node.store import Store
@@ -311,3 +313,29 @@ def test_encapsulated_pixel_data_with_fewer_frames_than_declared_gets_a_failure_
     answer = run.stdout + run.stderr
     assert run.returncode != 0 and "Pixel Data holds 1 frames, NumberOfFrames 2" in answer, answer
     assert spool.files() == []
+
+
+def test_listener_and_delivery_name_the_node_implementation(listener, tmp_path):
+    """PS3.7 D.3.3.2: the node's Implementation Class UID and Version Name in both directions."""
+    scp, _, _ = listener
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title=scp.ae_title)
+    assert assoc.is_established
+    assert (assoc.acceptor.implementation_class_uid, assoc.acceptor.implementation_version_name) \
+        == (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)
+    assoc.release()
+
+    seen = []
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    server = pacs.start_server(("127.0.0.1", free_port()), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: (
+        seen.append((event.assoc.requestor.implementation_class_uid,
+                     event.assoc.requestor.implementation_version_name)), 0x0000)[1])])
+    try:
+        path = write(ct_instance(new_uid(), 0), tmp_path / "result")
+        outcome = send_dicom(scp, Destination.parse(f"PACS@127.0.0.1:{server.server_address[1]}"), [path])
+    finally:
+        server.shutdown()
+    assert outcome[path].error is None
+    assert seen == [(IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)]
