@@ -16,7 +16,8 @@ from node.delivery import Deliverer
 from node.scp import start_listener
 from node.spool import Spool
 from node.store import Store
-from tests.helpers import ct_instance, dcmtk, free_port, new_uid, result_files, wait_for
+from tests.helpers import (MllpListener, Receiver, ack, ct_instance, dcmtk, free_port, new_uid, result_files,
+                           wait_for)
 
 TOKEN = "audit-test-token"
 
@@ -65,7 +66,15 @@ def test_store_delivery_and_api_reads_are_audited(node, storescp, tmp_path):
 
     result_series, paths = result_files(settings.storage, count=1)
     store.enqueue_delivery(result_series, 1, "dicom", storescp.destination, paths[0])
-    assert Deliverer(store, settings).run_once() == 1
+    ris, hook = MllpListener(ack("AA")), Receiver()
+    try:
+        store.enqueue_delivery(result_series, 1, "hl7", ris.endpoint,
+                               "MSH|^~\\&|ICHNODE|ICHNODE|RIS|HOSP|20261123120000||ORU^R01|42|P|2.5.1\r")
+        store.enqueue_delivery(result_series, 1, "webhook", hook.url, json.dumps({"event": "ich.result"}))
+        assert Deliverer(store, settings).run_once() == 3
+    finally:
+        ris.close()
+        hook.close()
 
     client = TestClient(create_app(store, settings, {}))
     assert client.get("/api/worklist").status_code == 401
@@ -77,10 +86,13 @@ def test_store_delivery_and_api_reads_are_audited(node, storescp, tmp_path):
     trail_events = events(trail)
     delivered = [e for e in trail_events if e["event"] == "DICOM Instances Transferred" and e["action"] == "R"]
     assert [(e["destination"], e["series_instance_uid"]) for e in delivered] == [(storescp.destination, result_series)]
+    exports = {e["channel"]: e["destination"] for e in trail_events if e["event"] == "Export"}
+    assert exports == {"hl7": ris.endpoint, "webhook": hook.url.split("/")[2]}  # a webhook by its host only
     assert [(e["outcome"], e["path"]) for e in trail_events if e["event"] == "User Authentication"] == [(4, "/api/worklist")]
     assert [(e["path"], e["user"]) for e in trail_events if e["event"] == "Query"] == [("/api/studies", "api_token")]
-    (ack,) = [e for e in trail_events if e["event"] == "Procedure Record"]
-    assert (ack["study_instance_uid"], ack["acknowledged_by"], ack["action"]) == (study_uid, "dr.reader", "U")
+    (acknowledged,) = [e for e in trail_events if e["event"] == "Procedure Record"]
+    assert (acknowledged["study_instance_uid"], acknowledged["acknowledged_by"], acknowledged["action"]) \
+        == (study_uid, "dr.reader", "U")
     text = trail.read_text()
     assert "AUDIT^PATIENT" not in text and TOKEN not in text and "PixelData" not in text
     assert len(text) < 5000  # a few hundred bytes a line: no pixel data

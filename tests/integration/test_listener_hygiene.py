@@ -145,6 +145,7 @@ def test_garbled_connections_then_a_study_is_analysed_and_audited(node_factory, 
     assert all(e["series_instance_uid"] == series_uid for e in sent_results)
     events = trail()
     assert events[0]["event"] == "Application Activity" and events[0]["configuration"]["listener"]["port"] == node.port
+    assert any("api_token is empty" in line for line in events[0]["unsafe_settings"])
     assert any(e["event"] == "Association" and e["peer_ae"] == "STORESCU" for e in events)
     stored = [e for e in events if e["event"] == "DICOM Instances Transferred" and e["action"] == "C"]
     assert [(e["series_instance_uid"], e["instances"], e["peer_ae"]) for e in stored] == [(series_uid, 40, "STORESCU")]
@@ -153,6 +154,7 @@ def test_garbled_connections_then_a_study_is_analysed_and_audited(node_factory, 
     assert result.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
     assert result.file_meta.ImplementationVersionName == IMPLEMENTATION_VERSION_NAME
     logs = node.logs()
+    assert "WARNING ichnode.node: unsafe setting: http.api_token is empty" in logs  # the start-up warning
     assert "Traceback" not in logs and "Exception in thread" not in logs
     garbled = [line for line in logs.splitlines() if "invalid or incomplete PDU" in line]
     assert garbled and len(garbled) < 200  # one line per connection, at most one a second
