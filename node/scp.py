@@ -207,8 +207,9 @@ def _log_thread_error(args: threading.ExceptHookArgs, previous=threading.excepth
 
 class ListenerServer(ThreadedAssociationServer):
     """pynetdicom's server with a listen backlog for bursts, TLS handshakes in the connection's own
-    thread (pynetdicom does them in the accept loop, where one silent client stalls every other) and
-    one log line instead of a traceback for what goes wrong in a connection."""
+    thread (pynetdicom does them in the accept loop, where one silent client stalls every other), no
+    forced garbage collection in the accept loop, and one log line instead of a traceback for what
+    goes wrong in a connection."""
 
     request_queue_size = LISTEN_BACKLOG
     daemon_threads = True
@@ -234,6 +235,11 @@ class ListenerServer(ThreadedAssociationServer):
                 self.shutdown_request(request)
                 return
         super().process_request_thread(request, client_address)
+
+    def service_actions(self) -> None:
+        """Nothing: pynetdicom's runs a full gc.collect() every 60 connections, seconds each in a
+        process that imported torch (`serve`), while no connection is accepted; Python's own
+        collector frees the associations' reference cycles."""
 
     def handle_error(self, request, client_address) -> None:
         exc = sys.exc_info()[1]
