@@ -142,12 +142,13 @@ def create_app(store: Store, settings: Settings, health: dict | None = None) -> 
         response = await call_next(request)
         path = request.url.path
         if path.startswith(("/api/", "/dicom-web/")):
-            who = {"user": "api_token" if api_token else "anonymous",
-                   "address": request.client.host if request.client else None}
+            address = request.client.host if request.client else None
             if response.status_code == 401:
-                audit.record("User Authentication", "E", audit.MINOR_FAILURE, path=path, **who)
+                audit.record("User Authentication", "E", audit.MINOR_FAILURE, path=path, address=address,
+                             reason="missing or wrong bearer token")
             elif request.method == "GET" and path.startswith("/api/"):
-                audit.record("Query", "R", path=path, status=response.status_code, **who)
+                audit.record("Query", "R", path=path, status=response.status_code, address=address,
+                             user="api_token" if api_token else "anonymous")
         return response
 
     @app.get("/healthz")
