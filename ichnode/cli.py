@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ichnode.common.config import ENV_PREFIX, ConfigError, Settings, load_settings
+from ichnode.common.log_privacy import keep_values_out_of_logs
 from ichnode.common.uids import quiet_library_uid_complaints
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
     logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # it logs every request at INFO
     quiet_library_uid_complaints()
+    keep_values_out_of_logs()
 
 
 def _settings(args) -> Settings:

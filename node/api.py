@@ -2,6 +2,9 @@
 STOW-RS (node/dicomweb.py).
 
 When `http.api_token` is set every /api and /dicom-web route needs `Authorization: Bearer <token>`.
+Every /api read is a `Query` line in the audit trail (node/audit.py) naming the caller (`api_token`
+when the token was presented, `anonymous` without one configured) and address; a request refused
+for its token is a `User Authentication` failure.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pydantic import BaseModel
 
 from ichnode.common.analysis import SeriesFindings, Skipped
 from ichnode.common.config import Settings
+from node import audit
 from node.dicomweb import make_dicomweb_router
 from node.intake import Intake
 from node.latency import StageSeconds, stage_seconds
@@ -139,6 +143,20 @@ def create_app(store: Store, settings: Settings, health: dict | None = None) -> 
         description="ICH triage node API. Triage aid: NOT FOR DIAGNOSTIC USE.",
     )
     guarded = [Depends(require_token)]
+
+    @app.middleware("http")
+    async def audit_requests(request: Request, call_next):
+        response = await call_next(request)
+        path = request.url.path
+        if path.startswith(("/api/", "/dicom-web/")):
+            address = request.client.host if request.client else None
+            if response.status_code == 401:
+                audit.record("User Authentication", "E", audit.MINOR_FAILURE, path=path, address=address,
+                             reason="missing or wrong bearer token")
+            elif request.method == "GET" and path.startswith("/api/"):
+                audit.record("Query", "R", path=path, status=response.status_code, address=address,
+                             user="api_token" if api_token else "anonymous")
+        return response
 
     @app.get("/healthz")
     def healthz():

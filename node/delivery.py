@@ -4,6 +4,8 @@
 webhook. `Deliverer.run_once` sends what is due; an item stays pending until its destination
 acknowledges it, retried with exponential backoff capped at `delivery_max_backoff_seconds`, so a
 PACS that is down for an hour gets its results when it returns and a restart loses nothing.
+A `tls:AET@host:port` destination is sent to over DICOM TLS (node/dicom_tls.py). Every item
+sent is a line in the audit trail (node/audit.py).
 """
 from __future__ import annotations
 
@@ -13,13 +15,17 @@ import random
 import time
 from collections import defaultdict
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from ichnode.common.analysis import SeriesFindings
-from ichnode.common.config import Destination, Settings, StowEndpoint, parse_destination
+from ichnode.common.config import Destination, ListenerSection, Settings, StowEndpoint, parse_destination
+from ichnode.common.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from node import audit
+from node.dicom_tls import client_context
 from node.errors import DeliveryError, Outcome
 from node.hl7 import build_oru, send_mllp
 from node.latency import observe, stage_seconds
@@ -52,13 +58,17 @@ def plan_deliveries(store: Store, settings: Settings, series: SeriesRow, generat
             store.enqueue_delivery(uid, generation, "webhook", url, payload)
 
 
-def send_dicom(ae_title: str, destination: Destination, paths: list[Path]) -> dict[Path, Outcome]:
-    """C-STORE the files over one association; returns path -> outcome."""
+def send_dicom(listener: ListenerSection, destination: Destination, paths: list[Path]) -> dict[Path, Outcome]:
+    """C-STORE the files over one association, as the listener's AE title (and over TLS with its
+    certificate for a tls: destination); returns path -> outcome."""
     datasets = {path: dcmread(path) for path in paths}
-    ae = AE(ae_title=ae_title)
+    ae = AE(ae_title=listener.ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets.values()}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = (client_context(listener), destination.host) if destination.tls else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "no association (peer down or refused)"
         return {path: Outcome(error=f"{destination}: {reason}") for path in paths}
@@ -100,6 +110,12 @@ class Deliverer:
 
     def _sent(self, item: DeliveryRow, warning: str | None = None) -> None:
         DELIVERIES.labels(channel=item.channel, outcome="sent").inc()
+        if item.channel == "dicom":
+            audit.record("DICOM Instances Transferred", "R", destination=item.target, series_instance_uid=item.series_uid,
+                         result_object=Path(item.payload).name)
+        else:  # a webhook URL's path may be its secret: the audit names the host
+            target = urlsplit(item.target).netloc if item.channel == "webhook" else item.target
+            audit.record("Export", "R", channel=item.channel, destination=target, series_instance_uid=item.series_uid)
         if warning:
             log.warning("delivery %d (%s to %s) stored with a warning: %s", item.id, item.channel, item.target,
                         warning)
@@ -138,7 +154,7 @@ class Deliverer:
                 if isinstance(destination, StowEndpoint):
                     outcome = send_stow(destination, list(paths), self.settings.delivery)
                 else:
-                    outcome = send_dicom(self.settings.listener.ae_title, destination, list(paths))
+                    outcome = send_dicom(self.settings.listener, destination, list(paths))
             except Exception as exc:  # a broken file or socket error: retry later, never drop
                 outcome = {path: Outcome(error=f"{target}: {type(exc).__name__}: {exc}") for path in paths}
             for path, result in outcome.items():

@@ -27,6 +27,7 @@ from python_multipart.multipart import MultipartParser, MultipartState, parse_op
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from node import audit
 from node.headers import InstanceHeader
 from node.intake import Intake, Refused
 
@@ -145,6 +146,7 @@ def make_dicomweb_router(intake: Intake) -> APIRouter:
 
         stored: list[Dataset] = []
         failed: list[Dataset] = []
+        headers: list[InstanceHeader] = []  # of the instances stored, for the audit trail
 
         async def accept(part_type: str, data: bytes) -> None:
             if part_type != "application/dicom":
@@ -158,6 +160,7 @@ def make_dicomweb_router(intake: Intake) -> APIRouter:
                 failed.append(_reference(*_identify(data), failure_reason=refused.status))
                 return
             stored.append(_reference(header.sop_class_uid, header.sop_instance_uid))
+            headers.append(header)
 
         parts = _Parts()
         parser = MultipartParser(params[b"boundary"], parts.callbacks())
@@ -172,6 +175,8 @@ def make_dicomweb_router(intake: Intake) -> APIRouter:
         except ClientDisconnect:
             log.warning("%s: the client went away after %d instance(s)", source, len(stored) + len(failed))
             raise HTTPException(400, "the client disconnected before the end of the body") from None
+        finally:  # what was stored is audited however the request ends
+            audit.instances_stored(headers, peer="STOW-RS", address=request.client.host if request.client else None)
         if parser.state != MultipartState.END:
             log.warning("%s: body ends before the closing boundary", source)
             raise HTTPException(400, "the multipart body ends before its closing boundary")

@@ -12,7 +12,10 @@ encapsulated, every fragment whole and as many frames as Number of Frames; no el
 more bytes than the data set holds. A SOP Instance UID already stored is accepted again and kept
 once, as first received; a corrupt copy of it is refused like any corrupt instance, never taken
 for a duplicate. UIDs outside the DICOM grammar are kept as
-received (ichnode.common.uids) and logged once per study; only a missing or empty one is refused.
+received (ichnode.common.uids) and logged once per study (in a form that cannot carry a name);
+only a missing or empty one is refused. A text element (UIDs included) with a NUL byte inside its
+value is refused too (0xA900): that is a malformed header, an element whose length swallowed the
+elements after it, the patient's name among them, and none of it may reach the store or the log.
 
 Only CT images (`CT_IMAGE_SOP_CLASSES`) are spooled for analysis. With `accept_all_storage` an
 object of any other storage SOP class (dose reports, secondary captures, ...) is answered with
@@ -25,7 +28,8 @@ A refusal raises `Refused` with the status the sender gets. The codes are both t
   0x0122 SOP class not supported, without accept_all_storage (C-STORE refuses it at negotiation)
   0xA700 out of resources: the instance could not be written
   0xA900 data set does not match SOP class: no Pixel Data, Rows, Columns or Bits Allocated, a
-         required UID missing or empty, or a UID that differs from the request's (the C-STORE
+         required UID missing or empty, a text element with NUL bytes inside (a malformed header), or a
+         UID that differs from the request's (the C-STORE
          Affected SOP Instance UID, the STOW-RS URL's study)
   0xC000 cannot understand: the data set could not be parsed, or it or its Pixel Data is cut short
   0xC122 transfer syntax not supported (C-STORE negotiates it earlier)
@@ -44,6 +48,7 @@ from pathlib import Path
 from typing import Callable
 
 from pydicom import Dataset, dcmread
+from pydicom.datadict import dictionary_has_tag, dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.encaps import generate_frames
 from pydicom.filereader import read_dataset
@@ -64,7 +69,8 @@ from pydicom.uid import (
 )
 
 from ichnode.common.config import ListenerSection
-from ichnode.common.uids import is_conformant
+from ichnode.common.log_privacy import redact
+from ichnode.common.uids import is_conformant, loggable
 from ichnode.common.vocabulary import CT_IMAGE_SOP_CLASSES
 from node.headers import InstanceHeader, instance_header
 from node.metrics import GROUP_COMMIT_SIZE, INSTANCES, OTHER_OBJECTS
@@ -91,6 +97,7 @@ REQUIRED_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Ser
 IMAGE_ATTRIBUTES = ("Rows", "Columns", "BitsAllocated")  # what the length of native Pixel Data follows from
 UNDEFINED_LENGTH = 0xFFFFFFFF
 EXPLICIT_LONG_VRS = {b"OB", b"OW", b"UN", b"OF", b"OD", b"OL", b"OV"}  # the VRs Pixel Data may have, 4-byte length
+TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
 INSTANCE_UIDS = {"StudyInstanceUID": "study_instance_uid", "SeriesInstanceUID": "series_instance_uid",
                  "SOPInstanceUID": "sop_instance_uid"}  # the header's UIDs, by their DICOM keyword
 
@@ -131,11 +138,11 @@ OTHER_SERIES_LOGGED = OnceEach()
 
 
 def _log_nonconformant_uids(header: InstanceHeader, source: str) -> None:
-    odd = [f"{keyword} {getattr(header, field)!r}" for keyword, field in INSTANCE_UIDS.items()
+    odd = [f"{keyword} {loggable(getattr(header, field))}" for keyword, field in INSTANCE_UIDS.items()
            if not is_conformant(getattr(header, field))]
     if odd and NONCONFORMANT_UIDS_LOGGED.first(header.study_instance_uid):
-        log.warning("study %r from %s: UIDs outside the DICOM UID grammar, e.g. %s; kept as received (files "
-                    "named by digest), not logged again for this study", header.study_instance_uid, source,
+        log.warning("study %s from %s: UIDs outside the DICOM UID grammar, e.g. %s; kept as received (files "
+                    "named by digest), not logged again for this study", loggable(header.study_instance_uid), source,
                     ", ".join(odd))
 
 
@@ -182,6 +189,18 @@ def _raw_pixel_data(data: bytes, offset: int, transfer_syntax: UID) -> memoryvie
         raise Refused(0xC000, f"(7FE0,0010) declares {length} bytes, {len(data) - start} follow")
     _check_tail(view[start + length:], transfer_syntax)
     return view[start:start + length]
+
+
+def _check_text_elements(ds: Dataset) -> None:
+    """A NUL byte inside a text value (trailing padding aside) is the mark of an element whose
+    length swallowed the elements after it, the patient's name among them: such a header is
+    refused, naming the tag only, so none of those bytes reaches the store, the log or the API."""
+    for element in ds.elements():  # top level, not decoded
+        if not isinstance(element, RawDataElement) or not element.value:
+            continue
+        vr = element.VR or (dictionary_VR(element.tag) if dictionary_has_tag(element.tag) else None)  # implicit VR
+        if vr in TEXT_VRS and b"\x00" in element.value.rstrip(b"\x00 "):
+            raise Refused(0xA900, f"{element.tag} holds NUL bytes inside its value: malformed header")
 
 
 def _check_fragments(pixel_data: bytes | memoryview, frames: int, transfer_syntax: UID) -> None:
@@ -319,10 +338,13 @@ class Intake:
             offset: int | None = stream.tell()
             if transfer_syntax.is_deflated:
                 ds, offset = dcmread(BytesIO(data)), None
+            _check_text_elements(ds)
             missing = [kw for kw in REQUIRED_ATTRIBUTES if not ds.get(kw)]
             header = None if missing else instance_header(ds, str(transfer_syntax))
+        except Refused:
+            raise
         except Exception as exc:  # a malformed data set must not take the receiver down
-            raise Refused(0xC000, f"cannot parse data set: {exc}") from None
+            raise Refused(0xC000, f"cannot parse data set: {redact(str(exc))}") from None
         if missing:
             raise Refused(0xA900, f"missing {', '.join(missing)}")
         return header, ds, offset

@@ -1,7 +1,9 @@
 """`NodeService`: the node's parts in one process, and the worker processes `serve` supervises.
 
-Threads: the pynetdicom listener (one per association), the assembly loop (series completion,
+Threads: the pynetdicom listener (one per connection), the assembly loop (series completion,
 selection, task state), the delivery loop, and uvicorn for the HTTP API in the main thread.
+At start the node opens its audit trail, records its configuration there and warns, one line
+each, of every unsafe setting in force (`Settings.unsafe`).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pydicom import dcmread
 from ichnode.common.config import Settings
 from ichnode.common.queue import make_celery
 from ichnode.common.vocabulary import CT_IMAGE_SOP_CLASSES
+from node import audit
 from node.api import create_app
 from node.assembler import SeriesAssembler
 from node.delivery import Deliverer, plan_deliveries
@@ -145,6 +148,11 @@ class NodeService:
 
     def start(self) -> None:
         self.settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+        audit.open_audit_trail(self.settings)
+        unsafe = self.settings.unsafe()
+        for setting in unsafe:
+            log.warning("unsafe setting: %s", setting)
+        audit.application_started(self.settings, unsafe)
         reindex_spool(self.spool, self.store)
         self.server = start_listener(self.settings.listener, self.spool, self.store,
                                      self.assembler.association_released)
@@ -168,6 +176,8 @@ class NodeService:
         if self.workers:
             self.workers.stop()
         self.store.close()
+        audit.record("Application Activity", "E", action_type="stop")
+        audit.close_audit_trail()
 
     def run(self) -> None:
         """Start everything and serve HTTP in this thread until SIGINT/SIGTERM."""
@@ -175,8 +185,10 @@ class NodeService:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         self.start()
         app = create_app(self.store, self.settings, self.health)
+        # log_config=None: uvicorn's own logging.config.dictConfig would close every handler in place,
+        # the audit trail's file among them, and give its lines another format than the node's
         config = uvicorn.Config(app, host=self.settings.http.bind, port=self.settings.http.port,
-                                log_level=self.settings.log_level.lower(), access_log=False)
+                                log_level=self.settings.log_level.lower(), access_log=False, log_config=None)
         try:
             uvicorn.Server(config).run()
         finally:

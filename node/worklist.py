@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from ichnode.common.analysis import Priority
 from ichnode.common.config import StorageSection
 from ichnode.common.vocabulary import Level
+from node import audit
 from node.store import SeriesRow, SeriesState, Store, StudyRow
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -147,6 +148,7 @@ def make_worklist_router(store: Store, storage: StorageSection) -> APIRouter:
     def acknowledge(body: AckRequest, study_uid: str) -> WorklistItem:
         if not store.acknowledge(study_uid, body.by.strip()):
             raise HTTPException(404, f"no study {study_uid}")
+        audit.record("Procedure Record", "U", study_instance_uid=study_uid, acknowledged_by=body.by.strip())
         return _item(storage, store.study(study_uid), _chosen_series(store.study_series(study_uid)))
 
     @router.get(

@@ -284,21 +284,24 @@ class Site:
 class StoreSCP:
     """DCMTK storescp as a result destination (a stand-in PACS)."""
 
-    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS"):
+    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS", tls: tuple[str, ...] = ()):
+        """`tls`: storescp's TLS options (e.g. ``+tls key cert +cf ca``); the destination is then tls:."""
         self.folder = folder
         self.port = port or free_port()
         self.ae_title = ae_title
+        self.tls = tls
         self.proc: subprocess.Popen | None = None
+        self.log = folder.parent / f"storescp-{self.port}.log"
         folder.mkdir(parents=True, exist_ok=True)
 
     @property
     def destination(self) -> str:
-        return f"{self.ae_title}@127.0.0.1:{self.port}"
+        return f"{'tls:' if self.tls else ''}{self.ae_title}@127.0.0.1:{self.port}"
 
     def start(self) -> "StoreSCP":
         self.proc = subprocess.Popen(
-            [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.folder), "+B", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.folder), "+B", *self.tls, str(self.port)],
+            stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
         wait_for(lambda: listening(self.port), 10, what=f"storescp on {self.port}")
         return self
 

@@ -18,6 +18,7 @@ from PIL import Image
 from ichnode.common.analysis import Findings, WorkerStages
 from ichnode.common.config import PriorityRule
 from ichnode.common.result_folder import ResultFolder
+from ichnode.common.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from worker.detector import Detector
 from worker.findings import findings_from_output
 from worker.priority import assign_priority
@@ -68,6 +69,8 @@ def analyze_series(paths: Sequence[Path], detector: Detector, rule: PriorityRule
     result_files = []
     thumbnails = 0
     for ds in objects:
+        ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
         path = folder.object_file(ds.Modality, ds.SOPInstanceUID)

@@ -9,6 +9,7 @@ deployments keep working. List values in the environment are comma-separated.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -32,27 +33,28 @@ class ConfigError(Exception):
 
 
 class Destination(BaseModel):
-    """A DICOM peer written as ``AET@host:port``."""
+    """A DICOM peer written as ``AET@host:port``, or ``tls:AET@host:port`` for DICOM TLS (PS3.15 B.1)."""
 
     model_config = ConfigDict(frozen=True)
     ae_title: str
     host: str
     port: int
+    tls: bool = False
 
     @classmethod
     def parse(cls, text: str) -> "Destination":
-        match = re.fullmatch(r"\s*([^@]{1,16})@([^:@\s]+):(\d{1,5})\s*", text)
+        match = re.fullmatch(r"\s*(tls:)?([^@]{1,16})@([^:@\s]+):(\d{1,5})\s*", text)
         if not match:
-            raise ValueError(f"{text!r} is not AET@host:port")
-        aet, host, port = match.group(1).strip(), match.group(2), int(match.group(3))
+            raise ValueError(f"{text!r} is not AET@host:port or tls:AET@host:port")
+        aet, host, port = match.group(2).strip(), match.group(3), int(match.group(4))
         if not _AET.match(aet):
             raise ValueError(f"{aet!r} is not a valid AE title")
         if not 1 <= port <= 65535:
             raise ValueError(f"port {port} out of range 1-65535")
-        return cls(ae_title=aet, host=host, port=port)
+        return cls(ae_title=aet, host=host, port=port, tls=bool(match.group(1)))
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{'tls:' if self.tls else ''}{self.ae_title}@{self.host}:{self.port}"
 
 
 class StowEndpoint(BaseModel):
@@ -118,7 +120,18 @@ class ListenerSection(Section):
     port: Port = 11112
     allowed_calling_aets: list[str] = []  # empty: any calling AE title is accepted
     check_called_aet: bool = True  # refuse associations addressed to another AE title than ae_title
-    max_associations: int = Field(default=16, ge=1)
+    max_associations: int = Field(default=16, ge=1)  # negotiated associations; idle TCP connections do not count
+    acse_timeout_seconds: float = Field(default=10.0, gt=0, le=600)  # a connection must negotiate within this
+    dimse_timeout_seconds: float = Field(default=60.0, gt=0)  # longest wait for the next DIMSE message
+    network_timeout_seconds: float = Field(default=60.0, gt=0)  # an association silent this long is aborted
+    # DICOM TLS (PS3.15 B.1, TLS 1.2+): this node's certificate and key (PEM), also presented by delivery to
+    # tls: destinations; tls_ca: the CAs that peers' certificates are verified against, both ways (None: the
+    # listener does not ask for a client certificate, delivery checks servers against the system's CA store)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_port: Port = 2762
+    plain_port_enabled: bool = True  # false: only the TLS port listens
     # C-STORE and STOW-RS: take every storage SOP class of a forwarded study; only CT images are analysed
     accept_all_storage: bool = True
     other_objects: Literal["discard", "keep"] = "discard"  # those others: counted only, or kept in the spool
@@ -146,6 +159,28 @@ class ListenerSection(Section):
             if not _AET.match(aet):
                 raise ValueError(f"{aet!r} is not a valid AE title")
         return value
+
+    @field_validator("tls_cert", "tls_key", "tls_ca")
+    @classmethod
+    def _check_pem_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> "ListenerSection":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if not self.plain_port_enabled and not self.tls:
+            raise ValueError("plain_port_enabled = false needs tls_cert and tls_key (nothing would listen)")
+        if self.tls and self.plain_port_enabled and self.tls_port == self.port:
+            raise ValueError(f"tls_port and port are both {self.port}")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """The TLS port is served (and delivery can present this node's certificate)."""
+        return self.tls_cert is not None
 
 
 class StorageSection(Section):
@@ -296,6 +331,19 @@ class HttpSection(Section):
     public_url: str = ""  # how users reach the web page, for links in webhooks (e.g. https://ichnode.hospital.org)
 
 
+class AuditSection(Section):
+    """[audit]: the audit trail, one JSON line per event in data_dir/audit.log."""
+
+    syslog: str = ""  # also send each event to syslog: a socket path (/dev/log) or udp host:port; empty: file only
+
+    @field_validator("syslog")
+    @classmethod
+    def _check_syslog(cls, value: str) -> str:
+        if value and not value.startswith("/"):
+            HostPort.parse(value)
+        return value
+
+
 class Settings(BaseModel):
     """Every key of ichnode: one section per part, and the log level."""
 
@@ -311,7 +359,46 @@ class Settings(BaseModel):
     hl7: Hl7Section = Hl7Section()
     webhook: WebhookSection = WebhookSection()
     http: HttpSection = HttpSection()
+    audit: AuditSection = AuditSection()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def unsafe(self) -> list[str]:
+        """Each setting in force that lets anyone send studies, read patient data or see it in transit;
+        the node warns of each at start (README "Production checklist")."""
+        found = []
+        listener, http = self.listener, self.http
+        if listener.plain_port_enabled and not is_loopback(listener.bind):
+            found.append(f"listener port {listener.port} on {listener.bind} is plain DICOM without TLS (set tls_cert "
+                         "and tls_key, then plain_port_enabled = false)")
+        if not listener.allowed_calling_aets and not is_loopback(listener.bind):
+            found.append(f"listener.allowed_calling_aets is empty: any calling AE title that reaches {listener.bind} "
+                         "may send")
+        if listener.tls and listener.tls_ca is None:
+            found.append("listener.tls_ca is not set: TLS peers are not asked for a certificate")
+        if not http.api_token:
+            found.append(f"http.api_token is empty: the API and worklist serve patient data without a token on "
+                         f"{http.bind}:{http.port}")
+        if not is_loopback(http.bind):
+            found.append(f"http.bind is {http.bind}: plain HTTP beyond this machine (put a TLS proxy in front)")
+        for destination in self.delivery.destinations:
+            plain = (destination.url.startswith("http://") if isinstance(destination, StowEndpoint)
+                     else not destination.tls)
+            host = urlsplit(destination.url).hostname if isinstance(destination, StowEndpoint) else destination.host
+            if plain and not is_loopback(host):
+                found.append(f"delivery destination {destination} is not encrypted")
+        if self.webhook.include_patient and self.webhook.urls:
+            found.append("webhook.include_patient is on: patient names and IDs go to the webhook URLs")
+        return found
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address (or localhost) that only this machine reaches."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def sections() -> dict[str, type[Section]]:

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, LegacyConvertedEnhancedCTImageStorage, RLELossless
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage, XRayRadiationDoseSRStorage
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage, Verification,
+                                  XRayRadiationDoseSRStorage)
 
-from ichnode.common.config import load_settings
-from ichnode.common.uids import quiet_library_uid_complaints
+from ichnode.common.config import Destination, load_settings
+from ichnode.common.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, quiet_library_uid_complaints
+from node.delivery import send_dicom
 from node.scp import start_listener
 from node.spool import Spool
 from node.store import Store
@@ -401,3 +403,29 @@ def test_every_acknowledged_instance_survives_the_node_killed_while_receiving(no
             assert dcmread(node.data_dir / "spool" / recorded[sop_uid]).pixel_array.shape == (16, 16)
     finally:
         store.close()
+
+
+def test_listener_and_delivery_name_the_node_implementation(listener, tmp_path):
+    """PS3.7 D.3.3.2: the node's Implementation Class UID and Version Name in both directions."""
+    scp, _, _ = listener
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title=scp.ae_title)
+    assert assoc.is_established
+    assert (assoc.acceptor.implementation_class_uid, assoc.acceptor.implementation_version_name) \
+        == (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)
+    assoc.release()
+
+    seen = []
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    server = pacs.start_server(("127.0.0.1", free_port()), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: (
+        seen.append((event.assoc.requestor.implementation_class_uid,
+                     event.assoc.requestor.implementation_version_name)), 0x0000)[1])])
+    try:
+        path = write(ct_instance(new_uid(), 0), tmp_path / "result")
+        outcome = send_dicom(scp, Destination.parse(f"PACS@127.0.0.1:{server.server_address[1]}"), [path])
+    finally:
+        server.shutdown()
+    assert outcome[path].error is None
+    assert seen == [(IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)]

@@ -120,3 +120,30 @@ def test_readme_lists_every_key_with_its_environment_variable():
         assert re.search(rf"^\| `{re.escape('.'.join(key))}` \| `{variable}` \|", readme, re.M), \
             f"README does not list {'.'.join(key)} with {variable}"
 
+
+
+def test_unsafe_settings_are_each_named_and_a_hardened_setup_has_none(tmp_path):
+    defaults = load_settings(environ={}).unsafe()
+    assert any("allowed_calling_aets is empty" in line for line in defaults)
+    assert any("plain DICOM without TLS" in line for line in defaults)
+    assert any("api_token is empty" in line for line in defaults)
+    for name in ("node.crt", "node.key", "ca.crt"):
+        (tmp_path / name).write_text("PEM")
+    hardened = load_settings(environ={
+        "ICHNODE_ALLOWED_CALLING_AETS": "CT1", "ICHNODE_TLS_CERT": str(tmp_path / "node.crt"),
+        "ICHNODE_TLS_KEY": str(tmp_path / "node.key"), "ICHNODE_TLS_CA": str(tmp_path / "ca.crt"),
+        "ICHNODE_PLAIN_PORT_ENABLED": "false", "ICHNODE_API_TOKEN": "t", "ICHNODE_DESTINATIONS": "tls:PACS@10.0.0.5:2762"})
+    assert hardened.unsafe() == []
+    exposed = load_settings(environ={"ICHNODE_HTTP_BIND": "0.0.0.0", "ICHNODE_DESTINATIONS": "PACS@10.0.0.5:104"})
+    assert any("http.bind is 0.0.0.0" in line for line in exposed.unsafe())
+    assert any("PACS@10.0.0.5:104 is not encrypted" in line for line in exposed.unsafe())
+
+
+def test_tls_keys_are_checked_together(tmp_path):
+    (tmp_path / "node.crt").write_text("PEM")
+    with pytest.raises(ConfigError, match="tls_cert and tls_key go together"):
+        load_settings(environ={"ICHNODE_TLS_CERT": str(tmp_path / "node.crt")})
+    with pytest.raises(ConfigError, match="plain_port_enabled = false needs tls_cert"):
+        load_settings(environ={"ICHNODE_PLAIN_PORT_ENABLED": "false"})
+    with pytest.raises(ConfigError, match="ICHNODE_TLS_KEY.*not a file"):
+        load_settings(environ={"ICHNODE_TLS_CERT": str(tmp_path / "node.crt"), "ICHNODE_TLS_KEY": "/nonexistent"})

@@ -13,8 +13,6 @@ Sources of the codes (see docs/CONFORMANCE.md "Codes"):
 """
 from __future__ import annotations
 
-import importlib.metadata
-
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
@@ -29,16 +27,6 @@ from ichnode.common.vocabulary import (
 )
 
 MANUFACTURER = "ichnode"
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("ichnode")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
-NODE_VERSION = _version()
 
 
 def local(value: str, meaning: str) -> CodedConcept:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import highdicom as hd
 from pydicom.sr.codedict import codes
 
+from ichnode.common.uids import NODE_VERSION
 from ichnode.common.vocabulary import DISCLAIMER
 from worker.detector import DetectorOutput
-from worker.results.codes import MANUFACTURER, NODE_VERSION
+from worker.results.codes import MANUFACTURER
 
 
 def parameters(output: DetectorOutput) -> dict[str, str]:
