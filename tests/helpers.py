@@ -33,9 +33,12 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from ichnode.common.analysis import ModelIdentity, SeriesFindings
 from ichnode.common.config import PriorityRule, Settings, StorageSection
+from ichnode.common.vocabulary import LABELS, SUBTYPES
 from node.headers import InstanceHeader
 from node.store import Store, StudyRow
 from node.worklist import make_worklist_router, mount_web
+from worker.detector import DetectorOutput
+from worker.geometry import Volume
 from worker.priority import assign_priority
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,6 +180,35 @@ def result_files(storage: StorageSection, count=3) -> tuple[str, list[str]]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(str(path.relative_to(storage.data_dir)))
     return series, paths
+
+
+def detector_output(
+    volume: Volume, masks: dict[str, np.ndarray], probabilities: dict[str, float], version="1.0.0"
+) -> DetectorOutput:
+    """What a detector would say given ground-truth ``masks``: hot heatmap and scores on them."""
+    union = np.zeros(volume.hu.shape, bool)
+    for mask in masks.values():
+        union |= mask
+    slice_scores = np.where(union.any(axis=(1, 2)), 0.9, 0.05)
+    slice_probabilities = np.zeros((len(slice_scores), len(LABELS)))
+    slice_probabilities[:, 0] = slice_scores
+    for subtype, mask in masks.items():
+        slice_probabilities[:, LABELS.index(subtype)] = np.where(mask.any(axis=(1, 2)), 0.8, 0.02)
+    volumes = {s: float(m.sum() * volume.voxel_volume_ml) for s, m in masks.items()}
+    volumes["any"] = float(union.sum() * volume.voxel_volume_ml)
+    return DetectorOutput(
+        probabilities={k: probabilities.get(k, 0.02) for k in LABELS},
+        slice_scores=slice_scores,
+        slice_probabilities=slice_probabilities,
+        heatmaps=union.astype(np.float32),
+        masks={s: masks.get(s, np.zeros(volume.hu.shape, bool)) for s in SUBTYPES},
+        volumes_ml=volumes,
+        difficult=False,
+        model_name="ichnet",
+        model_version=version,
+        parameters={"operating_threshold": "0.5"},
+    )
+
 
 
 # --- the node's records ---------------------------------------------------------------------
