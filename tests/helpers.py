@@ -29,7 +29,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.sequence import Sequence
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ichnode.common.analysis import ModelIdentity, SeriesFindings
 from ichnode.common.config import PriorityRule, Settings, StorageSection
@@ -209,6 +210,69 @@ def detector_output(
         parameters={"operating_threshold": "0.5"},
     )
 
+
+class GroundTruthDetector:
+    """A detector that gives one answer computed beforehand (e.g. detector_output of a phantom's masks)."""
+
+    def __init__(self, output):
+        self.output = output
+
+    def detect(self, volume, timings=None, brain_window_only=False):
+        assert volume.hu.shape == self.output.heatmaps.shape
+        return self.output
+
+
+#: What enhanced_ct copies from the first slice.
+ENHANCED_CT_COPIED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
+    "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDescription", "SeriesInstanceUID", "SeriesNumber",
+    "SeriesDescription", "BodyPartExamined", "Manufacturer", "PatientPosition",
+)
+
+
+def enhanced_ct(single_frames: list[Dataset]) -> Dataset:
+    """The Enhanced CT equivalent of single-frame slices: geometry in the functional groups; the
+    patient, study and series attributes of the first slice."""
+    first = single_frames[0]
+    ds = Dataset()
+    for keyword in ENHANCED_CT_COPIED:
+        if keyword in first:
+            ds[keyword] = first[keyword]
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.FrameOfReferenceUID = first.FrameOfReferenceUID
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.NumberOfFrames = len(single_frames)
+
+    def group(**attributes) -> Sequence:
+        item = Dataset()
+        for name, value in attributes.items():
+            setattr(item, name, value)
+        return Sequence([item])
+
+    shared = Dataset()
+    shared.PlaneOrientationSequence = group(ImageOrientationPatient=first.ImageOrientationPatient)
+    shared.PixelMeasuresSequence = group(PixelSpacing=first.PixelSpacing, SliceThickness=first.get("SliceThickness", 5.0))
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame = []
+    for single in single_frames:
+        item = Dataset()
+        item.PlanePositionSequence = group(ImagePositionPatient=single.ImagePositionPatient)
+        item.PixelValueTransformationSequence = group(
+            RescaleSlope=single.RescaleSlope, RescaleIntercept=single.RescaleIntercept
+        )
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    for keyword in (
+        "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
+        "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    ):
+        setattr(ds, keyword, first.get(keyword))
+    ds.PixelData = b"".join(single.PixelData for single in single_frames)
+    return ds
 
 
 # --- the node's records ---------------------------------------------------------------------
