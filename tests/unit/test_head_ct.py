@@ -5,11 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
+from ichnode.common.config import PriorityRule
+from ichnode.common.result_folder import ResultFolder
+from tests.helpers import GroundTruthDetector, detector_output
 from training.datasets import SHARED_DATA
+from training.dicom_series import ct_series_datasets
 from training.phantom import make_study
 from worker.geometry import Volume
 from worker.head_ct import CONTRAST_FRACTION, examine
+from worker.pipeline import NotAnalysed, analyze_series
+from worker.volume import load_series
 
 REAL_SLICES = SHARED_DATA / "ct-ich-hu-slices" / "ct"
 CT_ICH_PIXEL_MM = 0.45  # not recorded in those files; CT-ICH's 512 x 512 matrices span about 230 mm
@@ -97,3 +104,45 @@ def test_a_chest_and_an_abdomen_are_not_heads():
 
 def test_the_contrast_threshold_is_a_fraction():
     assert 0 < CONTRAST_FRACTION < 0.05
+
+
+def write(datasets, folder) -> list:
+    folder.mkdir()
+    paths = [folder / f"{index}.dcm" for index in range(len(datasets))]
+    for ds, path in zip(datasets, paths):
+        ds.save_as(path, enforce_file_format=True)
+    return paths
+
+
+def test_the_pipeline_skips_a_chest_whose_headers_name_no_region(tmp_path):
+    chest = body(230, 330, [(-10, -70, 80, 55, -850.0), (-10, 70, 80, 55, -850.0)])
+    stored = (chest.hu + 1024).astype(np.uint16)
+    n = len(stored)
+    datasets = ct_series_datasets(
+        stored, positions=chest.positions, orientation=chest.orientation, pixel_spacing=chest.spacing_mm[1:],
+        thickness=5.0, spacing=5.0, study_uid=generate_uid(), series_uid=generate_uid(),
+        frame_of_reference_uid=generate_uid(), instance_uids=[generate_uid() for _ in range(n)],
+        header={"BodyPartExamined": ""}, intercept=-1024.0)
+    paths = write(datasets, tmp_path / "chest")
+    with pytest.raises(NotAnalysed, match=r"^not a head CT by its images \(the headers do not say\): a skull ring"):
+        analyze_series(paths, None, PriorityRule(), ResultFolder(tmp_path / "results"))
+
+
+def test_the_pipeline_skips_contrast_by_default_and_analyses_it_with_a_warning_when_set(tmp_path, caplog):
+    """A CQ500-style series: no BodyPartExamined, only "4cc sec 150cc D3D on" for a description."""
+    study = make_study(7, matrix=128, n_slices=20)
+    for ds in study.datasets:
+        del ds.BodyPartExamined
+        ds.SeriesDescription, ds.StudyDescription = "4cc sec 150cc D3D on", ""
+    paths = write(study.datasets, tmp_path / "cq500")
+    output = detector_output(load_series(paths).volume, {}, {"any": 0.1})
+    with pytest.raises(NotAnalysed) as refused:
+        analyze_series(paths, GroundTruthDetector(output), PriorityRule(), ResultFolder(tmp_path / "a"))
+    assert str(refused.value) == ("contrast-enhanced (SeriesDescription '4cc sec 150cc D3D on'); "
+                                  "set series.analyse_contrast to analyse it")
+    caplog.set_level("INFO", logger="ichnode.worker")
+    analysis = analyze_series(paths, GroundTruthDetector(output), PriorityRule(), ResultFolder(tmp_path / "b"),
+                              analyse_contrast=True)
+    assert analysis.warnings[-1].startswith("contrast-enhanced (SeriesDescription '4cc sec 150cc D3D on'): "
+                                            "analysed because series.analyse_contrast is set")
+    assert "headers do not name the head; images show a head: a skull ring around brain" in caplog.text

@@ -21,7 +21,7 @@ from node.hl7 import build_oru
 from node.selection import eligibility
 from node.store import Store
 from node.webhooks import build_webhook_payload
-from tests.helpers import dciodvfy_errors, detector_output
+from tests.helpers import GroundTruthDetector, dciodvfy_errors, detector_output
 from training.phantom import make_study
 from worker.pipeline import analyze_series
 from worker.results.sources import PATIENT_AND_STUDY
@@ -45,17 +45,6 @@ def not_type_1(keywords: set[str]) -> list[str]:
 
 PHANTOM_KEYWORDS = set(make_study(SEED, matrix=16, n_slices=2).datasets[0].dir())
 REMOVABLE = not_type_1(PHANTOM_KEYWORDS)
-
-
-class GroundTruthDetector:
-    """The detector's answer for the phantom, computed once: the phantom's own masks."""
-
-    def __init__(self, output):
-        self.output = output
-
-    def detect(self, volume, timings=None, brain_window_only=False):
-        assert volume.hu.shape == self.output.heatmaps.shape
-        return self.output
 
 
 @pytest.fixture(scope="module")
