@@ -94,7 +94,7 @@ def cmd_analyze(args) -> int:
     from ichnode.common.result_folder import ResultFolder
     from node.selection import choose_series
     from worker.detector import load_detector
-    from worker.pipeline import analyze_series
+    from worker.pipeline import NotAnalysed, analyze_series
     from worker.volume import VolumeError
 
     settings = _settings(args)
@@ -102,7 +102,8 @@ def cmd_analyze(args) -> int:
     folder.path.mkdir(parents=True, exist_ok=True)
     by_series = read_folder(Path(args.series_dir))
     headers = {uid: [header for _, header in files] for uid, files in by_series.items()}
-    chosen, skipped = choose_series(headers, settings.series.min_slices, settings.series.min_coverage_mm)
+    rule = settings.series
+    chosen, skipped = choose_series(headers, rule.min_slices, rule.min_coverage_mm, rule.analyse_contrast)
     for uid, reason in skipped.items():
         log.info("series %s skipped: %s", uid, reason)
     if chosen is None:
@@ -113,8 +114,8 @@ def cmd_analyze(args) -> int:
     detector = load_detector(Path(args.model) if args.model else settings.detector.model_path, settings.detector.device)
     paths = [path for path, _ in by_series[chosen]]
     try:
-        analysis = analyze_series(paths, detector, settings.priority, folder)
-    except VolumeError as exc:
+        analysis = analyze_series(paths, detector, settings.priority, folder, rule.analyse_contrast)
+    except (VolumeError, NotAnalysed) as exc:
         folder.findings_file.write_text(Skipped(skipped=str(exc)).model_dump_json(indent=2))
         print(f"not analysed: {exc}", file=sys.stderr)
         return 1

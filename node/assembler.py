@@ -104,7 +104,7 @@ class SeriesAssembler:
         analysed = [s for s in series if s.state in ("queued", "analysing", "done", "failed")]
         candidates = {s.series_uid: self._headers(s.series_uid) for s in waiting + analysed}
         rule = self.series_settings
-        chosen, skipped = choose_series(candidates, rule.min_slices, rule.min_coverage_mm)
+        chosen, skipped = choose_series(candidates, rule.min_slices, rule.min_coverage_mm, rule.analyse_contrast)
         for s in waiting:
             uid = s.series_uid
             if uid == chosen:

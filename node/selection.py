@@ -7,15 +7,15 @@ reason it is skipped):
    secondary captures such as dose screens are not.
 2. Not a localizer: ImageType without LOCALIZER and a SeriesDescription without
    scout / topogram / localizer / surview / scanogram.
-3. A head series: BodyPartExamined names the head (HEAD, BRAIN, SKULL, HEADNECK, ...). When it is
-   empty, a head keyword in SeriesDescription, ProtocolName or StudyDescription (head, brain,
-   cerebr-, skull, crani-, "cCT", Kopf, Schaedel, Hirn, craneo, ...). A BodyPartExamined that
-   names another region wins over the descriptions.
-4. Non-contrast: ContrastBolusAgent empty (or "none", "no", "N/A", "nativ") and a
-   SeriesDescription without C+, contrast/Kontrast, KM, CTA, angio, perfusion, CTP, CTV, arterial,
-   venous - after removing negations such as "w/o contrast", "non-contrast", "ohne KM".
-   ProtocolName is not searched: it often names the whole examination ("CTA head and neck")
-   including its plain head series.
+3. A head series (the words are in ichnode.common.header_words): BodyPartExamined names the
+   head. When it is empty, a head keyword in SeriesDescription, ProtocolName or StudyDescription.
+   A BodyPartExamined that names another region, or (when it is empty) descriptions that name
+   another region and not the head, make the series ineligible. Headers that say nothing either
+   way leave it eligible: the worker then decides from the images (skull ring, brain, head size;
+   worker.head_ct) and skips a series that is not a head.
+4. Non-contrast: ContrastBolusAgent empty (or "none", "no", ...) and a SeriesDescription without
+   contrast words or volumes ("C+", "CTA", "150cc", ...). With `analyse_contrast` set, a
+   contrast-enhanced series stays eligible (the worker analyses it with a warning).
 5. Not a projection or rendering: DERIVED / SECONDARY series are accepted (axial reformats keep
    true Hounsfield units and are often the reading series), except MIP, MinIP, volume
    rendering, SSD and curved reformats (by ImageType or SeriesDescription).
@@ -28,14 +28,16 @@ reason it is skipped):
 
 Among eligible series the highest rank wins, compared in this order:
 
-1. Kernel class: soft-tissue/brain kernels over unclassified ones over sharp (bone, lung, edge)
+1. Headers that name the head over headers that say nothing (checked on the images).
+2. Non-contrast over contrast-enhanced (only with `analyse_contrast`).
+3. Kernel class: soft-tissue/brain kernels over unclassified ones over sharp (bone, lung, edge)
    ones - see :func:`kernel_class`.
-2. Slice thickness class: 2.5-5 mm, then 1.25-2.5 mm or 5-8 mm, then thinner (noisy, slow) or
+4. Slice thickness class: 2.5-5 mm, then 1.25-2.5 mm or 5-8 mm, then thinner (noisy, slow) or
    thicker (partial volume) or unknown.
-3. ORIGINAL over DERIVED.
-4. Thickness nearer 5 mm (the thickness of most training data).
-5. More slices.
-6. Ties: the smallest Series Instance UID, so the choice never depends on arrival order.
+5. ORIGINAL over DERIVED.
+6. Thickness nearer 5 mm (the thickness of most training data).
+7. More slices.
+8. Ties: the smallest Series Instance UID, so the choice never depends on arrival order.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.uid import UID
 
+from ichnode.common.header_words import contrast_in_headers, head_in_headers
 from ichnode.common.slice_geometry import SAME_POSITION_MM, slice_normal, slice_spacing
 from ichnode.common.vocabulary import CT_IMAGE_SOP_CLASSES
 from node.headers import InstanceHeader
@@ -55,14 +58,6 @@ MAX_AXIAL_TILT_DEG = 30.0
 PREFERRED_THICKNESS_MM = 5.0
 
 LOCALIZER_WORDS = re.compile(r"SCOUT|TOPO|LOCALI[SZ]ER|SURVIEW|SCANOGRAM")
-HEAD_WORDS = re.compile(r"\b(HEAD|BRAIN|SKULL|CR[AÁÂ]N[IE]|INTRACRANI|CEREBR|KOPF|SCH(AE|Ä|A)DEL|(GE)?HIRN|CCT\b)")
-NEGATED_CONTRAST = re.compile(
-    r"\b(W/?O|WITHOUT|NO|NON|OHNE|SANS|SIN)[\s-]*(IV\s*)?(CONTRAST|KONTRAST|CON\b|KM\b|C\b)|NONCONTRAST|NONCON\b|\bC-"
-)
-CONTRAST_WORDS = re.compile(
-    r"C\+|CONTRAST|KONTRAST|\bKM\b|\bCTA|ANGIO|PERFUSION|\bPERF\b|\bCTP\b|\bCTV\b|ARTERIAL|VENOUS"
-)
-NO_AGENT = re.compile(r"(NONE|NO|N/?A|NIL|-+|0|NATIVE?|OHNE( KM)?|NO CONTRAST|NON.?CONTRAST)")
 PROJECTION_TYPES = {
     "MIP", "MINIP", "MIN IP", "VR", "VRT", "VOLUME RENDERING", "SSD", "CPR", "CURVED", "PROJECTION IMAGE"
 }
@@ -184,7 +179,7 @@ def _summarise(headers: list[InstanceHeader]) -> _Series:
     )
 
 
-def _why_not(series: _Series, min_slices: int, min_coverage_mm: float) -> str | None:
+def _why_not(series: _Series, min_slices: int, min_coverage_mm: float, analyse_contrast: bool) -> str | None:
     if series.modality != "CT":
         return f"modality {series.modality or 'missing'} is not CT"
     if series.sop_class not in CT_IMAGE_SOP_CLASSES:
@@ -194,14 +189,13 @@ def _why_not(series: _Series, min_slices: int, min_coverage_mm: float) -> str | 
     description = series.series_description.upper()
     if LOCALIZER_WORDS.search(description):
         return f"localizer (SeriesDescription '{series.series_description}')"
-    if series.body_part and not HEAD_WORDS.search(series.body_part.upper()):
-        return f"not a head series (BodyPartExamined '{series.body_part}')"
-    if not series.body_part and not HEAD_WORDS.search(series.descriptions.upper()):
-        return "not a head series (no BodyPartExamined and no head keyword in the descriptions)"
-    if series.contrast_agent and not NO_AGENT.fullmatch(series.contrast_agent.upper()):
-        return f"contrast-enhanced (ContrastBolusAgent '{series.contrast_agent}')"
-    if CONTRAST_WORDS.search(NEGATED_CONTRAST.sub(" ", description)):
-        return f"contrast-enhanced (SeriesDescription '{series.series_description}')"
+    if head_in_headers(series.body_part, series.descriptions) is False:
+        named = f"BodyPartExamined '{series.body_part}'" if series.body_part else \
+            "no BodyPartExamined; the descriptions name another region"
+        return f"not a head series ({named})"
+    contrast = contrast_in_headers(series.contrast_agent, series.series_description)
+    if contrast and not analyse_contrast:
+        return f"contrast-enhanced ({contrast})"
     if PROJECTION_TYPES & set(series.image_type) or PROJECTION_WORDS.search(description):
         image_type = "\\".join(series.image_type)
         return f"projection or rendering (ImageType {image_type}, SeriesDescription '{series.series_description}')"
@@ -230,6 +224,8 @@ def _thickness_class(thickness: float | None) -> int:
 def _rank(series: _Series) -> tuple:
     distance = abs(series.thickness_mm - PREFERRED_THICKNESS_MM) if series.thickness_mm is not None else math.inf
     return (
+        head_in_headers(series.body_part, series.descriptions) is True,
+        contrast_in_headers(series.contrast_agent, series.series_description) is None,
         kernel_class(series.kernel),
         _thickness_class(series.thickness_mm),
         series.original,
@@ -238,23 +234,25 @@ def _rank(series: _Series) -> tuple:
     )
 
 
-def _judge(series: _Series, min_slices: int, min_coverage_mm: float) -> Eligibility:
-    reason = _why_not(series, min_slices, min_coverage_mm)
+def _judge(series: _Series, min_slices: int, min_coverage_mm: float, analyse_contrast: bool) -> Eligibility:
+    reason = _why_not(series, min_slices, min_coverage_mm, analyse_contrast)
     return Eligibility(eligible=reason is None, reason=reason, rank=_rank(series) if reason is None else ())
 
 
-def eligibility(headers: list[InstanceHeader], min_slices: int, min_coverage_mm: float) -> Eligibility:
+def eligibility(headers: list[InstanceHeader], min_slices: int, min_coverage_mm: float,
+                analyse_contrast: bool = False) -> Eligibility:
     if not headers:
         return Eligibility(eligible=False, reason="no instances", rank=())
-    return _judge(_summarise(headers), min_slices, min_coverage_mm)
+    return _judge(_summarise(headers), min_slices, min_coverage_mm, analyse_contrast)
 
 
 def choose_series(
-    candidates: dict[str, list[InstanceHeader]], min_slices: int, min_coverage_mm: float
+    candidates: dict[str, list[InstanceHeader]], min_slices: int, min_coverage_mm: float,
+    analyse_contrast: bool = False,
 ) -> tuple[str | None, dict[str, str]]:
     """(chosen series UID or None, {uid: skip reason} for every other series)."""
     series = {uid: _summarise(headers) for uid, headers in candidates.items() if headers}
-    judged = {uid: _judge(s, min_slices, min_coverage_mm) for uid, s in series.items()}
+    judged = {uid: _judge(s, min_slices, min_coverage_mm, analyse_contrast) for uid, s in series.items()}
     skipped = {uid: "no instances" for uid, headers in candidates.items() if not headers}
     skipped.update({uid: e.reason for uid, e in judged.items() if not e.eligible})
     eligible = sorted(uid for uid, e in judged.items() if e.eligible)

@@ -27,14 +27,18 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.sequence import Sequence
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ichnode.common.analysis import ModelIdentity, SeriesFindings
 from ichnode.common.config import PriorityRule, Settings, StorageSection
+from ichnode.common.vocabulary import LABELS, SUBTYPES
 from node.benchmark import ORTHANC, private_network  # Orthanc and its private network namespace, as the benchmark runs them
 from node.headers import InstanceHeader
 from node.store import Store, StudyRow
 from node.worklist import make_worklist_router, mount_web
+from worker.detector import DetectorOutput
+from worker.geometry import Volume
 from worker.priority import assign_priority
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,6 +180,98 @@ def result_files(storage: StorageSection, count=3) -> tuple[str, list[str]]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(str(path.relative_to(storage.data_dir)))
     return series, paths
+
+
+def detector_output(
+    volume: Volume, masks: dict[str, np.ndarray], probabilities: dict[str, float], version="1.0.0"
+) -> DetectorOutput:
+    """What a detector would say given ground-truth ``masks``: hot heatmap and scores on them."""
+    union = np.zeros(volume.hu.shape, bool)
+    for mask in masks.values():
+        union |= mask
+    slice_scores = np.where(union.any(axis=(1, 2)), 0.9, 0.05)
+    slice_probabilities = np.zeros((len(slice_scores), len(LABELS)))
+    slice_probabilities[:, 0] = slice_scores
+    for subtype, mask in masks.items():
+        slice_probabilities[:, LABELS.index(subtype)] = np.where(mask.any(axis=(1, 2)), 0.8, 0.02)
+    volumes = {s: float(m.sum() * volume.voxel_volume_ml) for s, m in masks.items()}
+    volumes["any"] = float(union.sum() * volume.voxel_volume_ml)
+    return DetectorOutput(
+        probabilities={k: probabilities.get(k, 0.02) for k in LABELS},
+        slice_scores=slice_scores,
+        slice_probabilities=slice_probabilities,
+        heatmaps=union.astype(np.float32),
+        masks={s: masks.get(s, np.zeros(volume.hu.shape, bool)) for s in SUBTYPES},
+        volumes_ml=volumes,
+        difficult=False,
+        model_name="ichnet",
+        model_version=version,
+        parameters={"operating_threshold": "0.5"},
+    )
+
+
+class GroundTruthDetector:
+    """A detector that gives one answer computed beforehand (e.g. detector_output of a phantom's masks)."""
+
+    def __init__(self, output):
+        self.output = output
+
+    def detect(self, volume, timings=None, brain_window_only=False):
+        assert volume.hu.shape == self.output.heatmaps.shape
+        return self.output
+
+
+#: What enhanced_ct copies from the first slice.
+ENHANCED_CT_COPIED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
+    "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDescription", "SeriesInstanceUID", "SeriesNumber",
+    "SeriesDescription", "BodyPartExamined", "Manufacturer", "PatientPosition",
+)
+
+
+def enhanced_ct(single_frames: list[Dataset]) -> Dataset:
+    """The Enhanced CT equivalent of single-frame slices: geometry in the functional groups; the
+    patient, study and series attributes of the first slice."""
+    first = single_frames[0]
+    ds = Dataset()
+    for keyword in ENHANCED_CT_COPIED:
+        if keyword in first:
+            ds[keyword] = first[keyword]
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.FrameOfReferenceUID = first.FrameOfReferenceUID
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.NumberOfFrames = len(single_frames)
+
+    def group(**attributes) -> Sequence:
+        item = Dataset()
+        for name, value in attributes.items():
+            setattr(item, name, value)
+        return Sequence([item])
+
+    shared = Dataset()
+    shared.PlaneOrientationSequence = group(ImageOrientationPatient=first.ImageOrientationPatient)
+    shared.PixelMeasuresSequence = group(PixelSpacing=first.PixelSpacing, SliceThickness=first.get("SliceThickness", 5.0))
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame = []
+    for single in single_frames:
+        item = Dataset()
+        item.PlanePositionSequence = group(ImagePositionPatient=single.ImagePositionPatient)
+        item.PixelValueTransformationSequence = group(
+            RescaleSlope=single.RescaleSlope, RescaleIntercept=single.RescaleIntercept
+        )
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    for keyword in (
+        "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
+        "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    ):
+        setattr(ds, keyword, first.get(keyword))
+    ds.PixelData = b"".join(single.PixelData for single in single_frames)
+    return ds
 
 
 # --- the node's records ---------------------------------------------------------------------

@@ -1,8 +1,15 @@
 """`analyze_series`: DICOM files of one series -> findings and result objects on disk.
 
 The one analysis path shared by the Celery task and `ichnode analyze`: load the Hounsfield
-volume, run the detector, assign the priority, build the result objects, write them with
-findings.json and PNG thumbnails of the heatmap captures into the result folder.
+volume, check that it is a head CT without contrast, run the detector, assign the priority, build
+the result objects, write them with findings.json and PNG thumbnails of the heatmap captures into
+the result folder.
+
+Head and contrast: where the headers do not name the head (ichnode.common.header_words; the
+node's selection lets such a series through), the images decide (worker.head_ct) and a volume
+that is not a head is not analysed. Contrast, in the headers or the images, is not analysed
+either, unless `analyse_contrast` is set: then it is, with a warning. The image evidence is
+logged either way.
 """
 from __future__ import annotations
 
@@ -17,15 +24,21 @@ from PIL import Image
 
 from ichnode.common.analysis import Findings, WorkerStages
 from ichnode.common.config import PriorityRule
+from ichnode.common.header_words import contrast_in_headers, head_in_headers
 from ichnode.common.result_folder import ResultFolder
 from ichnode.common.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from worker.detector import Detector
 from worker.findings import findings_from_output
+from worker.head_ct import examine
 from worker.priority import assign_priority
 from worker.results import build_results
 from worker.volume import load_series
 
 log = logging.getLogger("ichnode.worker")
+
+
+class NotAnalysed(Exception):
+    """A series the worker does not analyse although it loads: not a head, or contrast-enhanced."""
 
 
 @dataclass
@@ -51,12 +64,40 @@ def _thumbnail(ds, size: int = 256) -> bytes:
     return buffer.getvalue()
 
 
-def analyze_series(paths: Sequence[Path], detector: Detector, rule: PriorityRule, folder: ResultFolder) -> Analysis:
+def _text(ds, *keywords: str) -> str:
+    return " ".join(str(ds.get(k) or "") for k in keywords).strip()
+
+
+def _check_head_and_contrast(first, volume, analyse_contrast: bool) -> list[str]:
+    """Raises NotAnalysed for a volume that is not a head or shows contrast; the warnings to add."""
+    series = first.SeriesInstanceUID
+    images = examine(volume)
+    named = head_in_headers(_text(first, "BodyPartExamined"),
+                            _text(first, "SeriesDescription", "ProtocolName", "StudyDescription"))
+    log.info("series %s: headers %s; images %s: %s", series, "name the head" if named else "do not name the head",
+             "show a head" if images.head else "do not show a head", images.head_reason)
+    if not named and not images.head:
+        raise NotAnalysed(f"not a head CT by its images (the headers do not say): {images.head_reason}")
+    contrast = contrast_in_headers(_text(first, "ContrastBolusAgent"), _text(first, "SeriesDescription"))
+    contrast = contrast or images.contrast
+    if contrast is None:
+        return []
+    if not analyse_contrast:
+        raise NotAnalysed(f"contrast-enhanced ({contrast}); set series.analyse_contrast to analyse it")
+    return [f"contrast-enhanced ({contrast}): analysed because series.analyse_contrast is set; "
+            "the detector was trained on non-contrast CT, so dense vessels may read as blood"]
+
+
+def analyze_series(paths: Sequence[Path], detector: Detector, rule: PriorityRule, folder: ResultFolder,
+                   analyse_contrast: bool = False) -> Analysis:
     started = time.monotonic()
     loaded = load_series(paths)
     for warning in loaded.warnings:
         log.warning("%s", warning)
     first = loaded.sources[0]
+    for warning in _check_head_and_contrast(first, loaded.volume, analyse_contrast):
+        log.warning("series %s: %s", first.SeriesInstanceUID, warning)
+        loaded.warnings.append(warning)
     loaded_at = time.monotonic()
     output = detector.detect(loaded.volume)
     priority = assign_priority(rule, output.probabilities, output.volumes_ml, output.difficult)

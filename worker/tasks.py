@@ -17,7 +17,7 @@ from ichnode.common.analysis import AnalysisResult, SeriesFindings, Skipped
 from ichnode.common.config import Settings
 from ichnode.common.queue import ANALYZE_QUEUE, ANALYZE_TASK, make_celery
 from worker.detector import Detector, load_detector
-from worker.pipeline import analyze_series
+from worker.pipeline import NotAnalysed, analyze_series
 from worker.volume import VolumeError
 
 log = logging.getLogger("ichnode.worker")
@@ -34,8 +34,9 @@ def create_worker_app(settings: Settings, detector: Detector) -> Celery:
         log.info("analysing series %s (generation %d, %d instances) pid %d",
                  series_uid, generation, len(paths), os.getpid())
         try:
-            analysis = analyze_series(paths, detector, settings.priority, storage.result_folder(series_uid))
-        except VolumeError as exc:
+            analysis = analyze_series(paths, detector, settings.priority, storage.result_folder(series_uid),
+                                      settings.series.analyse_contrast)
+        except (VolumeError, NotAnalysed) as exc:
             log.warning("series %s not analysed: %s", series_uid, exc)
             return AnalysisResult(series_uid=series_uid, generation=generation, outcome=Skipped(skipped=str(exc)))
         log.info("series %s analysed in %.1f s: %s", series_uid, analysis.seconds, analysis.findings.priority.level)

@@ -215,6 +215,8 @@ class SeriesSection(Section):
     quiet_seconds: float = Field(default=10.0, gt=0, le=3600)
     min_slices: int = Field(default=16, ge=1)
     min_coverage_mm: float = Field(default=80.0, ge=0)
+    # contrast-enhanced series (headers or images): False skips them, True analyses them with a warning
+    analyse_contrast: bool = False
 
 
 class QueueSection(Section):

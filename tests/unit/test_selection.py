@@ -66,8 +66,10 @@ def test_routine_head_series_is_eligible():
         ({"body_part": "CHEST"}, "not a head series (BodyPartExamined 'CHEST')"),
         (
             {"body_part": None, "series_description": "Abdomen", "protocol_name": None, "study_description": "CT ABD"},
-            "not a head series (no BodyPartExamined and no head keyword in the descriptions)",
+            "not a head series (no BodyPartExamined; the descriptions name another region)",
         ),
+        ({"series_description": "4cc sec 150cc D3D on"}, "contrast-enhanced (SeriesDescription '4cc sec 150cc D3D on')"),
+        ({"series_description": "Head 80 ml Ultravist"}, "contrast-enhanced (SeriesDescription 'Head 80 ml Ultravist')"),
         ({"contrast_agent": "Omnipaque"}, "contrast-enhanced (ContrastBolusAgent 'Omnipaque')"),
         ({"series_description": "Head C+ 5mm"}, "contrast-enhanced (SeriesDescription 'Head C+ 5mm')"),
         ({"series_description": "CTA Head 0.6"}, "contrast-enhanced (SeriesDescription 'CTA Head 0.6')"),
@@ -217,3 +219,21 @@ def test_headers_of_a_phantom_head_ct_are_eligible():
     assert judge([h.model_copy(update={"contrast_agent": "Iomeron 350"}) for h in headers]).reason == (
         "contrast-enhanced (ContrastBolusAgent 'Iomeron 350')"
     )
+
+
+def test_headers_that_say_nothing_of_the_region_leave_the_choice_to_the_images():
+    """Anonymised: no BodyPartExamined, no descriptions. Eligible (the worker checks the images), but
+    a series whose headers name the head wins."""
+    silent = series(body_part=None, series_description=None, protocol_name=None, study_description=None)
+    assert judge(silent).eligible
+    chosen, skipped = choose_series({"1.2.1": silent, "1.2.2": series(kernel="H70h")}, MIN_SLICES, MIN_COVERAGE)
+    assert chosen == "1.2.2" and skipped["1.2.1"].startswith("another series was chosen: 1.2.2")
+
+
+def test_contrast_is_analysed_only_when_configured_and_then_after_a_plain_series():
+    contrast = series(series_description="4cc sec 150cc D3D on")
+    assert not eligibility(contrast, MIN_SLICES, MIN_COVERAGE).eligible
+    assert eligibility(contrast, MIN_SLICES, MIN_COVERAGE, analyse_contrast=True).eligible
+    candidates = {"1.2.1": contrast, "1.2.2": series(kernel="H70h")}
+    assert choose_series(candidates, MIN_SLICES, MIN_COVERAGE, analyse_contrast=True)[0] == "1.2.2"
+    assert choose_series({"1.2.1": contrast}, MIN_SLICES, MIN_COVERAGE, analyse_contrast=True) == ("1.2.1", {})

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.sequence import Sequence
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -19,9 +18,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from tests.helpers import enhanced_ct
 from worker.volume import VolumeError, load_series
 
-ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 ROWS, COLUMNS = 40, 32
 FRAME_OF_REFERENCE = generate_uid()
@@ -293,47 +292,6 @@ def test_localizer_other_orientation_other_matrix_and_duplicates_not_mixed_in(tm
     assert any("another geometry" in w and "orientation" in w for w in loaded.warnings)
     assert any("another geometry" in w and "matrix (8, 8)" in w for w in loaded.warnings)
     assert any(f"duplicate position(s) left out: instance {duplicate.SOPInstanceUID}" in w for w in loaded.warnings)
-
-
-def enhanced_ct(single_frames: list[Dataset]) -> Dataset:
-    """The Enhanced CT equivalent of single-frame slices: geometry in the functional groups."""
-    first = single_frames[0]
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = ENHANCED_CT
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.Modality = "CT"
-    ds.FrameOfReferenceUID = first.FrameOfReferenceUID
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
-    ds.NumberOfFrames = len(single_frames)
-
-    def group(**attributes) -> Sequence:
-        item = Dataset()
-        for name, value in attributes.items():
-            setattr(item, name, value)
-        return Sequence([item])
-
-    shared = Dataset()
-    shared.PlaneOrientationSequence = group(ImageOrientationPatient=first.ImageOrientationPatient)
-    shared.PixelMeasuresSequence = group(PixelSpacing=first.PixelSpacing, SliceThickness=5.0)
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
-    per_frame = []
-    for single in single_frames:
-        item = Dataset()
-        item.PlanePositionSequence = group(ImagePositionPatient=single.ImagePositionPatient)
-        item.PixelValueTransformationSequence = group(
-            RescaleSlope=single.RescaleSlope, RescaleIntercept=single.RescaleIntercept
-        )
-        per_frame.append(item)
-    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
-    for keyword in (
-        "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
-        "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
-    ):
-        setattr(ds, keyword, first.get(keyword))
-    ds.PixelData = b"".join(single.PixelData for single in single_frames)
-    return ds
 
 
 def test_enhanced_ct_loads_into_the_same_volume_as_single_frames(tmp_path):

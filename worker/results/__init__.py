@@ -29,7 +29,7 @@ def build_results(
     """
     if len(sources) != len(volume.slices):
         raise ValueError(f"{len(sources)} sources for {len(volume.slices)} volume slices")
-    sources = [conformant(ds) for ds in sources]
+    sources = [conformant(ds, volume.spacing_mm[0]) for ds in sources]
     uids = ResultUIDs(findings.series_instance_uid, output.model_name, output.model_version)
     results: dict[str, pydicom.Dataset] = {}
     seg = build_seg(sources, volume, output, uids)

@@ -69,26 +69,32 @@ TYPE2_PATIENT_AND_STUDY = (
 )
 
 
-def conformant(ds: Dataset) -> Dataset:
-    """``ds``, or a shallow copy with the patient/study values highdicom would reject emptied and
-    the absent Type 2 ones present and empty.
+def conformant(ds: Dataset, slice_spacing_mm: float) -> Dataset:
+    """``ds``, or a shallow copy with the patient/study values highdicom would reject emptied, the
+    absent Type 2 ones present and empty, and an absent or empty Slice Thickness set to the slice
+    spacing the loader measured.
 
     highdicom validates Patient's Sex and the dates and times it copies into derived objects, and
     reads the Type 2 attributes unconditionally; a source that bends those rules (sex "U", a year
     as birth date, no birth date at all) must not cost the series its results. Empty is what the
-    standard allows for Type 2, so the results stay valid.
+    standard allows for Type 2, so the results stay valid. The Segmentation's Pixel Measures need
+    a Slice Thickness (Type 2 in the source's Image Plane module).
     """
     bad = [k for k in _VALID if ds.get(k) not in (None, "") and not _is_valid(k, ds.get(k))]
     bad += [k for k in TYPE2_PATIENT_AND_STUDY if k not in ds and k not in bad]
-    if not bad:
+    no_thickness = ds.get("SliceThickness") in (None, "")
+    if not bad and not no_thickness:
         return ds
     fixed = Dataset(dict(ds.items()))  # own element dict; copy.copy would share it
     if hasattr(ds, "file_meta"):
         fixed.file_meta = ds.file_meta
-    for keyword in bad:
+    replacements = {keyword: "" for keyword in bad}
+    if no_thickness:
+        replacements["SliceThickness"] = round(slice_spacing_mm, 6)
+    for keyword, value in replacements.items():
         if keyword in fixed:
             del fixed[keyword]  # a new element, not a change to the shared one
-        setattr(fixed, keyword, "")
+        setattr(fixed, keyword, value)
     return fixed
 
 
