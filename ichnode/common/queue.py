@@ -1,9 +1,9 @@
 """The queue between node and workers: the task and queue names and the Celery application both
 sides build from the configuration (the node sends tasks, the workers run them).
 
-Embedded broker (default, one machine): kombu's filesystem transport (messages written
-atomically, see ichnode.common.embedded_broker) and Celery's file result backend under data_dir, so
-`ichnode serve` needs no service. Redis (`broker_url=redis://…`): broker and result backend for
+Embedded broker (default, one machine): kombu's filesystem transport and Celery's file result
+backend under data_dir, messages and results written atomically (ichnode.common.embedded_broker),
+so `ichnode serve` needs no service. Redis (`broker_url=redis://…`): broker and result backend for
 workers on other hosts.
 
 Tasks are acknowledged late. With Redis, a task whose worker dies is delivered again after the
@@ -22,6 +22,7 @@ from ichnode.common.config import Settings
 #: the spool directory); returns an ichnode.common.analysis.AnalysisResult as JSON.
 ANALYZE_TASK = "ichnode.analyze_series"
 ANALYZE_QUEUE = "ichnode.analyze"
+BROKER_CONNECT_SECONDS = 2  # a broker that does not answer by then counts as out
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -30,7 +31,8 @@ def make_celery(settings: Settings) -> Celery:
     queue = settings.queue
     if queue.broker_url:
         broker, backend = queue.broker_url, queue.broker_url
-        transport_options = {"visibility_timeout": int(queue.task_timeout_seconds)}
+        transport_options = {"visibility_timeout": int(queue.task_timeout_seconds),
+                             "socket_connect_timeout": BROKER_CONNECT_SECONDS}
     else:
         broker_dir = settings.storage.broker_dir
         queue_dir = broker_dir / "queue"
@@ -39,7 +41,7 @@ def make_celery(settings: Settings) -> Celery:
         results_dir = broker_dir / "results"
         for folder in (queue_dir, processed_dir, control_dir, results_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        broker, backend = embedded_broker.register(), f"file://{results_dir.resolve()}"
+        broker, backend = embedded_broker.register(), embedded_broker.result_backend_url(results_dir)
         transport_options = {
             "data_folder_in": str(queue_dir.resolve()),
             "data_folder_out": str(queue_dir.resolve()),
@@ -53,6 +55,9 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options=transport_options,
         result_backend_transport_options=transport_options if queue.broker_url else {},
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=BROKER_CONNECT_SECONDS,
+        redis_socket_connect_timeout=BROKER_CONNECT_SECONDS,
+        task_publish_retry=False,  # the node's dispatcher retries with backoff, without holding up its loop
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_track_started=True,
