@@ -285,10 +285,11 @@ class Site:
 class StoreSCP:
     """DCMTK storescp as a result destination (a stand-in PACS)."""
 
-    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS"):
+    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS", extra: tuple[str, ...] = ()):
         self.folder = folder
         self.port = port or free_port()
         self.ae_title = ae_title
+        self.extra = extra  # more storescp options, e.g. ("-xf", config, profile)
         self.proc: subprocess.Popen | None = None
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -298,7 +299,7 @@ class StoreSCP:
 
     def start(self) -> "StoreSCP":
         self.proc = subprocess.Popen(
-            [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.folder), "+B", str(self.port)],
+            [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.folder), "+B", *self.extra, str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: listening(self.port), 10, what=f"storescp on {self.port}")
         return self
