@@ -14,6 +14,7 @@ held. Either way the node re-queues a series with no result after `task_timeout_
 from __future__ import annotations
 
 from celery import Celery
+from celery.backends.redis import RedisBackend
 
 from ichnode.common import embedded_broker
 from ichnode.common.config import Settings
@@ -25,12 +26,21 @@ ANALYZE_QUEUE = "ichnode.analyze"
 BROKER_CONNECT_SECONDS = 2  # a broker that does not answer by then counts as out
 
 
+class PolledRedisBackend(RedisBackend):
+    """Celery's Redis result backend without a subscription to the result of each task sent: the
+    node polls task states instead, and subscriptions to a Redis that is out retry and log in a
+    loop of their own (thousands of lines an outage)."""
+
+    def on_task_call(self, producer, task_id):
+        pass
+
+
 def make_celery(settings: Settings) -> Celery:
     """The Celery application for `settings`; for the embedded broker, creates its folders."""
     app = Celery("ichnode")
     queue = settings.queue
     if queue.broker_url:
-        broker, backend = queue.broker_url, queue.broker_url
+        broker, backend = queue.broker_url, f"{__name__}:PolledRedisBackend+{queue.broker_url}"
         transport_options = {"visibility_timeout": int(queue.task_timeout_seconds),
                              "socket_connect_timeout": BROKER_CONNECT_SECONDS}
     else:
