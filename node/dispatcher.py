@@ -7,7 +7,9 @@ finish within `task_timeout_seconds`.
 
 When the broker cannot take a task (Redis down, the embedded queue's disk full) the series stays
 queued without `sent_at` and is sent again with backoff (`BrokerOutage`: seconds, one log line
-when the outage starts and one when it ends); /healthz names the waiting series. A series whose
+when the outage starts and one when it ends); /healthz names the waiting series. When it is back,
+tasks sent before the outage that no worker started are sent again (a Redis restarted without
+persistence lost them). A series whose
 analysis failed for a cause that passes (disk full, worker lost, an unreadable result) is
 dispatched again with backoff, up to `RETRY_LIMIT` times and never while the disk is below its
 watermark; any failed series can be retried by hand (`retry` in the store, POST
@@ -72,10 +74,13 @@ class BrokerOutage:
         self.next_try = now + backoff(self.tries, BROKER_BACKOFF_SECONDS)
         self.tries += 1
 
-    def reached(self, now: float) -> None:
-        if self.since is not None:
-            log.warning("broker reachable again after %.0f s", now - self.since)
+    def reached(self, now: float) -> float | None:
+        """The broker answered; returns when the outage that this ends began, if one did."""
+        since = self.since
+        if since is not None:
+            log.warning("broker reachable again after %.0f s", now - since)
         self.since, self.error, self.tries, self.next_try = None, "", 0, 0.0
+        return since
 
     def may_try(self, now: float) -> bool:
         return now >= self.next_try
@@ -106,18 +111,42 @@ class Dispatcher:
     def _send(self, series: SeriesRow, now: float) -> bool:
         """Hand the series' task to the broker; False when it cannot take it (the series waits)."""
         uid, generation = series.series_uid, series.generation
-        paths = [instance.path for instance in self.store.instances(uid)]
         try:
-            self.celery.send_task(ANALYZE_TASK, args=[uid, generation, paths], task_id=series.task_id)
+            count = self._publish(series)
         except BROKER_ERRORS as exc:
             self.broker.failed(exc, now)
             self.store.mark_waiting_for_broker(uid, generation, f"waiting for the broker: {self.broker.error}")
             return False
-        self.broker.reached(now)
         self.store.mark_sent(uid, generation)
         SERIES.labels(state="queued").inc()
-        log.info("series %s queued (generation %d, %d instances)", uid, generation, len(paths))
+        log.info("series %s queued (generation %d, %d instances)", uid, generation, count)
+        self._broker_reached(now)
         return True
+
+    def _publish(self, series: SeriesRow) -> int:
+        """Send the series' task (its id names the dispatch, so sending it again is harmless)."""
+        paths = [instance.path for instance in self.store.instances(series.series_uid)]
+        self.celery.send_task(ANALYZE_TASK, args=[series.series_uid, series.generation, paths],
+                              task_id=series.task_id)
+        return len(paths)
+
+    def _broker_reached(self, now: float) -> None:
+        """After an outage, send again the tasks sent before it that no worker has started: a broker
+        that restarted without persistence (Redis) lost them, and they would wait for the time-out."""
+        since = self.broker.reached(now)
+        if since is None:
+            return
+        resent = 0
+        try:
+            for series in self.store.series_in_state("queued"):
+                if series.sent_at and series.sent_at < since and self.celery.AsyncResult(series.task_id).state == \
+                        "PENDING":
+                    self._publish(series)
+                    resent += 1
+        except BROKER_ERRORS as exc:  # out again: the next return sends them
+            self.broker.failed(exc, now)
+        if resent:
+            log.warning("sent %d task(s) again that were queued before the outage and not started", resent)
 
     def requeue(self, series_uid: str, why: str) -> None:
         log.warning("series %s re-queued: %s", series_uid, why)
@@ -147,14 +176,17 @@ class Dispatcher:
         if not self.disk_shortage():
             for series in self.store.series_due_for_retry(now):
                 self.requeue(series.series_uid, f"retry {series.attempts} after: {series.reason}")
-        for series in self.store.series_in_state("queued", "analysing"):
-            if series.state == "queued" and series.sent_at is None:
-                continue  # waits for the broker (dispatched during this pass while it was out)
-            try:
+        try:
+            followed = False
+            for series in self.store.series_in_state("queued", "analysing"):
+                if series.state == "queued" and series.sent_at is None:
+                    continue  # waits for the broker (dispatched during this pass while it was out)
                 self._follow(series, now, dead_worker_pids, worker_died_at)
-            except BROKER_ERRORS as exc:  # the result backend is out: the broker is too, or soon will be
-                self.broker.failed(exc, now)
-                return
+                followed = True
+            if followed:
+                self._broker_reached(now)
+        except BROKER_ERRORS as exc:  # the result backend is out: the broker is too, or soon will be
+            self.broker.failed(exc, now)
 
     def _follow(self, series: SeriesRow, now: float, dead_worker_pids: set[int], worker_died_at: float) -> None:
         uid, generation = series.series_uid, series.generation

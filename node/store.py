@@ -369,8 +369,8 @@ class Store:
     def mark_sent(self, series_uid: str, generation: int) -> None:
         """The broker took the queued task."""
         with self.transaction() as db:
-            db.execute("UPDATE series SET sent_at=?, reason=NULL WHERE series_uid=? AND generation=? AND state='queued'",
-                       (time.time(), series_uid, generation))
+            db.execute("UPDATE series SET sent_at=?, reason=NULL "
+                       "WHERE series_uid=? AND generation=? AND state='queued'", (time.time(), series_uid, generation))
 
     def mark_waiting_for_broker(self, series_uid: str, generation: int, reason: str) -> None:
         with self.transaction() as db:

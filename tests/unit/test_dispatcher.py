@@ -152,3 +152,22 @@ def test_a_failure_that_does_not_pass_is_not_retried_by_itself_but_by_hand(node)
     assert store.series("4.1").state == "queued" and store.series("4.1").generation == failed.generation + 1
     assert client.post("/api/series/4.1/retry").status_code == 409  # queued: nothing to retry
     assert client.post("/api/series/9.9/retry").status_code == 404
+
+
+def test_tasks_sent_before_an_outage_and_not_started_are_sent_again_after_it(node):
+    settings, store, celery = node
+    broker = BrokerDown(celery)
+    broker.up = True
+    dispatcher = Dispatcher(store, settings, broker, on_result=lambda *a: None)
+    receive(store, "5.1")
+    receive(store, "5.2")
+    dispatcher.dispatch("5.1")  # sent; then Redis restarts empty
+    broker.up = False
+    time.sleep(0.01)
+    dispatcher.dispatch("5.2")  # waits
+    broker.up = True
+    dispatcher.poll(time.time() + 60)
+    task_1, task_2 = store.series("5.1").task_id, store.series("5.2").task_id
+    assert sorted(broker.sent) == sorted([task_1, task_1, task_2])  # 5.1 once more: its message may be gone
+    dispatcher.poll(time.time() + 120)
+    assert len(broker.sent) == 3  # no outage, nothing sent again
