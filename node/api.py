@@ -203,12 +203,22 @@ def create_app(store: Store, settings: Settings, health: dict | None = None) -> 
         items = store.deliveries(series_uid)
         return SeriesWithDeliveries(**dict(SeriesView.of(found, items)), deliveries=[DeliveryView.of(d) for d in items])
 
+    @app.post("/api/series/{series_uid}/retry", dependencies=guarded, response_model=SeriesView, status_code=202)
+    def retry(series_uid: str):
+        """Analyse a failed series again: it is dispatched within a second."""
+        found = store.series(series_uid)
+        if not found:
+            raise HTTPException(404, f"no series {series_uid}")
+        if not store.retry_series(series_uid):
+            raise HTTPException(409, f"series {series_uid} is {found.state}, not failed: nothing to retry")
+        return SeriesView.of(store.series(series_uid))
+
     @app.get("/api/deliveries", dependencies=guarded, response_model=list[DeliveryView])
     def deliveries():
         return [DeliveryView.of(d) for d in store.deliveries()]
 
     app.include_router(make_worklist_router(store, settings.storage), dependencies=guarded)
-    intake = Intake(Spool(settings.storage.spool_dir), store, settings.listener)
+    intake = Intake(Spool(settings.storage.spool_dir, settings.storage.min_free_bytes), store, settings.listener)
     app.include_router(make_dicomweb_router(intake), dependencies=guarded)
     mount_web(app)
     return app

@@ -26,7 +26,8 @@ the spool as `[listener] other_objects` says. Without it, such an object is refu
 A refusal raises `Refused` with the status the sender gets. The codes are both the C-STORE Status
 (PS3.4 Table B.2-1) and the STOW-RS Failure Reason (PS3.18 uses the same values):
   0x0122 SOP class not supported, without accept_all_storage (C-STORE refuses it at negotiation)
-  0xA700 out of resources: the instance could not be written
+  0xA700 out of resources: free space below storage.min_free_mb (checked first), or the instance
+         could not be written
   0xA900 data set does not match SOP class: no Pixel Data, Rows, Columns or Bits Allocated, a
          required UID missing or empty, a text element with NUL bytes inside (a malformed header), or a
          UID that differs from the request's (the C-STORE
@@ -302,6 +303,9 @@ class Intake:
                check: Callable[[InstanceHeader], None] | None = None) -> InstanceHeader:
         """Store one Part 10 instance from `source` (calling AE title or client address); returns its
         header. `check(header)` raises `Refused` when the instance does not fit its request."""
+        if shortage := self.spool.free_space.shortage():  # logged once per shortage, not per instance
+            INSTANCES.labels(outcome="refused 0xA700").inc()
+            raise Refused(0xA700, shortage)
         try:
             header, ds, offset = self._parsed(data)
             if check:

@@ -114,11 +114,12 @@ class NodeService:
     def __init__(self, settings: Settings, workers: WorkerPool | None = None):
         self.settings = settings
         self.store = Store(settings.storage.database_path)
-        self.spool = Spool(settings.storage.spool_dir)
+        self.spool = Spool(settings.storage.spool_dir, settings.storage.min_free_bytes)
         self.celery = make_celery(settings)
         self.dispatcher = Dispatcher(
             self.store, settings, self.celery,
             on_result=lambda series, gen, findings: plan_deliveries(self.store, settings, series, gen, findings),
+            disk_shortage=self.spool.free_space.shortage,
         )
         self.assembler = SeriesAssembler(self.store, settings, self.dispatcher.dispatch)
         self.deliverer = Deliverer(self.store, settings)
@@ -139,12 +140,14 @@ class NodeService:
             self.stopping.wait(interval)
 
     def _assembly_step(self) -> None:
+        self.health["disk"] = self.spool.free_space.shortage() or True
         self.assembler.tick()
         if self.workers:
             self.health["workers"] = self.workers.check() or "a worker exited; restarting"
             self.dispatcher.poll(dead_worker_pids=self.workers.dead_pids, worker_died_at=self.workers.last_death)
         else:
             self.dispatcher.poll()
+        self.health["broker"] = self.dispatcher.waiting_for_broker()
 
     def start(self) -> None:
         self.settings.storage.data_dir.mkdir(parents=True, exist_ok=True)

@@ -11,11 +11,20 @@ Instance UID that is already stored is kept as first received.
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from ichnode.common.uids import path_name
+from node.metrics import DISK_BELOW_MIN_FREE, DISK_FREE_BYTES
+
+log = logging.getLogger("ichnode.spool")
+
+CHECK_SECONDS = 0.5
+MB = 1024 * 1024
 
 
 def _fsync_dir(path: Path) -> None:
@@ -32,10 +41,48 @@ def sync_dirs(dirs: list[Path]) -> None:
         _fsync_dir(folder)
 
 
+class FreeSpace:
+    """Free space under `path` against a watermark of `min_free_bytes`; logs each shortage once."""
+
+    def __init__(self, path: Path, min_free_bytes: int):
+        self.path = path
+        self.min_free_bytes = min_free_bytes
+        self._checked_at = float("-inf")
+        self._shortage: str | None = None
+        self._lock = threading.Lock()  # one statvfs for all associations
+
+    def shortage(self) -> str | None:
+        """Why instances are refused now (free space below the watermark), or None."""
+        if self.min_free_bytes <= 0:
+            return None
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked_at >= CHECK_SECONDS:
+                self._checked_at = now
+                self._update()
+            return self._shortage
+
+    def _update(self) -> None:
+        stat = os.statvfs(self.path)
+        free = stat.f_bavail * stat.f_frsize
+        DISK_FREE_BYTES.set(free)
+        shortage = None
+        if free < self.min_free_bytes:
+            shortage = f"disk full: {free / MB:.0f} MB free, below storage.min_free_mb {self.min_free_bytes / MB:.0f}"
+        DISK_BELOW_MIN_FREE.set(shortage is not None)
+        if shortage and not self._shortage:
+            log.error("%s under %s: instances are refused (0xA700) until there is room again", shortage, self.path)
+        elif self._shortage and not shortage:
+            log.warning("free space back above storage.min_free_mb (%.0f MB free): instances are taken again",
+                        free / MB)
+        self._shortage = shortage
+
+
 class Spool:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, min_free_bytes: int = 0):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self.free_space = FreeSpace(root, min_free_bytes)
 
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
         return self.root / path_name(study_uid) / path_name(series_uid)

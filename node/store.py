@@ -9,7 +9,12 @@ transaction (the intake's group commit, node/intake.py).
 
 Series states: receiving -> queued -> analysing -> done | failed | skipped. A late instance puts a
 done/queued/analysing series back to receiving, and its next dispatch bumps `generation`, so a
-result from an older generation is recognised as superseded.
+result from an older generation is recognised as superseded. A queued series whose task the
+broker has not taken yet has no `sent_at` (it waits for the broker); a failed series with a
+`retry_at` is dispatched again then (`attempts` counts the failures since its last result).
+
+Outbox items: pending -> sent | failed. `failed` is final: the destination refused the object (its
+SOP class, or a failure status, `refusals` times for a status that may be transient).
 """
 from __future__ import annotations
 
@@ -50,7 +55,10 @@ CREATE TABLE IF NOT EXISTS series (
     generation INTEGER NOT NULL DEFAULT 0,
     task_id TEXT,
     findings TEXT,
-    purged_at REAL
+    purged_at REAL,
+    sent_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    retry_at REAL
 );
 CREATE INDEX IF NOT EXISTS series_by_study ON series(study_uid);
 CREATE INDEX IF NOT EXISTS series_by_state ON series(state);
@@ -87,12 +95,19 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT,
     created_at REAL NOT NULL,
     sent_at REAL,
+    refusals INTEGER NOT NULL DEFAULT 0,
     UNIQUE(series_uid, generation, channel, target, payload)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
 """
-#: Columns added since the first schema, by table: a database made before gets them at start.
-_ADDED_COLUMNS = {"series": {"completed_by": "TEXT"}}
+#: Columns added since the first schema: (table, column, definition), added to older databases at start.
+_ADDED_COLUMNS = (
+    ("series", "completed_by", "TEXT"),
+    ("series", "sent_at", "REAL"),
+    ("series", "attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("series", "retry_at", "REAL"),
+    ("outbox", "refusals", "INTEGER NOT NULL DEFAULT 0"),
+)
 
 
 class _Row(BaseModel):
@@ -134,6 +149,9 @@ class SeriesRow(_Row):
     task_id: str | None
     findings: SeriesFindings | None  # of the latest analysis; kept while a late instance is received
     purged_at: float | None
+    sent_at: float | None  # when the broker took the queued task; None while it waits for the broker
+    attempts: int  # failed analyses since the last result
+    retry_at: float | None  # a failed series: when it is dispatched again
 
 
 class InstanceRow(_Row):
@@ -155,12 +173,13 @@ class DeliveryRow(_Row):
     channel: Channel
     target: str  # AET@host:port, host:port or URL
     payload: str  # dicom: the result file relative to data_dir; hl7: the message; webhook: the JSON body
-    state: Literal["pending", "sent"]
+    state: Literal["pending", "sent", "failed"]
     attempts: int
     next_attempt_at: float
     last_error: str | None
     created_at: float
     sent_at: float | None
+    refusals: int  # failure statuses the destination answered (retried up to delivery.max_attempts)
 
 
 @dataclass(frozen=True)
@@ -232,11 +251,9 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
-            for table, columns in _ADDED_COLUMNS.items():
-                have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
-                for name, kind in columns.items():
-                    if name not in have:
-                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+            for table, column, definition in _ADDED_COLUMNS:
+                if column not in {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -343,7 +360,8 @@ class Store:
     def mark_queued(self, series_uid: str, task_id: str, last_received_at: float | None = None) -> int | None:
         """Dispatch: bumps the generation. With last_received_at, only if nothing arrived since."""
         with self.transaction() as db:
-            sql = "UPDATE series SET state='queued', reason=NULL, generation=generation+1, task_id=?, queued_at=?, started_at=NULL WHERE series_uid=?"
+            sql = ("UPDATE series SET state='queued', reason=NULL, generation=generation+1, task_id=?, queued_at=?, "
+                   "started_at=NULL, sent_at=NULL, retry_at=NULL WHERE series_uid=?")
             args: tuple = (task_id, time.time(), series_uid)
             if last_received_at is not None:
                 sql += " AND last_received_at=?"
@@ -360,15 +378,43 @@ class Store:
             )
 
     def mark_result(self, series_uid: str, generation: int, state: SeriesState, findings: SeriesFindings | None,
-                    reason: str | None) -> bool:
-        """Store a finished task's outcome; False when the series moved on (superseded result)."""
+                    reason: str | None, retry_at: float | None = None) -> bool:
+        """Store a finished task's outcome; False when the series moved on (superseded result). A
+        failure counts in `attempts` and, with `retry_at`, is dispatched again then."""
         with self.transaction() as db:
             cur = db.execute(
-                """UPDATE series SET state=?, reason=?, findings=?, analysed_at=?
+                """UPDATE series SET state=?, reason=?, findings=?, analysed_at=?, retry_at=?,
+                   attempts=CASE WHEN ?='failed' THEN attempts+1 ELSE 0 END
                    WHERE series_uid=? AND generation=? AND state IN ('queued','analysing')""",
                 (state, reason, findings.model_dump_json() if findings is not None else None, time.time(),
-                 series_uid, generation),
+                 retry_at, state, series_uid, generation),
             )
+            return cur.rowcount == 1
+
+    def mark_sent(self, series_uid: str, generation: int) -> None:
+        """The broker took the queued task."""
+        with self.transaction() as db:
+            db.execute("UPDATE series SET sent_at=?, reason=NULL "
+                       "WHERE series_uid=? AND generation=? AND state='queued'", (time.time(), series_uid, generation))
+
+    def mark_waiting_for_broker(self, series_uid: str, generation: int, reason: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE series SET reason=? WHERE series_uid=? AND generation=? AND state='queued' "
+                       "AND sent_at IS NULL", (reason, series_uid, generation))
+
+    def series_waiting_for_broker(self) -> list[SeriesRow]:
+        """Queued series whose task the broker has not taken yet."""
+        return self._series("SELECT * FROM series WHERE state='queued' AND sent_at IS NULL ORDER BY queued_at")
+
+    def series_due_for_retry(self, now: float) -> list[SeriesRow]:
+        """Failed series whose retry time has come."""
+        return self._series("SELECT * FROM series WHERE state='failed' AND retry_at<=? ORDER BY retry_at", (now,))
+
+    def retry_series(self, series_uid: str) -> bool:
+        """Have a failed series dispatched again now (attempts start over); False when it is not failed."""
+        with self.transaction() as db:
+            cur = db.execute("UPDATE series SET retry_at=?, attempts=0 WHERE series_uid=? AND state='failed'",
+                             (time.time(), series_uid))
             return cur.rowcount == 1
 
     # --- studies ---------------------------------------------------------------------------
@@ -411,7 +457,14 @@ class Store:
             db.execute("UPDATE outbox SET state='sent', sent_at=?, attempts=attempts+1, last_error=? WHERE id=?",
                        (time.time(), warning[:500] if warning else None, item_id))
 
-    def delivery_failed(self, item_id: int, error: str, next_attempt_at: float) -> None:
+    def delivery_failed(self, item_id: int, error: str, next_attempt_at: float, refused: bool = False) -> None:
+        """An attempt that did not store the item; `refused`: the destination answered a failure status."""
         with self.transaction() as db:
-            db.execute("UPDATE outbox SET attempts=attempts+1, last_error=?, next_attempt_at=? WHERE id=?",
-                       (error[:500], next_attempt_at, item_id))
+            db.execute("UPDATE outbox SET attempts=attempts+1, refusals=refusals+?, last_error=?, next_attempt_at=? "
+                       "WHERE id=?", (int(refused), error[:500], next_attempt_at, item_id))
+
+    def delivery_given_up(self, item_id: int, error: str) -> None:
+        """The destination refused the item for good: `failed`, never sent again."""
+        with self.transaction() as db:
+            db.execute("UPDATE outbox SET state='failed', attempts=attempts+1, refusals=refusals+1, last_error=? "
+                       "WHERE id=?", (error[:500], item_id))

@@ -380,12 +380,15 @@ class Site:
 class StoreSCP:
     """DCMTK storescp as a result destination (a stand-in PACS)."""
 
-    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS", tls: tuple[str, ...] = ()):
-        """`tls`: storescp's TLS options (e.g. ``+tls key cert +cf ca``); the destination is then tls:."""
+    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS", tls: tuple[str, ...] = (),
+                 extra: tuple[str, ...] = ()):
+        """`tls`: storescp's TLS options (e.g. ``+tls key cert +cf ca``); the destination is then tls:.
+        `extra`: more storescp options, e.g. ("-xf", config, profile)."""
         self.folder = folder
         self.port = port or free_port()
         self.ae_title = ae_title
         self.tls = tls
+        self.extra = extra
         self.proc: subprocess.Popen | None = None
         self.log = folder.parent / f"storescp-{self.port}.log"
         folder.mkdir(parents=True, exist_ok=True)
@@ -396,7 +399,8 @@ class StoreSCP:
 
     def start(self) -> "StoreSCP":
         self.proc = subprocess.Popen(
-            [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.folder), "+B", *self.tls, str(self.port)],
+            [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.folder), "+B", *self.tls, *self.extra,
+             str(self.port)],
             stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
         wait_for(lambda: listening(self.port), 10, what=f"storescp on {self.port}")
         return self

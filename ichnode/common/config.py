@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+import pydicom.uid
+
 from ichnode.common.result_folder import ResultFolder
 from ichnode.common.uids import path_name
 from ichnode.common.vocabulary import Level
@@ -32,28 +34,46 @@ class ConfigError(Exception):
     """An invalid configuration value; the message names the key."""
 
 
+def sop_class_uid(name: str) -> str:
+    """A SOP Class UID, or pydicom's keyword for one (``SegmentationStorage``), as its UID."""
+    uid = pydicom.uid.UID(name) if re.fullmatch(r"\d+(\.\d+)+", name) else getattr(pydicom.uid, name, None)
+    if not isinstance(uid, pydicom.uid.UID) or not uid.is_valid or (uid.type and uid.type != "SOP Class"):
+        raise ValueError(f"{name!r} is neither a SOP Class UID nor a SOP class keyword such as SegmentationStorage")
+    return str(uid)
+
+
 class Destination(BaseModel):
-    """A DICOM peer written as ``AET@host:port``, or ``tls:AET@host:port`` for DICOM TLS (PS3.15 B.1)."""
+    """A DICOM peer written as ``AET@host:port``, or ``tls:AET@host:port`` for DICOM TLS (PS3.15 B.1),
+    optionally followed by the SOP classes it takes:
+    ``AET@host:port?sop_classes=Comprehensive3DSRStorage+KeyObjectSelectionDocumentStorage``
+    (pydicom keywords or UIDs, ``+`` between them). Without, every result object goes to it."""
 
     model_config = ConfigDict(frozen=True)
     ae_title: str
     host: str
     port: int
     tls: bool = False
+    sop_classes: frozenset[str] = frozenset()  # UIDs; empty: all
 
     @classmethod
     def parse(cls, text: str) -> "Destination":
-        match = re.fullmatch(r"\s*(tls:)?([^@]{1,16})@([^:@\s]+):(\d{1,5})\s*", text)
+        match = re.fullmatch(r"\s*(tls:)?([^@]{1,16})@([^:@\s]+):(\d{1,5})(?:\?sop_classes=([^\s]+))?\s*", text)
         if not match:
-            raise ValueError(f"{text!r} is not AET@host:port or tls:AET@host:port")
+            raise ValueError(f"{text!r} is not [tls:]AET@host:port[?sop_classes=A+B]")
         aet, host, port = match.group(2).strip(), match.group(3), int(match.group(4))
         if not _AET.match(aet):
             raise ValueError(f"{aet!r} is not a valid AE title")
         if not 1 <= port <= 65535:
             raise ValueError(f"port {port} out of range 1-65535")
-        return cls(ae_title=aet, host=host, port=port, tls=bool(match.group(1)))
+        classes = frozenset(sop_class_uid(name) for name in (match.group(5) or "").split("+") if name)
+        return cls(ae_title=aet, host=host, port=port, tls=bool(match.group(1)), sop_classes=classes)
+
+    def takes(self, sop_class: str) -> bool:
+        """Whether objects of this SOP class go to this destination."""
+        return not self.sop_classes or sop_class in self.sop_classes
 
     def __str__(self) -> str:
+        """The address (the outbox's target), without the SOP classes."""
         return f"{'tls:' if self.tls else ''}{self.ae_title}@{self.host}:{self.port}"
 
 
@@ -188,6 +208,13 @@ class StorageSection(Section):
 
     data_dir: Path = Path("var")
     retention_days: float = Field(default=7.0, ge=0)  # spooled instances and results kept after analysis; 0 = forever
+    # below this much free space on data_dir's file system, instances are refused (0xA700) until there is
+    # again; the default leaves room for two large studies (thin-slice multi-reconstruction head CT: ~1 GB each)
+    min_free_mb: float = Field(default=2048.0, ge=0)
+
+    @property
+    def min_free_bytes(self) -> int:
+        return int(self.min_free_mb * 1024 * 1024)
 
     @property
     def spool_dir(self) -> Path:
@@ -260,9 +287,13 @@ class DeliverySection(Section):
     """[delivery]: result objects to PACS (C-STORE) or a DICOMweb archive (STOW-RS), through the
     persistent outbox."""
 
-    former_keys: ClassVar[dict[str, str]] = {"max_backoff_seconds": "delivery_max_backoff_seconds"}
+    former_keys: ClassVar[dict[str, str]] = {"max_backoff_seconds": "delivery_max_backoff_seconds",
+                                             "max_attempts": "delivery_max_attempts"}
     destinations: list[Destination | StowEndpoint] = []
     max_backoff_seconds: float = Field(default=300.0, gt=0)
+    # attempts for an object the destination answers with a failure status that may pass (0xA7xx out of
+    # resources, 0x0110 processing failure, ...); then it is failed. Refusals that cannot pass fail at once.
+    max_attempts: int = Field(default=5, ge=1)
     # credentials and trust for stow: destinations (never logged)
     stow_token: SecretStr = SecretStr("")  # sent as `Authorization: Bearer <token>`
     stow_password: SecretStr = SecretStr("")

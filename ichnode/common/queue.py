@@ -1,9 +1,9 @@
 """The queue between node and workers: the task and queue names and the Celery application both
 sides build from the configuration (the node sends tasks, the workers run them).
 
-Embedded broker (default, one machine): kombu's filesystem transport (messages written
-atomically, see ichnode.common.embedded_broker) and Celery's file result backend under data_dir, so
-`ichnode serve` needs no service. Redis (`broker_url=redis://…`): broker and result backend for
+Embedded broker (default, one machine): kombu's filesystem transport and Celery's file result
+backend under data_dir, messages and results written atomically (ichnode.common.embedded_broker),
+so `ichnode serve` needs no service. Redis (`broker_url=redis://…`): broker and result backend for
 workers on other hosts.
 
 Tasks are acknowledged late. With Redis, a task whose worker dies is delivered again after the
@@ -14,6 +14,7 @@ held. Either way the node re-queues a series with no result after `task_timeout_
 from __future__ import annotations
 
 from celery import Celery
+from celery.backends.redis import RedisBackend
 
 from ichnode.common import embedded_broker
 from ichnode.common.config import Settings
@@ -22,6 +23,16 @@ from ichnode.common.config import Settings
 #: the spool directory); returns an ichnode.common.analysis.AnalysisResult as JSON.
 ANALYZE_TASK = "ichnode.analyze_series"
 ANALYZE_QUEUE = "ichnode.analyze"
+BROKER_CONNECT_SECONDS = 2  # a broker that does not answer by then counts as out
+
+
+class PolledRedisBackend(RedisBackend):
+    """Celery's Redis result backend without a subscription to the result of each task sent: the
+    node polls task states instead, and subscriptions to a Redis that is out retry and log in a
+    loop of their own (thousands of lines an outage)."""
+
+    def on_task_call(self, producer, task_id):
+        pass
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -29,8 +40,9 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("ichnode")
     queue = settings.queue
     if queue.broker_url:
-        broker, backend = queue.broker_url, queue.broker_url
-        transport_options = {"visibility_timeout": int(queue.task_timeout_seconds)}
+        broker, backend = queue.broker_url, f"{__name__}:PolledRedisBackend+{queue.broker_url}"
+        transport_options = {"visibility_timeout": int(queue.task_timeout_seconds),
+                             "socket_connect_timeout": BROKER_CONNECT_SECONDS}
     else:
         broker_dir = settings.storage.broker_dir
         queue_dir = broker_dir / "queue"
@@ -39,7 +51,7 @@ def make_celery(settings: Settings) -> Celery:
         results_dir = broker_dir / "results"
         for folder in (queue_dir, processed_dir, control_dir, results_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        broker, backend = embedded_broker.register(), f"file://{results_dir.resolve()}"
+        broker, backend = embedded_broker.register(), embedded_broker.result_backend_url(results_dir)
         transport_options = {
             "data_folder_in": str(queue_dir.resolve()),
             "data_folder_out": str(queue_dir.resolve()),
@@ -53,6 +65,9 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options=transport_options,
         result_backend_transport_options=transport_options if queue.broker_url else {},
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=BROKER_CONNECT_SECONDS,
+        redis_socket_connect_timeout=BROKER_CONNECT_SECONDS,
+        task_publish_retry=False,  # the node's dispatcher retries with backoff, without holding up its loop
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_track_started=True,

@@ -424,7 +424,7 @@ def test_listener_and_delivery_name_the_node_implementation(listener, tmp_path):
                      event.assoc.requestor.implementation_version_name)), 0x0000)[1])])
     try:
         path = write(ct_instance(new_uid(), 0), tmp_path / "result")
-        outcome = send_dicom(scp, Destination.parse(f"PACS@127.0.0.1:{server.server_address[1]}"), [path])
+        outcome = dict(send_dicom(scp, Destination.parse(f"PACS@127.0.0.1:{server.server_address[1]}"), [path]))
     finally:
         server.shutdown()
     assert outcome[path].error is None
