@@ -211,7 +211,7 @@ def create_app(store: Store, settings: Settings, health: dict | None = None) -> 
             raise HTTPException(404, f"no series {series_uid}")
         if not store.retry_series(series_uid):
             raise HTTPException(409, f"series {series_uid} is {found.state}, not failed: nothing to retry")
-        return SeriesView.of(store.series(series_uid))
+        return SeriesView.of(store.series(series_uid), store.deliveries(series_uid))
 
     @app.get("/api/deliveries", dependencies=guarded, response_model=list[DeliveryView])
     def deliveries():

@@ -15,6 +15,7 @@ import redis
 
 from ichnode.common.config import load_settings
 from ichnode.common.queue import ANALYZE_QUEUE, make_celery
+from node.spool import CHECK_SECONDS
 from tests.helpers import ANALYSIS_BUDGET, done, free_port, listening, series_uid_of, wait_for
 
 MB = 1024 * 1024
@@ -77,6 +78,7 @@ def test_full_disk_refuses_with_a700_says_why_and_resumes_by_itself(node_factory
     node = node_factory("serve", ICHNODE_DATA_DIR=str(small_fs / "data"), ICHNODE_MIN_FREE_MB="8",
                         ICHNODE_WORKERS="1").start()
     filler = fill(small_fs, 4 * MB)  # below the watermark
+    time.sleep(2 * CHECK_SECONDS)  # the listener reads free space at most every CHECK_SECONDS
 
     refused = node.storescu(negative_series, "-nh", "-v")  # -nh: try every instance; -v: each answer
     answers = refused.stdout + refused.stderr

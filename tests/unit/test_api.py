@@ -71,7 +71,7 @@ def test_latency_per_stage_from_the_last_instance_to_the_last_acknowledgement(st
     def item(id_: int, sent_at: float | None, generation: int = 1) -> DeliveryRow:
         return DeliveryRow(id=id_, series_uid="1.2.3.4", generation=generation, channel="dicom", target="PACS@h:104",
                            payload=f"r{id_}", state="sent" if sent_at else "pending", attempts=1,
-                           next_attempt_at=0.0, last_error=None, created_at=110.0, sent_at=sent_at)
+                           next_attempt_at=0.0, last_error=None, created_at=110.0, sent_at=sent_at, refusals=0)
 
     pending = stage_seconds(series, [item(1, 112.0), item(2, None)])
     assert (pending.completion_wait, pending.queue, pending.load, pending.detector, pending.result_objects) == (
