@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote
@@ -31,10 +32,13 @@ from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ichnode.common.analysis import ModelIdentity, SeriesFindings
-from ichnode.common.config import PriorityRule, Settings, StorageSection
+from ichnode.common.config import PriorityRule, Settings, StorageSection, load_settings
 from ichnode.common.vocabulary import LABELS, SUBTYPES
 from node.benchmark import ORTHANC, private_network  # Orthanc and its private network namespace, as the benchmark runs them
+from node import audit
 from node.headers import InstanceHeader
+from node.scp import start_listener
+from node.spool import Spool
 from node.store import Store, StudyRow
 from node.worklist import make_worklist_router, mount_web
 from worker.detector import DetectorOutput
@@ -165,6 +169,23 @@ def ct_instance(series_uid: str, index: int, sop_class=CTImageStorage, pixels: b
         ds.RescaleSlope = 1
         ds.PixelData = (np.full((16, 16), 40 + index, dtype=np.int16)).tobytes()
     return ds
+
+
+@contextmanager
+def audited_listener(environ: dict[str, str]):
+    """A running DICOM listener configured by `environ`, with its store and audit trail; yields
+    (settings, store, audit trail) and stops all three after the block."""
+    settings = load_settings(environ=environ)
+    settings.storage.data_dir.mkdir(parents=True)
+    trail = audit.open_audit_trail(settings)
+    store = Store(settings.storage.database_path)
+    listener = start_listener(settings.listener, Spool(settings.storage.spool_dir), store)
+    try:
+        yield settings, store, trail
+    finally:
+        listener.shutdown()
+        store.close()
+        audit.close_audit_trail()
 
 
 def result_files(storage: StorageSection, count=3) -> tuple[str, list[str]]:

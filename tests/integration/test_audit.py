@@ -9,14 +9,9 @@ import subprocess
 import pytest
 from fastapi.testclient import TestClient
 
-from ichnode.common.config import load_settings
-from node import audit
 from node.api import create_app
 from node.delivery import Deliverer
-from node.scp import start_listener
-from node.spool import Spool
-from node.store import Store
-from tests.helpers import (MllpListener, Receiver, ack, ct_instance, dcmtk, free_port, new_uid, result_files,
+from tests.helpers import (MllpListener, audited_listener, Receiver, ack, ct_instance, dcmtk, free_port, new_uid, result_files,
                            wait_for)
 
 TOKEN = "audit-test-token"
@@ -24,17 +19,10 @@ TOKEN = "audit-test-token"
 
 @pytest.fixture
 def node(tmp_path, storescp):
-    settings = load_settings(environ={
-        "ICHNODE_DATA_DIR": str(tmp_path / "data"), "ICHNODE_PORT": str(free_port()), "ICHNODE_BIND": "127.0.0.1",
-        "ICHNODE_API_TOKEN": TOKEN, "ICHNODE_DESTINATIONS": storescp.destination})
-    settings.storage.data_dir.mkdir(parents=True)
-    trail = audit.open_audit_trail(settings)
-    store = Store(settings.storage.database_path)
-    listener = start_listener(settings.listener, Spool(settings.storage.spool_dir), store)
-    yield settings, store, trail
-    listener.shutdown()
-    store.close()
-    audit.close_audit_trail()
+    with audited_listener({
+            "ICHNODE_DATA_DIR": str(tmp_path / "data"), "ICHNODE_PORT": str(free_port()), "ICHNODE_BIND": "127.0.0.1",
+            "ICHNODE_API_TOKEN": TOKEN, "ICHNODE_DESTINATIONS": storescp.destination}) as running:
+        yield running
 
 
 def events(trail) -> list[dict]:

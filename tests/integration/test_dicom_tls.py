@@ -10,12 +10,9 @@ from pathlib import Path
 import pytest
 
 from ichnode.common.config import load_settings
-from node import audit
 from node.delivery import Deliverer
-from node.scp import start_listener
-from node.spool import Spool
 from node.store import Store
-from tests.helpers import StoreSCP, ct_instance, dcmtk, free_port, new_uid, result_files
+from tests.helpers import StoreSCP, audited_listener, ct_instance, dcmtk, free_port, new_uid, result_files
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -50,19 +47,12 @@ def pki(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tls_listener(tmp_path, pki):
-    settings = load_settings(environ={
-        "ICHNODE_DATA_DIR": str(tmp_path / "data"), "ICHNODE_BIND": "127.0.0.1", "ICHNODE_PORT": str(free_port()),
-        "ICHNODE_TLS_PORT": str(free_port()), "ICHNODE_PLAIN_PORT_ENABLED": "false",
-        "ICHNODE_TLS_CERT": str(pki / "node.crt"), "ICHNODE_TLS_KEY": str(pki / "node.key"),
-        "ICHNODE_TLS_CA": str(pki / "ca.crt")})
-    settings.storage.data_dir.mkdir(parents=True)
-    trail = audit.open_audit_trail(settings)
-    store = Store(settings.storage.database_path)
-    running = start_listener(settings.listener, Spool(settings.storage.spool_dir), store)
-    yield settings, store, trail
-    running.shutdown()
-    store.close()
-    audit.close_audit_trail()
+    with audited_listener({
+            "ICHNODE_DATA_DIR": str(tmp_path / "data"), "ICHNODE_BIND": "127.0.0.1", "ICHNODE_PORT": str(free_port()),
+            "ICHNODE_TLS_PORT": str(free_port()), "ICHNODE_PLAIN_PORT_ENABLED": "false",
+            "ICHNODE_TLS_CERT": str(pki / "node.crt"), "ICHNODE_TLS_KEY": str(pki / "node.key"),
+            "ICHNODE_TLS_CA": str(pki / "ca.crt")}) as running:
+        yield running
 
 
 def storescu_tls(port: int, files: Path, *tls: str) -> subprocess.CompletedProcess:
