@@ -137,7 +137,7 @@ def _orthanc(folder: Path, port: int) -> subprocess.Popen:
         "Name": "benchmark", "DicomServerEnabled": True, "DicomAet": "ORTHANC", "DicomPort": port,
         "HttpServerEnabled": False, "RemoteAccessAllowed": False, "SyncStorageArea": True,
         "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "index")}))
-    return subprocess.Popen([str(ORTHANC), str(config)], stdout=(folder / "orthanc.log").open("wb"),
+    return subprocess.Popen([str(ORTHANC), str(config)], env=DCMTK_ENV, stdout=(folder / "orthanc.log").open("wb"),
                             stderr=subprocess.STDOUT)
 
 
