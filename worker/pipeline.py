@@ -22,7 +22,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from ichnode.common.analysis import Findings, WorkerStages
+from ichnode.common.analysis import Findings, WorkerStagePeaks, WorkerStages
 from ichnode.common.config import PriorityRule
 from ichnode.common.header_words import contrast_in_headers, head_in_headers
 from ichnode.common.result_folder import ResultFolder
@@ -30,6 +30,7 @@ from ichnode.common.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from worker.detector import Detector
 from worker.findings import findings_from_output
 from worker.head_ct import examine
+from worker.memory import peak_mb, reset_peak
 from worker.priority import assign_priority
 from worker.results import build_results
 from worker.volume import load_series
@@ -48,6 +49,7 @@ class Analysis:
     warnings: list[str]
     seconds: float
     stages: WorkerStages
+    peak_memory_mb: WorkerStagePeaks | None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -91,6 +93,8 @@ def _check_head_and_contrast(first, volume, analyse_contrast: bool) -> list[str]
 def analyze_series(paths: Sequence[Path], detector: Detector, rule: PriorityRule, folder: ResultFolder,
                    analyse_contrast: bool = False) -> Analysis:
     started = time.monotonic()
+    peaks: list[float | None] = []
+    measured = reset_peak()
     loaded = load_series(paths)
     for warning in loaded.warnings:
         log.warning("%s", warning)
@@ -99,12 +103,16 @@ def analyze_series(paths: Sequence[Path], detector: Detector, rule: PriorityRule
         log.warning("series %s: %s", first.SeriesInstanceUID, warning)
         loaded.warnings.append(warning)
     loaded_at = time.monotonic()
+    peaks.append(peak_mb())
+    reset_peak()
     output = detector.detect(loaded.volume)
     priority = assign_priority(rule, output.probabilities, output.volumes_ml, output.difficult)
     findings = findings_from_output(
         str(first.StudyInstanceUID), str(first.SeriesInstanceUID), loaded.volume, output, priority
     )
     detected_at = time.monotonic()
+    peaks.append(peak_mb())
+    reset_peak()
     objects = build_results(loaded.sources, loaded.volume, output, findings)
     folder.path.mkdir(parents=True, exist_ok=True)
     result_files = []
@@ -122,6 +130,9 @@ def analyze_series(paths: Sequence[Path], detector: Detector, rule: PriorityRule
             thumbnails += 1
     _write_atomic(folder.findings_file, findings.model_dump_json(indent=2).encode())
     finished = time.monotonic()
+    peaks.append(peak_mb())
     stages = WorkerStages(load=round(loaded_at - started, 3), detector=round(detected_at - loaded_at, 3),
                           result_objects=round(finished - detected_at, 3))
-    return Analysis(findings, result_files, loaded.warnings, finished - started, stages)
+    memory = (WorkerStagePeaks(**dict(zip(WorkerStages.model_fields, peaks)))
+              if measured and None not in peaks else None)
+    return Analysis(findings, result_files, loaded.warnings, finished - started, stages, memory)

@@ -47,6 +47,7 @@ def create_worker_app(settings: Settings, detector: Detector) -> Celery:
             warnings=analysis.warnings,
             seconds=round(analysis.seconds, 2),
             stages=analysis.stages,
+            peak_memory_mb=analysis.peak_memory_mb,
         )
         return AnalysisResult(series_uid=series_uid, generation=generation, outcome=findings)
 

@@ -51,6 +51,16 @@ class WorkerStages(BaseModel):
     result_objects: float  # building and writing the DICOM results, thumbnails and findings.json
 
 
+class WorkerStagePeaks(BaseModel):
+    """The worker process's peak resident memory in MB during each stage of one series
+    (worker/memory.py; Linux only)."""
+
+    model_config = ConfigDict(frozen=True)
+    load: float
+    detector: float
+    result_objects: float
+
+
 class SeriesFindings(Findings):
     """Findings with what the worker adds about its run: the node's record of an analysed series."""
 
@@ -58,6 +68,7 @@ class SeriesFindings(Findings):
     warnings: list[str] = []  # the loader's: instances left out, gantry tilt, missing slices
     seconds: float | None = None  # the worker's time for the series
     stages: WorkerStages | None = None  # the same time per stage (None from older workers)
+    peak_memory_mb: WorkerStagePeaks | None = None  # None where the system does not tell
 
 
 class Skipped(BaseModel):

@@ -50,6 +50,8 @@ def test_serve_embedded_broker_end_to_end(node_factory, storescp, positive_serie
     assert set(findings["probabilities"]) == {"any", "EDH", "IPH", "IVH", "SAH", "SDH"}
     assert len(findings["slice_scores"]) == 40 and findings["key_slices"]
     assert findings["priority"]["level"] in ("STAT", "URGENT", "ROUTINE")
+    peaks = findings["peak_memory_mb"]  # the worker's peak resident memory per stage (worker/memory.py)
+    assert set(peaks) == {"load", "detector", "result_objects"} and all(mb > 50 for mb in peaks.values()), peaks
     classes = wait_for(lambda: has_results(storescp, study_uid), 60, what="SR and SC at the destination")
     assert SEG_CLASS in classes and KOS_CLASS in classes
     study = node.get(f"/api/studies/{study_uid}")
