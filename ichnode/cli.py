@@ -164,15 +164,16 @@ def cmd_evaluate(args, parser: argparse.ArgumentParser) -> None:
     evaluate_main(args.data, Path(args.model) if args.model else None, Path(args.out))
 
 
-def _ingest_series(folder: Path, instances: int, matrix: int) -> Path:
-    """One series of `instances` CT images for the ingest benchmark: the slices of a phantom (at most
-    40: a phantom of hundreds of slices takes minutes to make) repeated along the slice direction,
-    each instance with its own SOP Instance UID, number and position."""
+def _long_series(folder: Path, instances: int, matrix: int, slice_thickness: float | None = None) -> Path:
+    """One series of `instances` CT images for the ingest and workers benchmarks: the slices of a
+    phantom (at most 40: a phantom of hundreds of slices takes minutes to make) repeated along the
+    slice direction, each instance with its own SOP Instance UID, number and position."""
     from pydicom.uid import generate_uid
 
     from training.phantom import make_study
 
-    slices = make_study(1, positive=True, matrix=matrix, n_slices=min(instances, 40)).datasets
+    slices = make_study(1, positive=True, matrix=matrix, n_slices=min(instances, 40),
+                        slice_thickness=slice_thickness).datasets
     first = [float(v) for v in slices[0].ImagePositionPatient]
     step = ([float(b) - float(a) for a, b in zip(slices[0].ImagePositionPatient, slices[1].ImagePositionPatient)]
             if len(slices) > 1 else [0.0, 0.0, float(slices[0].SliceThickness)])
@@ -194,23 +195,29 @@ def cmd_benchmark(args) -> None:
         from training.benchmark import benchmark_main
 
         benchmark_main(slices=args.slices, matrix=args.matrix)
-    if args.part in ("ingest", "latency", "all"):
-        from node.benchmark import benchmark_ingest, benchmark_latency
+    if args.part in ("ingest", "latency", "workers", "all"):
+        from node.benchmark import benchmark_ingest, benchmark_latency, benchmark_workers
         from training.phantom import make_study
 
         def write_series(folder: Path, seed: int, slices: int) -> Path:
             folder.mkdir()
-            for ds in make_study(seed, positive=True, matrix=args.matrix, n_slices=slices).datasets:
+            for ds in make_study(seed, positive=seed % 2 == 1, matrix=args.matrix, n_slices=slices).datasets:
                 ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
             return folder
 
         with tempfile.TemporaryDirectory() as tmp:
             if args.part in ("ingest", "all"):
-                benchmark_ingest(_ingest_series(Path(tmp) / "ingest", args.instances, args.matrix), args.repeats,
+                benchmark_ingest(_long_series(Path(tmp) / "ingest", args.instances, args.matrix), args.repeats,
                                  args.json)
             if args.part in ("latency", "all"):
                 benchmark_latency(write_series(Path(tmp) / "warm-up", 2, args.slices),
                                   write_series(Path(tmp) / "latency", 3, args.slices), args.json)
+            if args.part in ("workers", "all"):
+                thin = (_long_series(Path(tmp) / "thin", args.thin_slices, args.matrix, slice_thickness=0.625)
+                        if args.thin_slices else None)
+                benchmark_workers(write_series(Path(tmp) / "workers-warm-up", 2, args.slices),
+                                  [write_series(Path(tmp) / f"study{k}", 11 + k, args.slices) for k in range(args.studies)],
+                                  thin, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,13 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="training config, with --cv")
     p.set_defaults(func=lambda args, p=p: cmd_evaluate(args, p))
     p = sub.add_parser("benchmark", help="time the detector per member; C-STORE ingest of ichnode against DCMTK "
-                       "storescp and Orthanc; a series' latency per stage (docs/PERFORMANCE.md)")
-    p.add_argument("part", nargs="?", choices=("all", "detector", "ingest", "latency"), default="all")
+                       "storescp and Orthanc; a series' latency per stage; studies per hour with 1 and 2 workers "
+                       "(docs/PERFORMANCE.md)")
+    p.add_argument("part", nargs="?", choices=("all", "detector", "ingest", "latency", "workers"), default="all")
     p.add_argument("--slices", type=int, default=40, help="detector and latency: slices of the series")
     p.add_argument("--matrix", type=int, default=512, help="rows and columns of every image")
     p.add_argument("--instances", type=int, default=400, help="ingest: instances of the series sent")
     p.add_argument("--repeats", type=int, default=3, help="ingest: runs per receiver and association count (median)")
-    p.add_argument("--json", action="store_true", help="ingest and latency: the report as JSON")
+    p.add_argument("--studies", type=int, default=6, help="workers: studies sent at once to 1, then 2 workers")
+    p.add_argument("--thin-slices", type=int, default=600,
+                   help="workers: slices of the thin (0.625 mm) series timed through one worker; 0 leaves it out")
+    p.add_argument("--json", action="store_true", help="ingest, latency and workers: the report as JSON")
     p.set_defaults(func=cmd_benchmark)
     return parser
 

@@ -4,8 +4,10 @@
 storescp as the destination; the series' latency per stage (node/latency.py) as the API shows it
 once every result is acknowledged, for a second series (the first one warms the worker up).
 
-`benchmark_ingest`: the same series C-STOREd by DCMTK storescu into ichnode, DCMTK storescp and
-Orthanc (when installed), with 1 and with 4 concurrent associations, in one run.
+`benchmark_ingest`: the same series C-STOREd by DCMTK storescu into ichnode, DCMTK storescp,
+Orthanc (when installed) and two reference receivers built on pynetdicom that do the least one can
+(node/reference_scp.py: answer at once; write and fsync only), with 1 and with 4 concurrent
+associations, in one run.
 
 Every receiver starts fresh with empty storage for every measurement, and every DCMTK process
 runs with `TCP_NODELAY=1` (without it DCMTK stalls about 45 ms per instance, Nagle against
@@ -110,6 +112,18 @@ def _storescp(folder: Path, port: int) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def _reference(mode: str) -> Callable[[Path, int], subprocess.Popen]:
+    def start(folder: Path, port: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "node.reference_scp", str(port), str(folder), mode],
+                                stdout=subprocess.DEVNULL, stderr=(folder.parent / f"{folder.name}.log").open("wb"))
+    return start
+
+
+def _answered(folder: Path) -> int:
+    path = folder / "answered"
+    return int(path.read_text()) if path.is_file() else 0
+
+
 def _stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -152,6 +166,11 @@ RECEIVERS = {
                          lambda folder: _files(folder, "*")),
     "orthanc": Receiver("orthanc", "ORTHANC", "SyncStorageArea: fsync of file, SQLite index commit", _orthanc,
                         lambda folder: _files(folder, "storage/*/*/*")),
+    # the ceiling of any receiver built on pynetdicom (node/reference_scp.py)
+    "pynetdicom": Receiver("pynetdicom", "REFERENCE", "pynetdicom answering at once: nothing kept",
+                           _reference("answer"), _answered),
+    "pyn+fsync": Receiver("pyn+fsync", "REFERENCE", "pynetdicom, each data set written to a new file and fsynced; "
+                          "nothing parsed or indexed", _reference("fsync"), lambda folder: _files(folder, "*.dcm")),
 }
 
 
@@ -211,7 +230,7 @@ def benchmark_ingest(series: Path, repeats: int = 3, as_json: bool = False) -> d
     prints (or, with `as_json`, prints as JSON) and returns the medians and ichnode's ratios."""
     files = sorted(series.glob("*.dcm"))
     count, megabytes = len(files), sum(p.stat().st_size for p in files) / 1e6
-    receivers = [RECEIVERS["ichnode"], RECEIVERS["storescp"]]
+    receivers = [RECEIVERS[name] for name in ("ichnode", "storescp", "pynetdicom", "pyn+fsync")]
     notes: list[str] = []
     results: dict[str, dict[str, dict]] = {}
     with ExitStack() as stack:
@@ -315,3 +334,75 @@ def _delivered(api: str, series_uid: str) -> dict | None:
     if not all(d["state"] == "sent" for d in series["deliveries"]):
         return None
     return {"completed_by": series["timings"]["completed_by"], "stages": series["timings"]["stages"]}
+
+
+def _analysed(api: str, series_uid: str) -> dict | None:
+    """The series as the API shows it once analysed; None before."""
+    series = _get(f"{api}/api/series/{quote(series_uid, safe='')}")
+    if series and series["state"] in ("failed", "skipped"):
+        raise RuntimeError(f"series {series_uid} {series['state']}: {series['reason']}")
+    return series if series and series["state"] == "done" else None
+
+
+def _analyse_all(studies: list[Path], workers: int, timeout: float,
+                 warm_up: Path | None = None) -> tuple[float, list[dict]]:
+    """Send every study at once (one storescu each) to a fresh `ichnode serve --workers N` with no
+    destination; seconds from the first association to the last series analysed, and the series.
+    `warm_up` is analysed first, untimed, so that the workers have loaded the model."""
+    with tempfile.TemporaryDirectory(prefix="ichnode-workers-") as tmp_name:
+        port, http_port = free_port(), free_port()
+        node = _serve(Path(tmp_name) / "node", port, workers=workers, http_port=http_port)
+        api = f"http://127.0.0.1:{http_port}"
+        try:
+            _wait("ichnode serve healthy", lambda: _get(f"{api}/healthz"), 120, node)
+            if warm_up is not None:
+                _send([warm_up], port, "ICHNODE")
+                _wait("warm-up series analysed", lambda: _analysed(api, _series_uid(warm_up)), timeout, node)
+            started = time.perf_counter()
+            _send(studies, port, "ICHNODE")
+            series = [_wait(f"series of {folder.name} analysed", lambda f=folder: _analysed(api, _series_uid(f)),
+                            timeout, node) for folder in studies]
+            return time.perf_counter() - started, series
+        finally:
+            _stop(node)
+
+
+def benchmark_workers(warm_up: Path, studies: list[Path], thin: Path | None, as_json: bool = False) -> dict:
+    """Studies per hour with 1 and with 2 worker processes (every study sent at once, each by its own
+    storescu, to a fresh `ichnode serve`, after `warm_up` has been analysed); then, when `thin` is given, that one long series through
+    one worker: seconds and the worker's peak memory per stage, as the series API shows them."""
+    report: dict = {"studies": len(studies), "slices_per_study": len(list(studies[0].glob("*.dcm"))),
+                    "cpus": os.cpu_count(), "workers": {}}
+    for workers in (1, 2):
+        seconds, series = _analyse_all(studies, workers, timeout=1800, warm_up=warm_up)
+        report["workers"][str(workers)] = {
+            "seconds": round(seconds, 1),
+            "studies_per_hour": round(3600 * len(studies) / seconds, 1),
+            "worker_seconds_per_series": round(statistics.median(s["findings"]["seconds"] for s in series), 2),
+        }
+    report["speedup_2_workers"] = round(report["workers"]["2"]["studies_per_hour"]
+                                        / report["workers"]["1"]["studies_per_hour"], 2)
+    if thin is not None:
+        _, (series,) = _analyse_all([thin], 1, timeout=3600, warm_up=warm_up)
+        stages = series["timings"]["stages"]
+        report["thin_series"] = {
+            "instances": series["instances"],
+            "seconds": {name: stages[name] for name in ("load", "detector", "result_objects")},
+            "peak_memory_mb": series["findings"]["peak_memory_mb"],
+            "warnings": series["findings"]["warnings"],
+        }
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return report
+    print(f"{report['studies']} studies of {report['slices_per_study']} slices sent at once to ichnode serve "
+          f"({report['cpus']} CPUs):")
+    for workers, row in report["workers"].items():
+        print(f"  {workers} worker(s): {row['seconds']:7.1f} s, {row['studies_per_hour']:7.1f} studies/hour "
+              f"(worker {row['worker_seconds_per_series']} s per series)")
+    print(f"  2 workers / 1 worker: {report['speedup_2_workers']:.2f}x")
+    if thin_series := report.get("thin_series"):
+        print(f"A {thin_series['instances']}-slice series through one worker:")
+        for stage, seconds in thin_series["seconds"].items():
+            peak = (thin_series["peak_memory_mb"] or {}).get(stage)
+            print(f"  {stage:16s} {seconds:8.2f} s  peak {peak if peak is not None else '-'} MB")
+    return report

@@ -19,7 +19,7 @@ def test_ingest_benchmark_reports_every_receiver_at_one_and_four_associations():
     assert any("private network namespace" in note for note in report["notes"])
     for associations in ("1", "4"):
         rows = report["associations"][associations]
-        assert set(rows) == {"ichnode", "storescp", "orthanc"}
+        assert set(rows) == {"ichnode", "storescp", "orthanc", "pynetdicom", "pyn+fsync"}
         for row in rows.values():
             assert row["instances_per_s"] > 0 and row["mb_per_s"] >= 0 and row["cpu_ms_per_instance"] >= 0
         assert "ichnode_ratio" not in rows["ichnode"]
