@@ -124,8 +124,10 @@ class StudyView(BaseModel):
     other_objects: int  # objects of other SOP classes than CT images, answered success and not analysed
 
 
-def create_app(store: Store, settings: Settings, health: dict | None = None) -> FastAPI:
-    """`health` is a live dict the service fills (listener, workers); /healthz reports it."""
+def create_app(store: Store, settings: Settings, health: dict | None = None, spool: Spool | None = None) -> FastAPI:
+    """`health` is a live dict the service fills (listener, workers); /healthz reports it. `spool`:
+    the node's, shared with the DICOM listener so that one free-space check serves both (default:
+    one of its own)."""
     health = health if health is not None else {}
     api_token = settings.http.api_token
 
@@ -218,7 +220,8 @@ def create_app(store: Store, settings: Settings, health: dict | None = None) -> 
         return [DeliveryView.of(d) for d in store.deliveries()]
 
     app.include_router(make_worklist_router(store, settings.storage), dependencies=guarded)
-    intake = Intake(Spool(settings.storage.spool_dir, settings.storage.min_free_bytes), store, settings.listener)
+    spool = spool or Spool(settings.storage.spool_dir, settings.storage.min_free_bytes)
+    intake = Intake(spool, store, settings.listener)
     app.include_router(make_dicomweb_router(intake), dependencies=guarded)
     mount_web(app)
     return app

@@ -187,7 +187,7 @@ class NodeService:
         # uvicorn re-raises SIGTERM after its own shutdown; exit through `finally` so workers stop too
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         self.start()
-        app = create_app(self.store, self.settings, self.health)
+        app = create_app(self.store, self.settings, self.health, self.spool)
         # log_config=None: uvicorn's own logging.config.dictConfig would close every handler in place,
         # the audit trail's file among them, and give its lines another format than the node's
         config = uvicorn.Config(app, host=self.settings.http.bind, port=self.settings.http.port,

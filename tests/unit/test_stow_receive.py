@@ -224,3 +224,19 @@ def test_stow_refuses_instances_cut_short_with_the_reason(node_api, caplog):
     assert {uid: item.FailureReason for uid, item in failed.items()} == {
         past_end.SOPInstanceUID: 0xC000, fragment.SOPInstanceUID: 0xC000}
     assert spool.files() == []
+
+
+def test_stow_and_the_listener_share_one_free_space_check_so_a_shortage_is_logged_once(tmp_path, caplog):
+    settings = load_settings(environ={"ICHNODE_DATA_DIR": str(tmp_path / "data"), "ICHNODE_API_TOKEN": TOKEN,
+                                      "ICHNODE_MIN_FREE_MB": str(10 ** 12)})  # more than any disk has
+    spool = Spool(settings.storage.spool_dir, settings.storage.min_free_bytes)
+    store = Store(settings.storage.database_path)
+    try:
+        assert spool.free_space.shortage()  # the listener's intake or the assembly loop found the shortage
+        client = TestClient(create_app(store, settings, {}, spool), headers={"Authorization": f"Bearer {TOKEN}"})
+        response = stow(client, ct_instance(new_uid(), 0))
+        assert response.status_code == 409
+        assert next(iter(by_sop(response.json(), "FailedSOPSequence").values())).FailureReason == 0xA700
+    finally:
+        store.close()
+    assert caplog.text.count("instances are refused (0xA700)") == 1
