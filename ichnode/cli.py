@@ -38,10 +38,16 @@ def _settings(args) -> Settings:
     return settings
 
 
-def _worker_command(config_path: str | None) -> Callable[[str], list[str]]:
+def worker_cpu_threads(settings: Settings, workers: int, cores: int) -> int:
+    """Threads of each worker's model: `detector.cpu_threads`, else the cores shared out."""
+    return settings.detector.cpu_threads or max(1, cores // workers)
+
+
+def _worker_command(config_path: str | None, cpu_threads: int) -> Callable[[str], list[str]]:
     """`ichnode worker --name NAME` as `serve` starts it, with the same configuration file."""
     config = ["--config", str(Path(config_path).resolve())] if config_path else []
-    return lambda name: [sys.executable, "-m", "ichnode.cli", "worker", "--name", name, *config]
+    return lambda name: [sys.executable, "-m", "ichnode.cli", "worker", "--name", name,
+                         "--cpu-threads", str(cpu_threads), *config]
 
 
 def cmd_serve(args) -> None:
@@ -53,7 +59,8 @@ def cmd_serve(args) -> None:
     pool = None
     if workers:
         load_detector(settings.detector.model_path, "cpu")  # fail fast on missing or corrupt weights
-        pool = WorkerPool(workers, _worker_command(args.config or os.environ.get(ENV_PREFIX + "CONFIG")))
+        pool = WorkerPool(workers, _worker_command(args.config or os.environ.get(ENV_PREFIX + "CONFIG"),
+                                                   worker_cpu_threads(settings, workers, os.cpu_count() or 1)))
     NodeService(settings, pool).run()
 
 
@@ -68,7 +75,7 @@ def cmd_worker(args) -> None:
     settings = _settings(args)
     from worker.tasks import run_worker
 
-    run_worker(settings, args.name)
+    run_worker(settings, args.name, args.cpu_threads or settings.detector.cpu_threads)
 
 
 def read_folder(folder: Path) -> dict[str, list[tuple[Path, InstanceHeader]]]:
@@ -235,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("node", help="the node alone (listener, assembly, delivery, HTTP); workers run elsewhere")).set_defaults(func=cmd_node)
     p = with_config(sub.add_parser("worker", help="one analysis worker (needs [queue] broker_url = redis://… to serve a remote node)"))
     p.add_argument("--name", default="worker", help="the worker's name among the queue's workers (default: worker)")
+    p.add_argument("--cpu-threads", type=int, default=0,
+                   help="CPU threads of the model (default: config key detector.cpu_threads, else every core)")
     p.set_defaults(func=cmd_worker)
     p = with_config(sub.add_parser("analyze", help="analyse a folder of DICOM files offline"))
     p.add_argument("series_dir")

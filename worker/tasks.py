@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
 from celery import Celery
 
 from ichnode.common.analysis import AnalysisResult, SeriesFindings, Skipped
@@ -54,9 +55,12 @@ def create_worker_app(settings: Settings, detector: Detector) -> Celery:
     return app
 
 
-def run_worker(settings: Settings, name: str = "worker") -> None:
+def run_worker(settings: Settings, name: str = "worker", cpu_threads: int = 0) -> None:
     """Load the model (missing or corrupt weights stop the worker before it takes a task), then
-    serve the analysis queue in this process, one task at a time."""
+    serve the analysis queue in this process, one task at a time, on `cpu_threads` threads (0:
+    torch's default, every core)."""
+    if cpu_threads:
+        torch.set_num_threads(cpu_threads)
     detector = load_detector(settings.detector.model_path, settings.detector.device)
     app = create_worker_app(settings, detector)
     app.worker_main(["worker", "--pool=solo", "-Q", ANALYZE_QUEUE, "-n", f"{name}@%h",

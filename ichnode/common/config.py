@@ -266,6 +266,9 @@ class DetectorSection(Section):
 
     model_path: Path | None = None  # None: the shipped ensemble
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # CPU threads of each worker's model; 0: the machine's cores, shared out among the workers that
+    # `ichnode serve` starts (a worker with every core each would have them fight over the cores)
+    cpu_threads: int = Field(default=0, ge=0)
 
 
 class PriorityRule(Section):

@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from ichnode.cli import main
+from ichnode.cli import main, worker_cpu_threads
 from ichnode.common.config import ConfigError, environment_variables, load_settings, sections
 from tests.helpers import ROOT
 
@@ -147,3 +147,10 @@ def test_tls_keys_are_checked_together(tmp_path):
         load_settings(environ={"ICHNODE_PLAIN_PORT_ENABLED": "false"})
     with pytest.raises(ConfigError, match="ICHNODE_TLS_KEY.*not a file"):
         load_settings(environ={"ICHNODE_TLS_CERT": str(tmp_path / "node.crt"), "ICHNODE_TLS_KEY": "/nonexistent"})
+
+
+def test_the_workers_serve_starts_share_the_cores_unless_their_threads_are_configured():
+    assert worker_cpu_threads(load_settings(environ={}), workers=2, cores=2) == 1
+    assert worker_cpu_threads(load_settings(environ={}), workers=1, cores=8) == 8
+    assert worker_cpu_threads(load_settings(environ={}), workers=3, cores=2) == 1  # never none
+    assert worker_cpu_threads(load_settings(environ={"ICHNODE_CPU_THREADS": "4"}), workers=2, cores=2) == 4
