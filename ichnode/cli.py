@@ -224,7 +224,7 @@ def cmd_benchmark(args) -> None:
                         if args.thin_slices else None)
                 benchmark_workers(write_series(Path(tmp) / "workers-warm-up", 2, args.slices),
                                   [write_series(Path(tmp) / f"study{k}", 11 + k, args.slices) for k in range(args.studies)],
-                                  thin, args.json)
+                                  thin, args.json, args.broker_url)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, default=400, help="ingest: instances of the series sent")
     p.add_argument("--repeats", type=int, default=3, help="ingest: runs per receiver and association count (median)")
     p.add_argument("--studies", type=int, default=6, help="workers: studies sent at once to 1, then 2 workers")
+    p.add_argument("--broker-url", default="", help="workers: the queue, e.g. redis://127.0.0.1:6379/5 (default: embedded)")
     p.add_argument("--thin-slices", type=int, default=600,
                    help="workers: slices of the thin (0.625 mm) series timed through one worker; 0 leaves it out")
     p.add_argument("--json", action="store_true", help="ingest, latency and workers: the report as JSON")

@@ -344,14 +344,15 @@ def _analysed(api: str, series_uid: str) -> dict | None:
     return series if series and series["state"] == "done" else None
 
 
-def _analyse_all(studies: list[Path], workers: int, timeout: float,
-                 warm_up: Path | None = None) -> tuple[float, list[dict]]:
+def _analyse_all(studies: list[Path], workers: int, timeout: float, warm_up: Path | None = None,
+                 broker_url: str = "") -> tuple[float, list[dict]]:
     """Send every study at once (one storescu each) to a fresh `ichnode serve --workers N` with no
     destination; seconds from the first association to the last series analysed, and the series.
     `warm_up` is analysed first, untimed, so that the workers have loaded the model."""
     with tempfile.TemporaryDirectory(prefix="ichnode-workers-") as tmp_name:
         port, http_port = free_port(), free_port()
-        node = _serve(Path(tmp_name) / "node", port, workers=workers, http_port=http_port)
+        node = _serve(Path(tmp_name) / "node", port, workers=workers, http_port=http_port,
+                      ICHNODE_BROKER_URL=broker_url)
         api = f"http://127.0.0.1:{http_port}"
         try:
             _wait("ichnode serve healthy", lambda: _get(f"{api}/healthz"), 120, node)
@@ -367,14 +368,16 @@ def _analyse_all(studies: list[Path], workers: int, timeout: float,
             _stop(node)
 
 
-def benchmark_workers(warm_up: Path, studies: list[Path], thin: Path | None, as_json: bool = False) -> dict:
+def benchmark_workers(warm_up: Path, studies: list[Path], thin: Path | None, as_json: bool = False,
+                      broker_url: str = "") -> dict:
     """Studies per hour with 1 and with 2 worker processes (every study sent at once, each by its own
-    storescu, to a fresh `ichnode serve`, after `warm_up` has been analysed); then, when `thin` is given, that one long series through
-    one worker: seconds and the worker's peak memory per stage, as the series API shows them."""
+    storescu, to a fresh `ichnode serve` whose queue is `broker_url`, empty for the embedded one,
+    after `warm_up` has been analysed); then, when `thin` is given, that one long series through one
+    worker: seconds and the worker's peak memory per stage, as the series API shows them."""
     report: dict = {"studies": len(studies), "slices_per_study": len(list(studies[0].glob("*.dcm"))),
-                    "cpus": os.cpu_count(), "workers": {}}
+                    "cpus": os.cpu_count(), "broker": broker_url or "embedded", "workers": {}}
     for workers in (1, 2):
-        seconds, series = _analyse_all(studies, workers, timeout=1800, warm_up=warm_up)
+        seconds, series = _analyse_all(studies, workers, timeout=1800, warm_up=warm_up, broker_url=broker_url)
         report["workers"][str(workers)] = {
             "seconds": round(seconds, 1),
             "studies_per_hour": round(3600 * len(studies) / seconds, 1),
@@ -383,7 +386,7 @@ def benchmark_workers(warm_up: Path, studies: list[Path], thin: Path | None, as_
     report["speedup_2_workers"] = round(report["workers"]["2"]["studies_per_hour"]
                                         / report["workers"]["1"]["studies_per_hour"], 2)
     if thin is not None:
-        _, (series,) = _analyse_all([thin], 1, timeout=3600, warm_up=warm_up)
+        _, (series,) = _analyse_all([thin], 1, timeout=3600, warm_up=warm_up, broker_url=broker_url)
         stages = series["timings"]["stages"]
         report["thin_series"] = {
             "instances": series["instances"],
@@ -395,7 +398,7 @@ def benchmark_workers(warm_up: Path, studies: list[Path], thin: Path | None, as_
         print(json.dumps(report, indent=2))
         return report
     print(f"{report['studies']} studies of {report['slices_per_study']} slices sent at once to ichnode serve "
-          f"({report['cpus']} CPUs):")
+          f"({report['cpus']} CPUs, broker {report['broker']}):")
     for workers, row in report["workers"].items():
         print(f"  {workers} worker(s): {row['seconds']:7.1f} s, {row['studies_per_hour']:7.1f} studies/hour "
               f"(worker {row['worker_seconds_per_series']} s per series)")
