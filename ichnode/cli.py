@@ -206,9 +206,9 @@ def cmd_benchmark(args) -> None:
         from node.benchmark import benchmark_ingest, benchmark_latency, benchmark_workers
         from training.phantom import make_study
 
-        def write_series(folder: Path, seed: int, slices: int) -> Path:
+        def write_series(folder: Path, seed: int, slices: int, positive: bool = True) -> Path:
             folder.mkdir()
-            for ds in make_study(seed, positive=seed % 2 == 1, matrix=args.matrix, n_slices=slices).datasets:
+            for ds in make_study(seed, positive=positive, matrix=args.matrix, n_slices=slices).datasets:
                 ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
             return folder
 
@@ -223,7 +223,8 @@ def cmd_benchmark(args) -> None:
                 thin = (_long_series(Path(tmp) / "thin", args.thin_slices, args.matrix, slice_thickness=0.625)
                         if args.thin_slices else None)
                 benchmark_workers(write_series(Path(tmp) / "workers-warm-up", 2, args.slices),
-                                  [write_series(Path(tmp) / f"study{k}", 11 + k, args.slices) for k in range(args.studies)],
+                                  [write_series(Path(tmp) / f"study{k}", 11 + k, args.slices, positive=k % 2 == 0)
+                                   for k in range(args.studies)],
                                   thin, args.json, args.broker_url)
 
 

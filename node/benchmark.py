@@ -43,6 +43,8 @@ from urllib.parse import quote
 import httpx
 from pydicom import dcmread
 
+from ichnode.common.analysis import WorkerStages
+
 ORTHANC = Path("/usr/sbin/Orthanc")
 CLONE_NEWNET = 0x40000000
 ASSOCIATIONS = (1, 4)
@@ -324,24 +326,20 @@ def _get(url: str):
     return response.json() if response.is_success else None
 
 
-def _delivered(api: str, series_uid: str) -> dict | None:
-    """The series' timings once it is analysed and every delivery is sent; None before."""
-    series = _get(f"{api}/api/series/{quote(series_uid, safe='')}")
-    if series and series["state"] in ("failed", "skipped"):
-        raise RuntimeError(f"series {series_uid} {series['state']}: {series['reason']}")
-    if not series or series["state"] != "done" or not series["deliveries"]:
-        return None
-    if not all(d["state"] == "sent" for d in series["deliveries"]):
-        return None
-    return {"completed_by": series["timings"]["completed_by"], "stages": series["timings"]["stages"]}
-
-
 def _analysed(api: str, series_uid: str) -> dict | None:
     """The series as the API shows it once analysed; None before."""
     series = _get(f"{api}/api/series/{quote(series_uid, safe='')}")
     if series and series["state"] in ("failed", "skipped"):
         raise RuntimeError(f"series {series_uid} {series['state']}: {series['reason']}")
     return series if series and series["state"] == "done" else None
+
+
+def _delivered(api: str, series_uid: str) -> dict | None:
+    """The series' timings once it is analysed and every delivery is sent; None before."""
+    series = _analysed(api, series_uid)
+    if not series or not series["deliveries"] or not all(d["state"] == "sent" for d in series["deliveries"]):
+        return None
+    return {"completed_by": series["timings"]["completed_by"], "stages": series["timings"]["stages"]}
 
 
 def _analyse_all(studies: list[Path], workers: int, timeout: float, warm_up: Path | None = None,
@@ -390,7 +388,7 @@ def benchmark_workers(warm_up: Path, studies: list[Path], thin: Path | None, as_
         stages = series["timings"]["stages"]
         report["thin_series"] = {
             "instances": series["instances"],
-            "seconds": {name: stages[name] for name in ("load", "detector", "result_objects")},
+            "seconds": {name: stages[name] for name in WorkerStages.model_fields},
             "peak_memory_mb": series["findings"]["peak_memory_mb"],
             "warnings": series["findings"]["warnings"],
         }

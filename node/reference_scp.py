@@ -13,12 +13,12 @@ FOLDER/answered, so the benchmark can check that none was lost.
 """
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import sys
 from pathlib import Path
 
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
@@ -32,11 +32,9 @@ def main(argv: list[str]) -> None:
     if mode not in MODES:
         raise SystemExit(f"mode must be one of {MODES}, not {mode!r}")
     folder.mkdir(parents=True, exist_ok=True)
-    answered = itertools.count(1)
-    count = 0
+    answered: list[str] = []  # list.append is atomic across the associations' threads
 
     def on_c_store(event) -> int:
-        nonlocal count
         if mode == "fsync":
             fd = os.open(folder / f"{event.request.AffectedSOPInstanceUID}.dcm", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             try:
@@ -44,17 +42,17 @@ def main(argv: list[str]) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        count = next(answered)
+        answered.append(event.request.AffectedSOPInstanceUID)
         return 0x0000
 
     def on_term(*_) -> None:
-        (folder / "answered").write_text(str(count))
+        (folder / "answered").write_text(str(len(answered)))
         os._exit(0)
 
     signal.signal(signal.SIGTERM, on_term)
     ae = AE(ae_title="REFERENCE")
     ae.maximum_pdu_size = ListenerSection().max_pdu_bytes
-    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.start_server(("127.0.0.1", port), block=True, evt_handlers=[(evt.EVT_C_STORE, on_c_store)])
 
 

@@ -90,11 +90,35 @@ def _check_head_and_contrast(first, volume, analyse_contrast: bool) -> list[str]
             "the detector was trained on non-contrast CT, so dense vessels may read as blood"]
 
 
+class _StageMeter:
+    """Seconds and the process's peak resident memory (worker/memory.py) of consecutive stages."""
+
+    def __init__(self) -> None:
+        self.started = self._mark = time.monotonic()
+        self._peaks_known = reset_peak()
+        self.seconds: dict[str, float] = {}
+        self._peaks: dict[str, float | None] = {}
+
+    def end(self, stage: str) -> None:
+        """The stage under way ends now and the next one starts."""
+        now = time.monotonic()
+        self.seconds[stage] = round(now - self._mark, 3)
+        self._peaks[stage] = peak_mb()
+        reset_peak()
+        self._mark = now
+
+    @property
+    def total(self) -> float:
+        return self._mark - self.started
+
+    def peaks(self) -> WorkerStagePeaks | None:
+        known = self._peaks_known and None not in self._peaks.values()
+        return WorkerStagePeaks(**self._peaks) if known else None
+
+
 def analyze_series(paths: Sequence[Path], detector: Detector, rule: PriorityRule, folder: ResultFolder,
                    analyse_contrast: bool = False) -> Analysis:
-    started = time.monotonic()
-    peaks: list[float | None] = []
-    measured = reset_peak()
+    meter = _StageMeter()
     loaded = load_series(paths)
     for warning in loaded.warnings:
         log.warning("%s", warning)
@@ -102,17 +126,13 @@ def analyze_series(paths: Sequence[Path], detector: Detector, rule: PriorityRule
     for warning in _check_head_and_contrast(first, loaded.volume, analyse_contrast):
         log.warning("series %s: %s", first.SeriesInstanceUID, warning)
         loaded.warnings.append(warning)
-    loaded_at = time.monotonic()
-    peaks.append(peak_mb())
-    reset_peak()
+    meter.end("load")
     output = detector.detect(loaded.volume)
     priority = assign_priority(rule, output.probabilities, output.volumes_ml, output.difficult)
     findings = findings_from_output(
         str(first.StudyInstanceUID), str(first.SeriesInstanceUID), loaded.volume, output, priority
     )
-    detected_at = time.monotonic()
-    peaks.append(peak_mb())
-    reset_peak()
+    meter.end("detector")
     objects = build_results(loaded.sources, loaded.volume, output, findings)
     folder.path.mkdir(parents=True, exist_ok=True)
     result_files = []
@@ -129,10 +149,5 @@ def analyze_series(paths: Sequence[Path], detector: Detector, rule: PriorityRule
             _write_atomic(folder.thumbnail(thumbnails), _thumbnail(ds))
             thumbnails += 1
     _write_atomic(folder.findings_file, findings.model_dump_json(indent=2).encode())
-    finished = time.monotonic()
-    peaks.append(peak_mb())
-    stages = WorkerStages(load=round(loaded_at - started, 3), detector=round(detected_at - loaded_at, 3),
-                          result_objects=round(finished - detected_at, 3))
-    memory = (WorkerStagePeaks(**dict(zip(WorkerStages.model_fields, peaks)))
-              if measured and None not in peaks else None)
-    return Analysis(findings, result_files, loaded.warnings, finished - started, stages, memory)
+    meter.end("result_objects")
+    return Analysis(findings, result_files, loaded.warnings, meter.total, WorkerStages(**meter.seconds), meter.peaks())
