@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ichnode.common.config import ConfigError, read_toml
 from training.augment import AugmentConfig
-from worker.detector.ensemble import EnsembleConfig
+from worker.detector.ensemble import SCAN_MEMBERS, EnsembleConfig
 
 
 class _Section(BaseModel):
@@ -73,6 +73,16 @@ class CrossValidationSection(_Section):
     folds: int = Field(default=5, ge=2)
     seed: int = 0
     out: str = ""  # default: <evaluate out>/cv
+    # the scan members each fold trains and the weight grid may use; the others get weight 0
+    members: list[str] = list(SCAN_MEMBERS)
+
+    @field_validator("members")
+    @classmethod
+    def _known_members(cls, members: list[str]) -> list[str]:
+        unknown = [m for m in members if m not in SCAN_MEMBERS]
+        if unknown or not members:
+            raise ValueError(f"members {unknown or members} are not among {list(SCAN_MEMBERS)}")
+        return members
 
 
 class TrainingConfig(_Section):

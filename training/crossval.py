@@ -14,6 +14,10 @@ From those predictions alone:
   calibration of each fold come from the other folds only (so the choice itself is validated);
 - ROC plots and an error gallery: contact sheets of the worst false positives and false negatives,
   key slices in the brain window beside the heatmap of the fold model that missed them.
+`[cv] members` may restrict the folds to some members (the slice CNN alone: a fold in a third of
+the time): the others are not trained there and get weight 0. The report also gives the slice
+CNN's scan AUC for several `slice_top_k` and each CNN of a bag alone, and the out-of-fold file
+keeps every slice's logit, so such choices can be judged later without training again.
 Each fold's predictions are written as soon as they exist, and every stage checkpoints, so a
 stopped run resumes; a fold whose model exists but whose predictions were removed is only predicted
 again (after a change of inference code).
@@ -44,7 +48,7 @@ from training.train import (
     train_ensemble,
 )
 from worker.detector import LABELS, load_detector
-from worker.detector.ensemble import SCAN_MEMBERS
+from worker.detector.ensemble import SCAN_MEMBERS, Ensemble
 from worker.detector.members import Combiner
 from worker.detector.store import MANIFEST, load_model, save_model, write_json
 
@@ -56,6 +60,7 @@ WEIGHT_GRID = (0.0, 0.5, 1.0)
 GALLERY_CASES = 4  # worst false positives, and as many false negatives
 GALLERY_SLICES = 4
 EXTENT_BINS = ((1, 2), (3, 5), (6, 999))  # positive slices per scan: a size estimate without masks
+TOP_K_REPORTED = (1, 2, 3, 5, 8)  # slice_top_k values whose scan AUC the report shows
 
 
 def stratified_folds(scans: list[Scan], folds: int, seed: int) -> list[list[str]]:
@@ -76,7 +81,8 @@ def _predict_fold(cfg: TrainingConfig, data: TrainingData, heldout: list[Example
         ensemble, _ = load_model(model_dir, device)
     else:
         ensemble, _ = train_ensemble(
-            cfg, data, device, cfg.cv_checkpoints / f"fold-{k}", cfg.cv_checkpoints / "slice_CNN_pretraining.pt"
+            cfg, data, device, cfg.cv_checkpoints / f"fold-{k}", cfg.cv_checkpoints / "slice_CNN_pretraining.pt",
+            tuple(cfg.cv.members),
         )
         fit_combiner(ensemble, data.validation or data.train, device)  # a usable detector for the gallery
         save_model(ensemble, model_dir, f"{cfg.output.name}-fold-{k}", cfg.output.version,
@@ -92,8 +98,19 @@ def _predict_fold(cfg: TrainingConfig, data: TrainingData, heldout: list[Example
             "slice_labels": e.slice_labels[:, 0].tolist() if e.slice_labels is not None else None,
             "member_logits": scan_logits.tolist(),  # (6, members)
             "slice_cnn_logits": slice_logits[:, 0].tolist(),
+            "slice_cnn_logits_by_replica": replica_slice_logits(ensemble, e, device),
         })
     return predictions
+
+
+@torch.no_grad()
+def replica_slice_logits(ensemble: Ensemble, e: Example, device: torch.device) -> list[list[float]]:
+    """Each slice CNN of the bag alone: its mirrored logit(any) per slice (what the bag gains)."""
+    images = e.images.float().to(device)
+    return [
+        torch.cat([Ensemble.mirrored(cnn, chunk)[0][:, 0] for chunk in torch.split(images, ensemble.cfg.batch_slices)]).cpu().tolist()
+        for cnn in ensemble.slice_cnns
+    ]
 
 
 def _weighted(logits: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -101,12 +118,14 @@ def _weighted(logits: np.ndarray, w: np.ndarray) -> np.ndarray:
     return (logits * (w / w.sum())).sum(axis=-1)
 
 
-def choose_weights(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """The grid weights with the best AUC(any); ties go to fewer members, then to the most even weighting."""
+def choose_weights(logits: np.ndarray, y: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+    """The grid weights with the best AUC(any); ties go to fewer members, then to the most even weighting.
+
+    allowed: (members,) bool, the members that may get a weight (default all)."""
     best, best_key = None, None
     for w in itertools.product(WEIGHT_GRID, repeat=logits.shape[-1]):
         w = np.asarray(w)
-        if w.sum() == 0:
+        if w.sum() == 0 or (allowed is not None and (w[~allowed] > 0).any()):
             continue
         auc = roc_auc(y[:, 0], _weighted(logits, w)[:, 0])
         key = (round(auc, 6), -int((w > 0).sum()), -np.ptp(w[w > 0] / w.max()))  # ties: fewer members, then even
@@ -157,26 +176,49 @@ def _auc_entry(y: np.ndarray, score: np.ndarray) -> dict:
     return {"positives": int(y.sum()), "scans": len(y), "auc": r(auc), "auc_ci95": [r(low), r(high)]}
 
 
-def nested_probabilities(logits: np.ndarray, y: np.ndarray, folds: np.ndarray) -> np.ndarray:
+def nested_probabilities(logits: np.ndarray, y: np.ndarray, folds: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
     """p(any) of each scan with weights and calibration chosen on the other folds only."""
     p = np.zeros(len(y))
     for k in np.unique(folds):
         rest = folds != k
-        w = choose_weights(logits[rest], y[rest])
+        w = choose_weights(logits[rest], y[rest], allowed)
         p[~rest] = _probabilities(calibrated_combiner(logits[rest], y[rest], w), logits[~rest])[:, 0]
     return p
 
 
-def summarise(predictions: list[dict], top_k: int) -> tuple[dict, dict, np.ndarray]:
-    """(metrics, calibration, calibrated out-of-fold probabilities (n, 6))."""
+def top_k_scores(slice_logits: list[list[float]], k: int) -> np.ndarray:
+    """Per scan, the mean of its k highest slice logits (the slice CNN's scan score)."""
+    return np.array([np.mean(sorted(s, reverse=True)[:k]) for s in slice_logits])
+
+
+def slice_cnn_figures(predictions: list[dict], y_any: np.ndarray) -> dict:
+    """The slice CNN's scan AUC(any) by `slice_top_k`, and each CNN of the bag alone (scan AUC at
+    each k, slice AUC): how much the choice of k and the bagging move the ranking."""
+    by_k = {str(k): _auc_entry(y_any, top_k_scores([pr["slice_cnn_logits"] for pr in predictions], k)) for k in TOP_K_REPORTED}
+    labelled = [pr for pr in predictions if pr["slice_labels"] is not None]
+    slice_y = np.concatenate([pr["slice_labels"] for pr in labelled])
+    replicas = len(predictions[0].get("slice_cnn_logits_by_replica") or [])
+    by_replica = []
+    for r in range(replicas):
+        logits = [pr["slice_cnn_logits_by_replica"][r] for pr in predictions]
+        by_replica.append({
+            "scan_auc_by_top_k": {str(k): _auc_entry(y_any, top_k_scores(logits, k))["auc"] for k in TOP_K_REPORTED},
+            "slice_level_auc_any": _auc_entry(slice_y, np.concatenate([pr["slice_cnn_logits_by_replica"][r] for pr in labelled]))["auc"],
+        })
+    return {"scan_auc_by_top_k": by_k, "by_replica": by_replica}
+
+
+def summarise(predictions: list[dict], top_k: int, members: tuple[str, ...] = SCAN_MEMBERS) -> tuple[dict, dict, np.ndarray]:
+    """(metrics, calibration, calibrated out-of-fold probabilities (n, 6)); only `members` may get weight."""
     y = np.array([[float(v >= 0.5) for v in pr["labels"]] for pr in predictions])
     logits = np.array([pr["member_logits"] for pr in predictions])  # (n, 6, members)
     folds = np.array([pr["fold"] for pr in predictions])
-    w = choose_weights(logits, y)
+    allowed = np.array([m in members for m in SCAN_MEMBERS])
+    w = choose_weights(logits, y, allowed)
     combiner = calibrated_combiner(logits, y, w)
     p = _probabilities(combiner, logits)
     urgent, stat = operating_point(y[:, 0], p[:, 0])
-    nested = nested_probabilities(logits, y, folds)
+    nested = nested_probabilities(logits, y, folds, allowed)
     slice_y = np.concatenate([pr["slice_labels"] for pr in predictions if pr["slice_labels"] is not None])
     slice_s = np.concatenate([pr["slice_cnn_logits"] for pr in predictions if pr["slice_labels"] is not None])
     extent = np.array([int(np.sum(pr["slice_labels"])) if pr["slice_labels"] is not None else 0 for pr in predictions])
@@ -195,11 +237,12 @@ def summarise(predictions: list[dict], top_k: int) -> tuple[dict, dict, np.ndarr
         "stat": _rates(y[:, 0], p[:, 0], stat),
         "nested_at_urgent": _rates(y[:, 0], nested, urgent),
         "per_label": {label: _auc_entry(y[:, j], p[:, j]) for j, label in enumerate(LABELS)},
-        "per_member": {m: _auc_entry(y[:, 0], logits[:, 0, j]) for j, m in enumerate(SCAN_MEMBERS)},
-        "slice_cnn_max": _auc_entry(y[:, 0], np.array([max(pr["slice_cnn_logits"]) for pr in predictions])),
+        "per_member": {m: _auc_entry(y[:, 0], logits[:, 0, j]) for j, m in enumerate(SCAN_MEMBERS) if allowed[j]},
+        "slice_cnn": slice_cnn_figures(predictions, y[:, 0]),
         "by_extent": by_extent,
         "slice_level_auc_any": _auc_entry(slice_y, slice_s),
         "weights": dict(zip(SCAN_MEMBERS, w.tolist())),
+        "members_trained": list(members),
         "slice_top_k": top_k,
     }
     calibration = {
@@ -238,7 +281,16 @@ def _markdown(cfg_path: Path, m: dict) -> str:
     lines += [f"| {k} | {e['positives']} | {auc(e)} |" for k, e in m["per_label"].items()]
     lines += ["", "| member (alone) | weight | AUC(any) [95% CI] |", "|---|---|---|"]
     lines += [f"| {k} | {m['weights'][k]} | {auc(e)} |" for k, e in m["per_member"].items()]
-    lines += [f"| slice CNN, max over slices (not used) | - | {auc(m['slice_cnn_max'])} |"]
+    untrained = [k for k in m["weights"] if k not in m["members_trained"]]
+    if untrained:
+        lines += ["", f"Not trained in the folds (weight 0): {', '.join(untrained)}."]
+    lines += ["", f"Slice CNN scan score, mean of the k highest slice logits (used: k = {m['slice_top_k']}):", "",
+              "| k | AUC(any) [95% CI] |", "|---|---|"]
+    lines += [f"| {k} | {auc(e)} |" for k, e in m["slice_cnn"]["scan_auc_by_top_k"].items()]
+    if len(m["slice_cnn"]["by_replica"]) > 1:
+        lines += ["", "Each CNN of the bag alone (scan AUC(any) at k = 1, 2, 3, 5, 8; slice-level AUC):", ""]
+        lines += [f"- CNN {r + 1}: {', '.join(str(v) for v in e['scan_auc_by_top_k'].values())}; slice level {e['slice_level_auc_any']}"
+                  for r, e in enumerate(m["slice_cnn"]["by_replica"])]
     lines += ["", "| extent (positives against all negatives) | positives | AUC [95% CI] |", "|---|---|---|"]
     lines += [f"| {k} | {e['positives']} | {auc(e)} |" for k, e in m["by_extent"].items()]
     hu = m.get("real_hu_slices")
@@ -348,16 +400,21 @@ def crossval_main(config_path: Path) -> dict:
             heldout = [examples[s.scan_id] for s in cv_scans if s.patient_id in patients]
             write_json(path, _predict_fold(cfg, data.without_patients(set(patients)), heldout, k, device))
         predictions.extend(json.loads(path.read_text()))
-    metrics, calibration, p = summarise(predictions, cfg.ensemble().slice_top_k)
+    metrics, calibration, p = summarise(predictions, cfg.ensemble().slice_top_k, tuple(cfg.cv.members))
     detectors = FoldDetectors(cfg, groups)
     metrics["gallery"] = error_gallery({s.scan_id: s for s in cv_scans}, predictions, p, detectors, out / "gallery")
-    metrics["real_hu_slices"] = real_hu_slices(detectors)
+    if "unet_ensemble" in cfg.cv.members:
+        metrics["real_hu_slices"] = real_hu_slices(detectors)
+    else:
+        log.info("Dice on the true-HU slices not measured: the folds trained no U-Nets ([cv] members)")
     write_json(out / "calibration.json", calibration)
     write_json(out / "metrics.json", metrics)
     write_json(out / "oof_predictions.json", [
         {"scan_id": pr["scan_id"], "fold": pr["fold"], "labels": dict(zip(LABELS, pr["labels"])),
          "probabilities": dict(zip(LABELS, map(float, p[i]))),
-         "member_logits_any": dict(zip(SCAN_MEMBERS, pr["member_logits"][0]))}
+         "member_logits_any": dict(zip(SCAN_MEMBERS, pr["member_logits"][0])),
+         "slice_labels_any": pr["slice_labels"], "slice_cnn_logits": pr["slice_cnn_logits"],
+         "slice_cnn_logits_by_replica": pr.get("slice_cnn_logits_by_replica")}
         for i, pr in enumerate(predictions)
     ])
     (out / "metrics.md").write_text(_markdown(config_path, metrics))

@@ -3,7 +3,8 @@
 Stages (the training scans are `[data] train`; single slices `[data] slices` feed the slice CNN):
 0. slice CNN pre-training on the single slices and phantoms only (no CT-ICH patient, so the
    cross-validation folds share it);
-1. slice CNN on every slice label (balanced positive/negative slices, augmented);
+1. slice CNN on every slice label (balanced positive/negative slices, augmented), and each further
+   CNN of the bag (`[model] cnn_replicas`) the same way from the same pre-training, with its own seed;
 2. PCA of the CNN features, then the BiLSTM over whole scans (slice labels, or the scan label
    against the max over slices when a scan has no slice labels);
 3. attention MIL on scan labels only (from report text through training.labels when asked);
@@ -34,13 +35,14 @@ import torch
 from torch.nn import functional as F
 
 from training.augment import AugmentConfig, augment, warp_masks
-from training.config import TrainingConfig, load_training_config
+from training.config import StagesSection, TrainingConfig, load_training_config
 from training.data import Scan
 from training.datasets import load_scans
 from training.synthetic_bleeds import synthetic_examples
 from worker.detector import LABELS, SUBTYPES
 from worker.detector.detector import resolve_device
 from worker.detector.ensemble import SCAN_MEMBERS, UNET_MEMBERS, Ensemble, FoldBag
+from worker.detector.members import SliceCNN
 from worker.detector.preprocess import masks_to_working, prepare
 from worker.detector.store import MANIFEST, load_model, save_model, update_metrics
 
@@ -221,13 +223,12 @@ def _slice_pool(data: list[Example]) -> tuple[list, list]:
     return [p for p in pool if p[0].slice_labels[p[1], 0] > 0], [p for p in pool if p[0].slice_labels[p[1], 0] == 0]
 
 
-def train_slice_cnn(name: str, ensemble: Ensemble, data: list[Example], t: Trainer, steps: int, batch: int, lr: float,
+def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, steps: int, batch: int, lr: float,
                     aug: AugmentConfig, checkpoint: Path | None = None) -> None:
     """Slice labels (augmented, channel dropout), plus the auxiliary lesion-fraction map on slices
     whose masks are known."""
     pos, neg = _slice_pool(data)
     log.info("%s: %d positive and %d negative slices", name, len(pos), len(neg))
-    cnn = ensemble.cnn
 
     def loss() -> torch.Tensor:
         chosen = _balanced_slices(t.rng, pos, neg, batch)
@@ -476,29 +477,46 @@ def load_training_data(cfg: TrainingConfig) -> tuple[TrainingData, dict[str, lis
 
 
 def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device, checkpoints: Path | None,
-                   pretrain_checkpoint: Path | None = None) -> tuple[Ensemble, float]:
+                   pretrain_checkpoint: Path | None = None, members: tuple[str, ...] = SCAN_MEMBERS) -> tuple[Ensemble, float]:
     """Stages 0-5 of the module docstring on `data`; returns the ensemble and the PCA's explained variance.
 
-    pretrain_checkpoint: where stage 0 is kept (folds of a cross-validation share one)."""
+    pretrain_checkpoint: where stage 0 is kept (folds of a cross-validation share one).
+    members: the scan members to train (a cross-validation may train the slice CNN alone); the
+    others stay as initialised, and explained variance is 0 without the BiLSTM."""
     ensemble = Ensemble(cfg.ensemble()).to(device)
     stages, aug = cfg.stages, cfg.augmentation()
     t = Trainer(device, cfg.run.seed, checkpoints, cfg.run.checkpoint_seconds)
     if stages.cnn_pretrain_steps:  # scans with voxel masks (phantoms) and single slices: no CT-ICH patient
         general = [e for e in data.train if e.lesion is not None] + data.slices
-        train_slice_cnn("slice CNN pre-training", ensemble, general, t, stages.cnn_pretrain_steps, stages.batch,
+        train_slice_cnn("slice CNN pre-training", ensemble.cnn, general, t, stages.cnn_pretrain_steps, stages.batch,
                         stages.lr, replace(aug, channel_dropout=aug.pretrain_channel_dropout), pretrain_checkpoint)
-    train_slice_cnn("slice CNN", ensemble, data.train + data.slices, t, stages.cnn_steps, stages.batch, stages.lr, aug)
-    explained = train_sequence(ensemble, data.train, t, stages.lstm_steps, stages.lr, stages.batch)
+    pretrained = {k: v.clone() for k, v in ensemble.cnn.state_dict().items()}
+    train_slice_cnn("slice CNN", ensemble.cnn, data.train + data.slices, t, stages.cnn_steps, stages.batch, stages.lr, aug)
+    for replica, cnn in enumerate(ensemble.cnn_bag, start=2):  # the bag: same start, own seed
+        cnn.load_state_dict(pretrained)
+        bag_trainer = Trainer(device, cfg.run.seed + replica - 1, checkpoints, cfg.run.checkpoint_seconds)
+        train_slice_cnn(f"slice CNN {replica}", cnn, data.train + data.slices, bag_trainer, stages.cnn_steps,
+                        stages.batch, stages.lr, aug)
+    explained = 0.0
+    if "cnn_lstm" in members:
+        explained = train_sequence(ensemble, data.train, t, stages.lstm_steps, stages.lr, stages.batch)
+    if "attention_mil" in members:
+        _train_mil_on_report_labels(ensemble, data, t, stages)
+    if "unet_ensemble" in members:
+        synthetic = synthetic_examples(data.train, stages.synthetic_bleeds, cfg.run.seed)
+        log.info("U-Nets: %d slices with synthesised bleeds on real anatomy", len(synthetic))
+        train_unets(ensemble, data.train + synthetic, t, stages.unet_steps, stages.specialist_steps, stages.batch, stages.lr, stages.unet_patch)
+        train_fusion(ensemble, data.validation or data.train, t, stages.fusion_steps, stages.batch, stages.lr)
+    return ensemble, explained
+
+
+def _train_mil_on_report_labels(ensemble: Ensemble, data: TrainingData, t: Trainer, stages: StagesSection) -> None:
+    """The MIL on scan labels, from report text where `data.mil_labels` has them."""
     mil_train = [
         replace(e, scan_labels=torch.as_tensor(data.mil_labels[e.scan_id])) if e.scan_id in data.mil_labels else e
         for e in data.train
     ]
     train_mil(ensemble, mil_train, t, stages.mil_steps, stages.lr)
-    synthetic = synthetic_examples(data.train, stages.synthetic_bleeds, cfg.run.seed)
-    log.info("U-Nets: %d slices with synthesised bleeds on real anatomy", len(synthetic))
-    train_unets(ensemble, data.train + synthetic, t, stages.unet_steps, stages.specialist_steps, stages.batch, stages.lr, stages.unet_patch)
-    train_fusion(ensemble, data.validation or data.train, t, stages.fusion_steps, stages.batch, stages.lr)
-    return ensemble, explained
 
 
 def bag_fold_models(cfg: TrainingConfig, device: torch.device, config_path: Path) -> tuple[FoldBag, dict]:

@@ -66,12 +66,8 @@ def test_combiner_applies_given_member_weights():
     assert float(comb(x)[0, 0]) > 0.5 > float(comb(x)[1, 0])
 
 
-def test_tiny_cross_validation_writes_out_of_fold_predictions_and_calibration_and_bags_the_folds(tmp_path):
-    from training.crossval import crossval_main
-    from training.train import train_main
-    from worker.detector import load_detector
-    from worker.detector.ensemble import FoldBag
-
+def _tiny_config(tmp_path, model: str = "", cv: str = ""):
+    """A whole recipe and a 2-fold cross-validation over 8 phantoms, in seconds."""
     config = tmp_path / "tiny.toml"
     config.write_text(f"""
 [run]
@@ -93,6 +89,7 @@ unet_base = 4
 unet_depth = 2
 unet_scale = 2
 fusion_hidden = 2
+{model}
 [stages]
 batch = 4
 cnn_pretrain_steps = 2
@@ -112,7 +109,18 @@ calibration = "{tmp_path / 'eval' / 'cv' / 'calibration.json'}"
 [cv]
 data = "phantom:seed=81,n=8,matrix=64,slices=6"
 folds = 2
+{cv}
 """)
+    return config
+
+
+def test_tiny_cross_validation_writes_out_of_fold_predictions_and_calibration_and_bags_the_folds(tmp_path):
+    from training.crossval import crossval_main
+    from training.train import train_main
+    from worker.detector import load_detector
+    from worker.detector.ensemble import FoldBag
+
+    config = _tiny_config(tmp_path)
     metrics = crossval_main(config)
     cv = tmp_path / "eval" / "cv"
     oof = json.loads((cv / "oof_predictions.json").read_text())
@@ -136,6 +144,44 @@ folds = 2
     manifest = json.loads((tmp_path / "model" / "manifest.json").read_text())
     heldout = [set(fold) for fold in manifest["training_data"]["heldout_by_fold"]]
     assert len(heldout) == 2 and heldout[0] and not heldout[0] & heldout[1]
+
+
+def test_cross_validation_of_a_slice_cnn_bag_alone_weighs_only_it_and_keeps_each_cnns_slice_logits(tmp_path):
+    from training.crossval import crossval_main
+
+    metrics = crossval_main(_tiny_config(tmp_path, model="cnn_replicas = 2\nslice_top_k = 3", cv='members = ["slice_cnn"]'))
+    cv = tmp_path / "eval" / "cv"
+    calibration = json.loads((cv / "calibration.json").read_text())
+    assert calibration["weights"][0] > 0 and calibration["weights"][1:] == [0.0, 0.0, 0.0]
+    assert list(metrics["per_member"]) == ["slice_cnn"] and "real_hu_slices" not in metrics
+    assert len(metrics["slice_cnn"]["by_replica"]) == 2 and metrics["slice_top_k"] == 3
+    oof = json.loads((cv / "oof_predictions.json").read_text())
+    for row in oof:
+        first, second = (np.asarray(r) for r in row["slice_cnn_logits_by_replica"])
+        assert len(first) == len(row["slice_cnn_logits"]) == len(row["slice_labels_any"]) == 6
+        assert np.allclose((first + second) / 2, row["slice_cnn_logits"], atol=1e-4)  # the bag is their mean
+        assert not np.allclose(first, second)  # two CNNs, trained with their own seeds
+        top3 = np.sort(row["slice_cnn_logits"])[::-1][:3].mean()
+        assert row["member_logits_any"]["slice_cnn"] == pytest.approx(top3, abs=1e-4)
+    assert "Not trained in the folds (weight 0): cnn_lstm, attention_mil, unet_ensemble" in (cv / "metrics.md").read_text()
+
+
+def test_weights_never_go_to_members_the_folds_did_not_train():
+    rng = np.random.default_rng(2)
+    y = np.zeros((40, 6))
+    y[:20] = 1
+    logits = np.stack([rng.normal(0, 1, (40, 6)), (y * 2 - 1) * 3], axis=-1)  # the second member is perfect
+    w = choose_weights(logits, y, allowed=np.array([True, False]))
+    assert w[0] > 0 and w[1] == 0
+
+
+def test_cross_validation_members_must_be_known():
+    from pydantic import ValidationError
+
+    from training.config import CrossValidationSection
+
+    with pytest.raises(ValidationError, match="slice_cn"):
+        CrossValidationSection(members=["slice_cn"])
 
 
 def test_fold_bag_needs_the_fold_models_and_the_cv_calibration(tmp_path):

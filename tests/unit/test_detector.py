@@ -190,6 +190,30 @@ def test_unet_and_pixel_weight_fusion():
     assert bool((fused >= maps.amin(dim=1) - 1e-6).all() and (fused <= maps.amax(dim=1) + 1e-6).all())
 
 
+def test_an_untrained_unet_says_no_blood():
+    torch.manual_seed(0)
+    ensemble = Ensemble(TINY).eval()
+    probs, _ = ensemble.unet_maps(torch.rand(2, 3, 32, 32))
+    assert float(probs.mean()) == pytest.approx(0.01, abs=0.01) and float(probs.amax()) < 0.2
+
+
+def test_a_bag_of_slice_cnns_averages_their_logits_and_grad_cams_and_gives_the_first_ones_features():
+    torch.manual_seed(0)
+    bag = Ensemble(replace(TINY, cnn_replicas=2)).eval()
+    assert len(bag.slice_cnns) == 2
+    x = torch.rand(3, 3, 32, 32)
+    logits, features, cam = bag.mirrored_cnn(x)
+    each = [Ensemble.mirrored(cnn, x) for cnn in bag.slice_cnns]
+    assert torch.allclose(logits, (each[0][0] + each[1][0]) / 2, atol=1e-6)
+    assert torch.allclose(cam, (each[0][2] + each[1][2]) / 2, atol=1e-6)
+    assert torch.equal(features, each[0][1])
+    assert not torch.allclose(each[0][0], each[1][0])
+    # one CNN (every shipped model before the bag): the weight files keep their keys
+    assert not any(k.startswith("cnn_bag") for k in Ensemble(TINY).state_dict())
+    with pytest.raises(ValueError, match="cnn_replicas"):
+        EnsembleConfig.from_dict({"cnn_replicas": 0})
+
+
 def test_unet_maps_average_each_slice_with_its_mirror_image():
     torch.manual_seed(0)
     ensemble = Ensemble(TINY).eval()

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch.nn import functional as F
 from ichnode.common.vocabulary import LABELS
 
 N_LABELS = len(LABELS)
+LESION_PRIOR = 0.01  # a U-Net's lesion probability before training
 
 
 @dataclass(frozen=True)
@@ -203,7 +205,12 @@ def _double_conv(cin: int, cout: int) -> nn.Sequential:
 
 
 class UNet(nn.Module):
-    """2-D U-Net: images (n, 3, h, w) -> logits (n, out_channels, h, w); h, w multiples of 2**depth."""
+    """2-D U-Net: images (n, 3, h, w) -> logits (n, out_channels, h, w); h, w multiples of 2**depth.
+
+    The lesion output (channel 0) starts at the prior LESION_PRIOR of a rare foreground (the
+    RetinaNet initialisation): training does not first spend its steps unlearning "blood
+    everywhere", and a U-Net left untrained (a cross-validation that trains only the slice CNN)
+    says "no blood" instead of 0.5 on every pixel."""
 
     def __init__(self, base: int, depth: int, out_channels: int) -> None:
         super().__init__()
@@ -215,6 +222,8 @@ class UNet(nn.Module):
         )
         self.merge = nn.ModuleList(_double_conv(2 * widths[i], widths[i]) for i in reversed(range(depth)))
         self.out = nn.Conv2d(widths[0], out_channels, 1)
+        with torch.no_grad():
+            self.out.bias[0] = math.log(LESION_PRIOR / (1 - LESION_PRIOR))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
