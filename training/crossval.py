@@ -98,14 +98,14 @@ def _predict_fold(cfg: TrainingConfig, data: TrainingData, heldout: list[Example
             "slice_labels": e.slice_labels[:, 0].tolist() if e.slice_labels is not None else None,
             "member_logits": scan_logits.tolist(),  # (6, members)
             "slice_cnn_logits": slice_logits[:, 0].tolist(),
-            "slice_cnn_logits_by_replica": replica_slice_logits(ensemble, e, device),
+            "slice_cnn_logits_by_replica": replica_slice_logits(ensemble, e, device) if ensemble.cfg.cnn_replicas > 1 else None,
         })
     return predictions
 
 
 @torch.no_grad()
 def replica_slice_logits(ensemble: Ensemble, e: Example, device: torch.device) -> list[list[float]]:
-    """Each slice CNN of the bag alone: its mirrored logit(any) per slice (what the bag gains)."""
+    """Each slice CNN of a bag alone: its mirrored logit(any) per slice (what the bag gains)."""
     images = e.images.float().to(device)
     return [
         torch.cat([Ensemble.mirrored(cnn, chunk)[0][:, 0] for chunk in torch.split(images, ensemble.cfg.batch_slices)]).cpu().tolist()
@@ -191,12 +191,12 @@ def top_k_scores(slice_logits: list[list[float]], k: int) -> np.ndarray:
     return np.array([np.mean(sorted(s, reverse=True)[:k]) for s in slice_logits])
 
 
-def slice_cnn_figures(predictions: list[dict], y_any: np.ndarray) -> dict:
-    """The slice CNN's scan AUC(any) by `slice_top_k`, and each CNN of the bag alone (scan AUC at
-    each k, slice AUC): how much the choice of k and the bagging move the ranking."""
+def slice_cnn_figures(predictions: list[dict], y_any: np.ndarray, slice_y: np.ndarray) -> dict:
+    """The slice CNN's scan AUC(any) by `slice_top_k`, and each CNN of a bag alone (scan AUC at
+    each k, slice AUC against slice_y, the labels of the scans that have them): how much the
+    choice of k and the bagging move the ranking."""
     by_k = {str(k): _auc_entry(y_any, top_k_scores([pr["slice_cnn_logits"] for pr in predictions], k)) for k in TOP_K_REPORTED}
     labelled = [pr for pr in predictions if pr["slice_labels"] is not None]
-    slice_y = np.concatenate([pr["slice_labels"] for pr in labelled])
     replicas = len(predictions[0].get("slice_cnn_logits_by_replica") or [])
     by_replica = []
     for r in range(replicas):
@@ -219,8 +219,9 @@ def summarise(predictions: list[dict], top_k: int, members: tuple[str, ...] = SC
     p = _probabilities(combiner, logits)
     urgent, stat = operating_point(y[:, 0], p[:, 0])
     nested = nested_probabilities(logits, y, folds, allowed)
-    slice_y = np.concatenate([pr["slice_labels"] for pr in predictions if pr["slice_labels"] is not None])
-    slice_s = np.concatenate([pr["slice_cnn_logits"] for pr in predictions if pr["slice_labels"] is not None])
+    labelled = [pr for pr in predictions if pr["slice_labels"] is not None]
+    slice_y = np.concatenate([pr["slice_labels"] for pr in labelled])
+    slice_s = np.concatenate([pr["slice_cnn_logits"] for pr in labelled])
     extent = np.array([int(np.sum(pr["slice_labels"])) if pr["slice_labels"] is not None else 0 for pr in predictions])
     by_extent = {}
     for low, high in EXTENT_BINS:
@@ -238,7 +239,7 @@ def summarise(predictions: list[dict], top_k: int, members: tuple[str, ...] = SC
         "nested_at_urgent": _rates(y[:, 0], nested, urgent),
         "per_label": {label: _auc_entry(y[:, j], p[:, j]) for j, label in enumerate(LABELS)},
         "per_member": {m: _auc_entry(y[:, 0], logits[:, 0, j]) for j, m in enumerate(SCAN_MEMBERS) if allowed[j]},
-        "slice_cnn": slice_cnn_figures(predictions, y[:, 0]),
+        "slice_cnn": slice_cnn_figures(predictions, y[:, 0], slice_y),
         "by_extent": by_extent,
         "slice_level_auc_any": _auc_entry(slice_y, slice_s),
         "weights": dict(zip(SCAN_MEMBERS, w.tolist())),

@@ -79,14 +79,16 @@ class EnsembleConfig:
     mask_threshold: float = 0.5
     batch_slices: int = 16  # slices per forward pass on CPU; CUDA uses 4x
 
+    def __post_init__(self) -> None:
+        if self.cnn_replicas < 1:
+            raise ValueError(f"cnn_replicas must be at least 1, not {self.cnn_replicas}")
+
     @classmethod
     def from_dict(cls, d: dict) -> "EnsembleConfig":
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown model settings: {sorted(unknown)}")
-        if d.get("cnn_replicas", 1) < 1:
-            raise ValueError(f"cnn_replicas must be at least 1, not {d['cnn_replicas']}")
         values = dict(d)
         for key in ("cnn", "mil"):
             if key in values:
