@@ -71,6 +71,13 @@ def augment(
 
     full_hu (n,) bool: images whose later channels are real (channel dropout applies to these;
     the others already have them zeroed and keep them so)."""
+    with torch.autocast(images.device.type, enabled=False):  # data, not model: float32 under mixed precision
+        return _augment(images.float(), cfg, generator, full_hu)
+
+
+def _augment(
+    images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator, full_hu: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     n, _, size, _ = images.shape
     device = images.device
     grid = affine_grid(n, size, cfg, generator, device)
@@ -98,4 +105,5 @@ def augment(
 
 def warp_masks(masks: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """(n, s, s) soft masks through the same geometry as their images."""
-    return F.grid_sample(masks[:, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+    with torch.autocast(masks.device.type, enabled=False):
+        return F.grid_sample(masks[:, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]

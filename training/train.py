@@ -128,13 +128,25 @@ def _save_atomic(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
-class Trainer:
-    """Adam with a cosine schedule, autocast + gradient scaling on CUDA, progress with ETA on
-    stderr, and a resumable checkpoint per stage (module, optimiser, schedule, random state)."""
+def autocast_dtype(device: torch.device, mixed_precision: str) -> torch.dtype | None:
+    """The training autocast type: float16 on CUDA, bfloat16 on a CPU that computes it natively
+    (emulated bfloat16 is slower than float32), None for float32."""
+    if mixed_precision == "off":
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
-    def __init__(self, device: torch.device, seed: int, checkpoints: Path | None = None, checkpoint_seconds: float = 120.0) -> None:
+
+class Trainer:
+    """Adam with a cosine schedule, mixed precision (`autocast_dtype`; gradient scaling for
+    float16), channels-last weights, progress with ETA on stderr, and a resumable checkpoint per
+    stage (module, optimiser, schedule, random state)."""
+
+    def __init__(self, device: torch.device, seed: int, checkpoints: Path | None = None, checkpoint_seconds: float = 120.0,
+                 mixed_precision: str = "auto") -> None:
         self.device = device
-        self.cuda = device.type == "cuda"
+        self.autocast = autocast_dtype(device, mixed_precision)
         self.rng = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.checkpoints = checkpoints
@@ -149,7 +161,7 @@ class Trainer:
         checkpoint = checkpoint or self.checkpoint_path(name)
         params = [p for p in module.parameters() if p.requires_grad]
         optimiser = torch.optim.Adam(params, lr=lr)
-        scaler = torch.amp.GradScaler("cuda", enabled=self.cuda)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast == torch.float16)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(steps, 1))
         first, running = 1, None
         if checkpoint is not None and checkpoint.is_file():
@@ -165,11 +177,12 @@ class Trainer:
             self.generator.set_state(state["generator"])
             first, running = state["step"] + 1, state["loss"]
             log.info("%s: resuming at step %d/%d from %s", name, first, steps, checkpoint)
+        module.to(memory_format=torch.channels_last)  # the convolutions' fast layout on CPU and GPU
         module.train()
         start = last_save = time.monotonic()
         report_every = max(1, steps // 20)
         for step in range(first, steps + 1):
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cuda):
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                 loss = loss_fn()
             optimiser.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -232,7 +245,7 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
 
     def loss() -> torch.Tensor:
         chosen = _balanced_slices(t.rng, pos, neg, batch)
-        x = torch.stack([e.images[i] for e, i in chosen]).float().to(t.device)
+        x = torch.stack([e.images[i].float() for e, i in chosen]).to(t.device)  # float16 into autocast: .float() first
         full_hu = torch.tensor([e.full_hu for e, _ in chosen])
         x, grid = augment(x, aug, t.generator, full_hu)
         y = torch.stack([e.slice_labels[i] for e, i in chosen]).to(t.device)
@@ -359,7 +372,7 @@ def train_unets(ensemble: Ensemble, data: list[Example], t: Trainer, steps: int,
             chosen = _balanced_slices(t.rng, pos, neg, batch)
             flip = t.coin()
             crops = [(e, i, *_patch_origin(e, i, crop, t.rng)) for e, i in chosen]
-            x = torch.stack([e.images[i, :, r:r + crop, c:c + crop] for e, i, r, c in crops]).float()
+            x = torch.stack([e.images[i, :, r:r + crop, c:c + crop].float() for e, i, r, c in crops])
             target = torch.stack([_lesion_target(e, i)[r:r + crop, c:c + crop] for e, i, r, c in crops])
             x = ensemble.unet_input(_flip(x, flip).to(t.device))
             target = ensemble.unet_input(_flip(target, flip)[:, None].to(t.device))[:, 0]
@@ -372,7 +385,7 @@ def train_unets(ensemble: Ensemble, data: list[Example], t: Trainer, steps: int,
                     total = total + F.cross_entropy(logits[:, 1:], sub, ignore_index=-1)
             if weak:
                 picked = [t.rng.choice(weak) for _ in range(max(1, batch // WEAK_FRACTION))]
-                whole = ensemble.unet_input(_flip(torch.stack([e.images[i] for e, i in picked]).float(), flip).to(t.device))
+                whole = ensemble.unet_input(_flip(torch.stack([e.images[i].float() for e, i in picked]), flip).to(t.device))
                 top = unet(whole).float()[:, 0].flatten(1).topk(WEAK_TOP_K, dim=1).values.mean(dim=1)
                 total = total + F.binary_cross_entropy_with_logits(top, torch.ones_like(top))
             return total
@@ -485,7 +498,7 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
     others stay as initialised, and explained variance is 0 without the BiLSTM."""
     ensemble = Ensemble(cfg.ensemble()).to(device)
     stages, aug = cfg.stages, cfg.augmentation()
-    t = Trainer(device, cfg.run.seed, checkpoints, cfg.run.checkpoint_seconds)
+    t = Trainer(device, cfg.run.seed, checkpoints, cfg.run.checkpoint_seconds, cfg.run.mixed_precision)
     if stages.cnn_pretrain_steps:  # scans with voxel masks (phantoms) and single slices: no CT-ICH patient
         general = [e for e in data.train if e.lesion is not None] + data.slices
         train_slice_cnn("slice CNN pre-training", ensemble.cnn, general, t, stages.cnn_pretrain_steps, stages.batch,
@@ -494,7 +507,8 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
     train_slice_cnn("slice CNN", ensemble.cnn, data.train + data.slices, t, stages.cnn_steps, stages.batch, stages.lr, aug)
     for replica, cnn in enumerate(ensemble.cnn_bag, start=2):  # the bag: same start, own seed
         cnn.load_state_dict(pretrained)
-        bag_trainer = Trainer(device, cfg.run.seed + replica - 1, checkpoints, cfg.run.checkpoint_seconds)
+        bag_trainer = Trainer(device, cfg.run.seed + replica - 1, checkpoints, cfg.run.checkpoint_seconds,
+                              cfg.run.mixed_precision)
         train_slice_cnn(f"slice CNN {replica}", cnn, data.train + data.slices, bag_trainer, stages.cnn_steps,
                         stages.batch, stages.lr, aug)
     explained = 0.0

@@ -156,6 +156,30 @@ def test_unet_pools_use_slice_labels_of_scans_without_masks():
     assert torch.equal(_lesion_target(example, 0), torch.zeros(32, 32))
 
 
+def test_mixed_precision_is_float16_on_cuda_bfloat16_only_where_the_cpu_has_it_and_off_means_float32():
+    from training.train import autocast_dtype
+
+    assert autocast_dtype(torch.device("cuda"), "auto") == torch.float16
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert autocast_dtype(torch.device("cpu"), "auto") == (torch.bfloat16 if native else None)
+    assert autocast_dtype(torch.device("cpu"), "off") is None
+    assert autocast_dtype(torch.device("cuda"), "off") is None
+
+
+def test_augmentation_stays_float32_inside_a_mixed_precision_step():
+    """The trainer runs the whole loss, data included, under autocast: the augmented images must
+    not come out (or break) in bfloat16."""
+    from training.augment import AugmentConfig, augment, warp_masks
+
+    images = torch.rand(4, 3, 32, 32).half()
+    every_step = AugmentConfig(blur_probability=1.0, resample_probability=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x, grid = augment(images, every_step, torch.Generator().manual_seed(0))
+        masks = warp_masks(torch.ones(4, 32, 32).half(), grid)
+    assert x.dtype == torch.float32 and masks.dtype == torch.float32
+    assert x.shape == images.shape and 0 <= float(x.min()) and float(x.max()) <= 1
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "config" / "training").glob("*.toml")))
 def test_every_shipped_training_config_validates(path):
     from training.config import load_training_config
