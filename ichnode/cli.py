@@ -152,7 +152,7 @@ def cmd_train(args) -> None:
     from training.train import train_main
 
     _setup_logging("INFO")
-    train_main(Path(args.config))
+    train_main(Path(args.config), args.set)
 
 
 def cmd_evaluate(args, parser: argparse.ArgumentParser) -> None:
@@ -162,7 +162,7 @@ def cmd_evaluate(args, parser: argparse.ArgumentParser) -> None:
 
         if not args.config:
             parser.error("evaluate --cv needs --config (a training config)")
-        crossval_main(Path(args.config))
+        crossval_main(Path(args.config), args.set)
         return
     from training.evaluate import evaluate_main
 
@@ -263,8 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help='e.g. "ctich:all,patients=49" or "phantom:seed=1,n=3"')
     p.add_argument("out")
     p.set_defaults(func=cmd_export_dicom)
+    set_help = "SECTION.KEY=VALUE over the training config (TOML value), e.g. model.cnn_replicas=1; repeatable"
     p = sub.add_parser("train", help="train the detector from a training config")
     p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=set_help)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="evaluate a model: AUC with CIs, sensitivity, Dice, volumes; or with --cv, "
                        "cross-validate a training config by patient (out-of-fold metrics, calibration, error gallery)")
@@ -273,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder")
     p.add_argument("--cv", action="store_true", help="k-fold cross-validation of --config (resumes when stopped)")
     p.add_argument("--config", help="training config, with --cv")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=set_help + " (with --cv)")
     p.set_defaults(func=lambda args, p=p: cmd_evaluate(args, p))
     p = sub.add_parser("benchmark", help="time the detector per member; C-STORE ingest of ichnode against DCMTK "
                        "storescp and Orthanc; a series' latency per stage; studies per hour with 1 and 2 workers "

@@ -6,6 +6,8 @@ config never silently falls back to a default. `[model]` is the detector's own
 """
 from __future__ import annotations
 
+import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +49,9 @@ class StagesSection(_Section):
     lr: float = Field(default=1e-3, gt=0)
     cnn_pretrain_steps: int = Field(default=0, ge=0)  # slice CNN on `slices` and phantoms only (shared by CV folds)
     cnn_steps: int = Field(default=300, ge=0)
+    # Share of each slice CNN fine-tuning batch drawn from the real patients' scans of `[data] train`
+    # (those without voxel masks), balanced like the rest; 0: one pool of all the slices.
+    cnn_patient_share: float = Field(default=0.0, ge=0, le=1)
     lstm_steps: int = Field(default=300, ge=0)
     mil_steps: int = Field(default=300, ge=0)
     unet_steps: int = Field(default=300, ge=0)
@@ -129,9 +134,31 @@ class TrainingConfig(_Section):
         return self.cv_checkpoints / f"fold-{fold}" / "model"
 
 
-def load_training_config(path: Path) -> TrainingConfig:
-    """Read and validate, as the node's configuration is: ConfigError names the file and the key."""
-    raw = read_toml(path)
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
+    """`SECTION.KEY=VALUE` settings (`ichnode evaluate --cv --set model.cnn_replicas=1`) over a read
+    config: VALUE is read as TOML (1, 0.5, true, [1, 2], "text"), else taken as a bare string."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        path = key.strip().split(".")
+        if not sep or len(path) < 2 or not all(path):
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        table = raw
+        for name in path[:-1]:
+            table = table.setdefault(name, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"--set {item!r}: {name} is not a section")
+        table[path[-1]] = value
+    return raw
+
+
+def load_training_config(path: Path, overrides: Sequence[str] = ()) -> TrainingConfig:
+    """Read, apply `overrides` (`apply_overrides`) and validate, as the node's configuration is:
+    ConfigError names the file and the key."""
+    raw = apply_overrides(read_toml(path), overrides)
     try:
         cfg = TrainingConfig(**raw)
         cfg.ensemble()

@@ -28,6 +28,7 @@ import itertools
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -257,7 +258,7 @@ def summarise(predictions: list[dict], top_k: int, members: tuple[str, ...] = SC
     return metrics, calibration, p
 
 
-def _markdown(cfg_path: Path, m: dict) -> str:
+def _markdown(command: str, m: dict) -> str:
     def auc(e: dict) -> str:
         lo, hi = e["auc_ci95"]
         return f"{e['auc']} [{lo}-{hi}]"
@@ -265,7 +266,7 @@ def _markdown(cfg_path: Path, m: dict) -> str:
     lines = [
         f"# Cross-validation: {m['folds']}-fold by patient, {m['scans']} scans ({m['positive_scans']} with ICH)",
         "",
-        f"Config: `{cfg_path}`. Out-of-fold predictions only; 95% intervals are percentile bootstraps over scans.",
+        f"Config: `{command}`. Out-of-fold predictions only; 95% intervals are percentile bootstraps over scans.",
         "",
         "| figure | value |",
         "|---|---|",
@@ -378,8 +379,8 @@ def error_gallery(scans: dict[str, Scan], predictions: list[dict], p: np.ndarray
     return written
 
 
-def crossval_main(config_path: Path) -> dict:
-    cfg = load_training_config(config_path)
+def crossval_main(config_path: Path, overrides: Sequence[str] = ()) -> dict:
+    cfg = load_training_config(config_path, overrides)
     device = setup(cfg)
     out = cfg.cv_dir
     (out / "folds").mkdir(parents=True, exist_ok=True)
@@ -418,7 +419,7 @@ def crossval_main(config_path: Path) -> dict:
          "slice_cnn_logits_by_replica": pr.get("slice_cnn_logits_by_replica")}
         for i, pr in enumerate(predictions)
     ])
-    (out / "metrics.md").write_text(_markdown(config_path, metrics))
+    (out / "metrics.md").write_text(_markdown(" ".join([str(config_path), *(f"--set {o}" for o in overrides)]), metrics))
     y = np.array([[float(v >= 0.5) for v in pr["labels"]] for pr in predictions])
     for j, label in enumerate(LABELS):
         if 0 < y[:, j].sum() < len(y):

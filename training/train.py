@@ -26,9 +26,9 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -237,14 +237,19 @@ def _slice_pool(data: list[Example]) -> tuple[list, list]:
 
 
 def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, steps: int, batch: int, lr: float,
-                    aug: AugmentConfig, checkpoint: Path | None = None) -> None:
+                    aug: AugmentConfig, checkpoint: Path | None = None, focus: list[Example] = (),
+                    focus_share: float = 0.0) -> None:
     """Slice labels (augmented, channel dropout), plus the auxiliary lesion-fraction map on slices
-    whose masks are known."""
+    whose masks are known. `focus_share` of each batch comes from the slices of `focus` (the
+    patients the model is for), the rest from all of `data`; each part half bleeding, half clean."""
     pos, neg = _slice_pool(data)
-    log.info("%s: %d positive and %d negative slices", name, len(pos), len(neg))
+    focus_pos, focus_neg = _slice_pool(list(focus))
+    from_focus = round(batch * focus_share) if focus_pos or focus_neg else 0
+    log.info("%s: %d positive and %d negative slices; %d of each batch from %d + %d focus slices",
+             name, len(pos), len(neg), from_focus, len(focus_pos), len(focus_neg))
 
     def loss() -> torch.Tensor:
-        chosen = _balanced_slices(t.rng, pos, neg, batch)
+        chosen = _balanced_slices(t.rng, focus_pos, focus_neg, from_focus) + _balanced_slices(t.rng, pos, neg, batch - from_focus)
         x = torch.stack([e.images[i].float() for e, i in chosen]).to(t.device)  # float16 into autocast: .float() first
         full_hu = torch.tensor([e.full_hu for e, _ in chosen])
         x, grid = augment(x, aug, t.generator, full_hu)
@@ -504,13 +509,13 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
         train_slice_cnn("slice CNN pre-training", ensemble.cnn, general, t, stages.cnn_pretrain_steps, stages.batch,
                         stages.lr, replace(aug, channel_dropout=aug.pretrain_channel_dropout), pretrain_checkpoint)
     pretrained = {k: v.clone() for k, v in ensemble.cnn.state_dict().items()}
-    train_slice_cnn("slice CNN", ensemble.cnn, data.train + data.slices, t, stages.cnn_steps, stages.batch, stages.lr, aug)
-    for replica, cnn in enumerate(ensemble.cnn_bag, start=2):  # the bag: same start, own seed
+    patients = [e for e in data.train if e.lesion is None]  # real scans: phantoms carry voxel masks
+    for replica, cnn in enumerate(ensemble.slice_cnns, start=1):  # a bag: one start, a seed each
         cnn.load_state_dict(pretrained)
-        bag_trainer = Trainer(device, cfg.run.seed + replica - 1, checkpoints, cfg.run.checkpoint_seconds,
-                              cfg.run.mixed_precision)
-        train_slice_cnn(f"slice CNN {replica}", cnn, data.train + data.slices, bag_trainer, stages.cnn_steps,
-                        stages.batch, stages.lr, aug)
+        trainer = t if replica == 1 else Trainer(device, cfg.run.seed + replica - 1, checkpoints,
+                                                 cfg.run.checkpoint_seconds, cfg.run.mixed_precision)
+        train_slice_cnn("slice CNN" if replica == 1 else f"slice CNN {replica}", cnn, data.train + data.slices, trainer,
+                        stages.cnn_steps, stages.batch, stages.lr, aug, focus=patients, focus_share=stages.cnn_patient_share)
     explained = 0.0
     if "cnn_lstm" in members:
         explained = train_sequence(ensemble, data.train, t, stages.lstm_steps, stages.lr, stages.batch)
@@ -550,12 +555,12 @@ def bag_fold_models(cfg: TrainingConfig, device: torch.device, config_path: Path
     return FoldBag.of([ensemble for ensemble, _ in loaded]), training_data
 
 
-def train_main(config_path: Path) -> None:
+def train_main(config_path: Path, overrides: Sequence[str] = ()) -> None:
     """Train (or, with [output] fold_bag, bag the cross-validation's fold models), save weights +
     manifest into [output].dir, then evaluate on [evaluate].data."""
     from training.evaluate import evaluate_main
 
-    cfg = load_training_config(config_path)
+    cfg = load_training_config(config_path, overrides)
     device = setup(cfg)
     started = time.monotonic()
     training_data = {"train": cfg.data.train, "slices": cfg.data.slices, "validation": cfg.data.validation}
@@ -583,6 +588,7 @@ def train_main(config_path: Path) -> None:
         "calibration": cfg.evaluate.calibration or "validation scans",
         "training_minutes": round((time.monotonic() - started) / 60, 1),
         "config": str(config_path),
+        "overrides": list(overrides),
     })
     model_dir = Path(cfg.output.dir)
     save_model(ensemble, model_dir, cfg.output.name, cfg.output.version, training_data, {})

@@ -206,3 +206,53 @@ def test_auc_by_volume_compares_each_size_bin_with_all_negatives():
     bins = auc_by_volume(y, p, [2.0, 10.0, 50.0, 0.0, 0.0])
     assert bins == {"< 5 mL": 0.5, "5-30 mL": 1.0, ">= 30 mL": 1.0}
     assert auc_by_volume(y, p, [None] * 5) == {}
+
+
+def test_slice_cnn_batches_take_their_patient_share_from_the_focus_scans(monkeypatch):
+    """With cnn_patient_share 0.5, half of every batch comes from the real patients' slices (half
+    of those bleeding), the rest from the whole pool; with 0, the focus scans are not drawn apart."""
+    import training.train as train
+    from training.augment import AugmentConfig
+    from worker.detector.members import SliceCNN
+    from worker.detector.ensemble import EnsembleConfig
+
+    def example(scan_id: str, bleeding: list[int]) -> train.Example:
+        labels = torch.zeros(4, 6)
+        labels[bleeding, 0] = 1
+        return train.Example(scan_id, scan_id, torch.rand(4, 3, 32, 32).half(), labels.amax(0), labels, None, None, 0.0,
+                             torch.ones(4, 32, 32, dtype=torch.bool))
+
+    patient, other = example("patient", [1]), example("other", [0, 1, 2])
+    drawn: list[list[str]] = []
+    original = train._balanced_slices
+
+    def recording(rng, positives, negatives, batch):
+        chosen = original(rng, positives, negatives, batch)
+        drawn.append([(e.scan_id, int(e.slice_labels[i, 0])) for e, i in chosen])
+        return chosen
+
+    monkeypatch.setattr(train, "_balanced_slices", recording)
+    cnn = SliceCNN(EnsembleConfig().cnn, 0.0)
+    trainer = train.Trainer(torch.device("cpu"), seed=1, mixed_precision="off")
+    train.train_slice_cnn("t", cnn, [patient, other], trainer, 2, 8, 1e-3, AugmentConfig(), focus=[patient], focus_share=0.5)
+    focus_part, rest = drawn[0], drawn[1]
+    assert len(focus_part) == 4 and {s for s, _ in focus_part} == {"patient"}
+    assert sorted(y for _, y in focus_part) == [0, 0, 1, 1] and len(rest) == 4
+    drawn.clear()
+    train.train_slice_cnn("t", cnn, [patient, other], trainer, 1, 8, 1e-3, AugmentConfig(), focus=[patient], focus_share=0.0)
+    assert drawn[0] == [] and len(drawn[1]) == 8
+
+
+def test_set_overrides_a_config_key_as_toml_and_names_a_bad_one(tmp_path):
+    from ichnode.common.config import ConfigError
+    from training.config import load_training_config
+
+    demo = ROOT / "config" / "training" / "demo.toml"
+    cfg = load_training_config(demo, ["model.cnn_replicas=1", "stages.cnn_patient_share=0.5", "run.checkpoints=var/x",
+                                      "cv.members=['slice_cnn']"])
+    assert cfg.ensemble().cnn_replicas == 1 and cfg.stages.cnn_patient_share == 0.5
+    assert cfg.run.checkpoints == "var/x" and cfg.cv.members == ["slice_cnn"]
+    with pytest.raises(ConfigError, match="cnn_patient_shar"):
+        load_training_config(demo, ["stages.cnn_patient_shar=0.5"])
+    with pytest.raises(ConfigError, match="SECTION.KEY=VALUE"):
+        load_training_config(demo, ["cnn_replicas=1"])
