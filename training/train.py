@@ -237,7 +237,7 @@ def _slice_pool(data: list[Example]) -> tuple[list, list]:
 
 
 def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, steps: int, batch: int, lr: float,
-                    aug: AugmentConfig, checkpoint: Path | None = None, focus: list[Example] = (),
+                    aug: AugmentConfig, checkpoint: Path | None = None, focus: Sequence[Example] = (),
                     focus_share: float = 0.0) -> None:
     """Slice labels (augmented, channel dropout), plus the auxiliary lesion-fraction map on slices
     whose masks are known. `focus_share` of each batch comes from the slices of `focus` (the
