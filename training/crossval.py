@@ -156,7 +156,7 @@ def operating_point(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     urgent = math.floor(urgent * 100) / 100
     allowed_fp = int(math.floor((1 - STAT_SPECIFICITY) * len(negatives)))
     stat = negatives[allowed_fp] if allowed_fp < len(negatives) else 0.0
-    stat = min(0.99, math.floor(stat * 100) / 100 + 0.01)
+    stat = min(0.99, round(math.floor(stat * 100) / 100 + 0.01, 2))  # 0.69, not 0.6900000000000001
     return urgent, max(stat, urgent)
 
 

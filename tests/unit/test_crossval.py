@@ -36,6 +36,13 @@ def test_operating_point_keeps_the_promised_sensitivity_and_specificity():
     assert urgent <= stat
     # the threshold is as high as the sensitivity allows: 0.01 higher loses it
     assert (p[y == 1] >= urgent + 0.01).mean() < 0.90 or urgent == 0.99
+    assert urgent == round(urgent, 2) and stat == round(stat, 2)  # written as is into configs and reports
+
+
+def test_stat_threshold_is_a_whole_hundredth():
+    y = np.array([0] * 19 + [1] * 10)  # 19 clean scans: STAT lets none of them through
+    p = np.array([0.689] + [0.1] * 18 + [0.3] * 10)
+    assert operating_point(y, p) == (0.3, 0.69)  # the sum 0.68 + 0.01 is 0.6900000000000001
 
 
 def test_weights_pick_the_informative_member_and_nested_choice_is_per_fold():
