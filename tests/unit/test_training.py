@@ -223,7 +223,7 @@ def test_slice_cnn_batches_take_their_patient_share_from_the_focus_scans(monkeyp
                              torch.ones(4, 32, 32, dtype=torch.bool))
 
     patient, other = example("patient", [1]), example("other", [0, 1, 2])
-    drawn: list[list[str]] = []
+    drawn: list[list[tuple[str, int]]] = []
     original = train._balanced_slices
 
     def recording(rng, positives, negatives, batch):
