@@ -87,6 +87,17 @@ def _cpu_seconds(pid: int) -> float:
 
 
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
+DCMTK_BIN = Path("/usr/bin")
+
+
+def dcmtk(tool: str) -> str:
+    """DCMTK's own `tool` (Debian's dcmtk package): pynetdicom installs Python commands of the same
+    names (storescu, storescp, echoscu) on PATH, which an activated virtual environment puts first."""
+    path = DCMTK_BIN / tool
+    if not path.is_file():
+        raise FileNotFoundError(f"DCMTK {tool} not found at {path}: install dcmtk (deploy/test.sh does)")
+    return str(path)
+
 
 
 @dataclass(frozen=True)
@@ -110,7 +121,7 @@ def _serve(folder: Path, port: int, workers: int = 0, http_port: int | None = No
 
 
 def _storescp(folder: Path, port: int) -> subprocess.Popen:
-    return subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(folder), str(port)], env=DCMTK_ENV,
+    return subprocess.Popen([dcmtk("storescp"), "-aet", "STORESCP", "-od", str(folder), str(port)], env=DCMTK_ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -179,7 +190,7 @@ RECEIVERS = {
 def _send(parts: list[Path], port: int, ae_title: str) -> float:
     """One storescu per folder in `parts`, all at once; seconds until the last one is done."""
     started = time.perf_counter()
-    senders = [subprocess.Popen(["storescu", "-aec", ae_title, "+sd", "127.0.0.1", str(port), str(part)],
+    senders = [subprocess.Popen([dcmtk("storescu"), "-aec", ae_title, "+sd", "127.0.0.1", str(port), str(part)],
                                 env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for part in parts]
     errors = [sender.communicate()[1].decode(errors="replace") for sender in senders]
     seconds = time.perf_counter() - started

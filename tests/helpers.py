@@ -35,6 +35,7 @@ from ichnode.common.analysis import ModelIdentity, SeriesFindings
 from ichnode.common.config import PriorityRule, Settings, StorageSection, load_settings
 from ichnode.common.vocabulary import LABELS, SUBTYPES
 from node.benchmark import ORTHANC, private_network  # Orthanc and its private network namespace, as the benchmark runs them
+from node.benchmark import dcmtk as benchmark_dcmtk
 from node import audit
 from node.headers import InstanceHeader
 from node.scp import start_listener
@@ -58,11 +59,11 @@ KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
 # --- tools and processes --------------------------------------------------------------------
 
 def dcmtk(tool: str) -> str:
-    """DCMTK's own binary (pynetdicom installs Python tools of the same names on PATH)."""
-    path = Path("/usr/bin") / tool
-    if not path.exists():
-        pytest.fail(f"DCMTK {tool} missing: run deploy/test.sh (it installs dcmtk)")
-    return str(path)
+    """DCMTK's own binary (node.benchmark.dcmtk); a clear failure where it is not installed."""
+    try:
+        return benchmark_dcmtk(tool)
+    except FileNotFoundError as exc:
+        pytest.fail(f"{exc}; run deploy/test.sh")
 
 
 def free_port() -> int:
