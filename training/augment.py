@@ -1,24 +1,26 @@
 """Training-time augmentation of window-channel batches, for scanner and export variety.
 
-Works on what `worker.detector.preprocess.prepare` produces (n, 3, s, s) in 0..1, on the
+Works on what `worker.detector.preprocess.prepare` produces (n, CHANNELS, s, s) in 0..1, on the
 training device, one random draw per image:
 - geometry: left-right flip, rotation, scale and shift (one affine warp; outside is air = 0);
 - window and level jitter (contrast and brightness of each image);
 - Gaussian noise, Gaussian blur, and a down-and-up resampling (reconstruction and lossy
   compression softness);
-- channel dropout: the channels past BRAIN_CHANNELS are zeroed, as for brain-window-only sources,
-  so one model learns from RSNA's PNG slices and from full-HU volumes.
+- channel dropout: the window channels past BRAIN_CHANNELS are zeroed, as for brain-window-only
+  sources, so one model learns from RSNA's PNG slices and from full-HU volumes; context dropout
+  zeroes the neighbouring slices' channels, as for slices that stand alone.
+A channel that is all zero in the input (not available) stays zero.
 Masks warped with images use the same geometry (`warp_masks`).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.nn import functional as F
 
-from worker.detector.preprocess import BRAIN_CHANNELS
+from worker.detector.preprocess import BRAIN_CHANNELS, WINDOW_CHANNELS
 
 
 @dataclass(frozen=True)
@@ -32,9 +34,15 @@ class AugmentConfig:
     blur_probability: float = 0.25
     resample_probability: float = 0.2
     channel_dropout: float = 0.3
-    # Pre-training sees full HU only in phantoms: with the later channels always dropped there,
-    # the CNN cannot learn "later channels present = synthetic" (CT-ICH zero-shot AUC 0.52 at 0.3).
+    context_dropout: float = 0.3
+    # Pre-training sees full HU and slice order only in phantoms: with those channels always
+    # dropped there, the CNN cannot learn "later channels present = synthetic" (CT-ICH zero-shot
+    # AUC 0.52 with the windows dropped at 0.3).
     pretrain_channel_dropout: float = 1.0
+    pretrain_context_dropout: float = 1.0
+
+    def for_pretraining(self) -> "AugmentConfig":
+        return replace(self, channel_dropout=self.pretrain_channel_dropout, context_dropout=self.pretrain_context_dropout)
 
 
 def affine_grid(n: int, size: int, cfg: AugmentConfig, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -64,28 +72,19 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return flat.reshape(n, c, h, w)
 
 
-def augment(
-    images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator, full_hu: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """images (n, 3, s, s) -> (augmented images, the grid used, for warp_masks).
-
-    full_hu (n,) bool: images whose later channels are real (channel dropout applies to these;
-    the others already have them zeroed and keep them so)."""
+def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """images (n, c, s, s) -> (augmented images, the grid used, for warp_masks)."""
     with torch.autocast(images.device.type, enabled=False):  # data, not model: float32 under mixed precision
-        return _augment(images.float(), cfg, generator, full_hu)
+        return _augment(images.float(), cfg, generator)
 
 
-def _augment(
-    images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator, full_hu: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     n, _, size, _ = images.shape
     device = images.device
+    present = (images.amax(dim=(2, 3), keepdim=True) > 0).float()
     grid = affine_grid(n, size, cfg, generator, device)
     x = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    u = torch.rand(n, 7, generator=generator).to(device)
-    present = torch.ones(n, x.shape[1], 1, 1, device=device)
-    if full_hu is not None:
-        present[~full_hu.to(device), BRAIN_CHANNELS:] = 0
+    u = torch.rand(n, 8, generator=generator).to(device)
     contrast = 1 + (u[:, 0] * 2 - 1) * cfg.contrast
     brightness = (u[:, 1] * 2 - 1) * cfg.brightness
     x = (x - 0.5) * contrast[:, None, None, None] + 0.5 + brightness[:, None, None, None]
@@ -98,8 +97,8 @@ def _augment(
         x[resampled] = F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
     noise = torch.randn(x.shape, generator=generator).to(device) * (u[:, 5] * cfg.noise)[:, None, None, None]
     x = (x + noise).clamp(0.0, 1.0)
-    drop = u[:, 6] < cfg.channel_dropout
-    present[drop, BRAIN_CHANNELS:] = 0
+    present[u[:, 6] < cfg.channel_dropout, BRAIN_CHANNELS:WINDOW_CHANNELS] = 0
+    present[u[:, 7] < cfg.context_dropout, WINDOW_CHANNELS:] = 0
     return x * present, grid
 
 

@@ -24,7 +24,7 @@ import torch
 from scipy import ndimage
 
 from ichnode.common.vocabulary import LABELS, SUBTYPES
-from worker.detector.preprocess import WINDOWS, window_channels
+from worker.detector.preprocess import WINDOW_CHANNELS, WINDOWS, window_channels
 
 MIN_BRAIN_FRACTION = 0.12  # of the working square: slices with less brain (skull base, vertex) are not used
 BONE_LEVEL = 0.95  # soft-tissue window channel (40/380) above this: bone (about 210 HU and more)
@@ -136,7 +136,8 @@ def synthesise(images: np.ndarray, inside: np.ndarray, subtype: str, rng: np.ran
                ) -> tuple[np.ndarray, np.ndarray] | None:
     """One bleed of `subtype` drawn into a bleed-free slice.
 
-    images: (3, s, s) window channels 0..1; inside: (s, s) bool intracranial region.
+    images: (CHANNELS, s, s) prepared channels 0..1, whose window channels get the bleed (the
+    neighbouring slices' context channels keep theirs); inside: (s, s) bool intracranial region.
     Returns (new images, soft lesion fraction (s, s) 0..1), or None when the slice has no room
     for that subtype (no ventricles in view, too little brain)."""
     inside = within_skull(images, inside)
@@ -164,7 +165,8 @@ def synthesise(images: np.ndarray, inside: np.ndarray, subtype: str, rng: np.ran
         new_hu -= rim * rng.uniform(4, 12)
     touched = (fraction > 0) | (new_hu != hu)
     new_images = window_channels(torch.from_numpy(new_hu.astype(np.float32))[None])[0].numpy()
-    return np.where(touched[None], new_images, images).astype(np.float32), fraction.astype(np.float32)
+    drawn = np.where(touched[None], new_images, images[:WINDOW_CHANNELS])
+    return np.concatenate([drawn, images[WINDOW_CHANNELS:]]).astype(np.float32), fraction.astype(np.float32)
 
 
 def bleed_free_slices(examples: list) -> list[tuple]:

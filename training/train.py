@@ -64,7 +64,7 @@ class Example:
 
     scan_id: str
     patient_id: str
-    images: torch.Tensor  # (slices, 3, s, s) float16 (halves the memory of a training set)
+    images: torch.Tensor  # (slices, CHANNELS, s, s) float16 (halves the memory of a training set)
     scan_labels: torch.Tensor  # (6,) 0..1
     slice_labels: torch.Tensor | None  # (slices, 6)
     lesion: torch.Tensor | None  # (slices, s, s) soft, None when the masks are unknown
@@ -79,7 +79,7 @@ def make_example(scan: Scan, size: int) -> Example:
 
     A negative scan without slice labels has known (all-zero) slice labels.
     """
-    prepared = prepare(scan.volume.hu, size, scan.brain_window_only)
+    prepared = prepare(scan.volume.hu, size, scan.volume.spacing_mm[0], scan.brain_window_only)
     n = scan.volume.hu.shape[0]
     labels = torch.tensor([float(scan.labels.get(k, 0)) for k in LABELS])
     negative = float(labels[0]) == 0.0
@@ -251,8 +251,7 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
     def loss() -> torch.Tensor:
         chosen = _balanced_slices(t.rng, focus_pos, focus_neg, from_focus) + _balanced_slices(t.rng, pos, neg, batch - from_focus)
         x = torch.stack([e.images[i].float() for e, i in chosen]).to(t.device)  # float16 into autocast: .float() first
-        full_hu = torch.tensor([e.full_hu for e, _ in chosen])
-        x, grid = augment(x, aug, t.generator, full_hu)
+        x, grid = augment(x, aug, t.generator)
         y = torch.stack([e.slice_labels[i] for e, i in chosen]).to(t.device)
         fmap = cnn.encoder(x)
         logits, _ = cnn.classify(fmap)
@@ -507,7 +506,7 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
     if stages.cnn_pretrain_steps:  # scans with voxel masks (phantoms) and single slices: no CT-ICH patient
         general = [e for e in data.train if e.lesion is not None] + data.slices
         train_slice_cnn("slice CNN pre-training", ensemble.cnn, general, t, stages.cnn_pretrain_steps, stages.batch,
-                        stages.lr, replace(aug, channel_dropout=aug.pretrain_channel_dropout), pretrain_checkpoint)
+                        stages.lr, aug.for_pretraining(), pretrain_checkpoint)
     pretrained = {k: v.clone() for k, v in ensemble.cnn.state_dict().items()}
     patients = [e for e in data.train if e.lesion is None]  # real scans: phantoms carry voxel masks
     for replica, cnn in enumerate(ensemble.slice_cnns, start=1):  # a bag: one start, a seed each

@@ -21,7 +21,15 @@ from worker.detector.members import (
     SliceSequenceModel,
     UNet,
 )
-from worker.detector.preprocess import HeadCrop, intracranial_mask, masks_to_working, prepare, window_channels
+from worker.detector.preprocess import (
+    CHANNELS,
+    WINDOW_CHANNELS,
+    HeadCrop,
+    intracranial_mask,
+    masks_to_working,
+    prepare,
+    window_channels,
+)
 from worker.detector.store import MANIFEST, WEIGHTS_FILE, save_model
 from worker.geometry import Volume
 
@@ -95,17 +103,31 @@ def test_crop_resample_round_trip_keeps_geometry():
     assert not back[[0, 2, 3]].any()
 
 
-def test_prepare_gives_window_channels_at_working_size():
-    prepared = prepare(head(slices=3), 32)
-    assert prepared.images.shape == (3, 3, 32, 32)
+def test_prepare_gives_window_and_context_channels_at_working_size():
+    prepared = prepare(head(slices=3), 32, slice_mm=5.0)
+    assert prepared.images.shape == (3, CHANNELS, 32, 32) and CHANNELS == 5
     assert 0.0 <= float(prepared.images.min()) and float(prepared.images.max()) <= 1.0
     centre = prepared.images[0, 0, 16, 16]
     assert centre == pytest.approx((35 - 0) / 80, abs=0.05)  # brain window at 35 HU
 
 
+@pytest.mark.parametrize("slice_mm, offset", [(5.0, 1), (2.5, 2), (0.625, 8), (10.0, 1)])
+def test_context_channels_are_the_brain_window_about_5_mm_below_and_above(slice_mm, offset):
+    """2.5D input: a thin-slice series shows the same anatomy beside each slice as 5-mm training
+    data; past the series' ends (and for a lone slice) the context is zero, 'not available'."""
+    hu = head(slices=10)
+    hu[hu > 0] += np.repeat(np.arange(10.0) * 6, (hu > 0).sum(axis=(1, 2)))  # each slice its own density
+    images = prepare(hu, 32, slice_mm=slice_mm).images
+    brain, below, above = images[:, 0], images[:, WINDOW_CHANNELS], images[:, WINDOW_CHANNELS + 1]
+    assert torch.equal(below[offset:], brain[:-offset]) and not below[:offset].any()
+    assert torch.equal(above[:-offset], brain[offset:]) and not above[-offset:].any()
+    alone = prepare(hu[:1], 32, slice_mm=slice_mm).images
+    assert torch.equal(alone[:, :WINDOW_CHANNELS], images[:1, :WINDOW_CHANNELS]) and not alone[:, WINDOW_CHANNELS:].any()
+
+
 def test_prepare_maps_the_intracranial_region_to_the_working_grid():
     hu = skull_head(slices=2)
-    prepared = prepare(hu, 32)
+    prepared = prepare(hu, 32, slice_mm=5.0)
     assert np.array_equal(prepared.inside, intracranial_mask(hu))
     assert prepared.inside_working.shape == (2, 32, 32) and prepared.inside_working.dtype == torch.bool
     assert bool(prepared.inside_working[:, 16, 16].all()) and not bool(prepared.inside_working[:, 0, 0].any())
@@ -147,6 +169,18 @@ def test_slice_cnn_outputs_and_grad_cam():
     assert float(cam.min()) >= 0.0 and float(cam.max()) <= 1.0 + 1e-6
 
 
+def test_a_2_5d_cnn_reads_the_neighbouring_slices_and_a_3_window_cnn_does_not():
+    torch.manual_seed(0)
+    net = dict(widths=(8, 8, 8, 8), groups=2, stem=8)
+    windows_only, with_context = (SliceCNN(ResNeXtConfig(**net, channels=c)).eval() for c in (WINDOW_CHANNELS, CHANNELS))
+    images = torch.rand(2, CHANNELS, 32, 32)
+    other_neighbours = images.clone()
+    other_neighbours[:, WINDOW_CHANNELS:] = torch.rand(2, CHANNELS - WINDOW_CHANNELS, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(windows_only(images)[0], windows_only(other_neighbours)[0])  # 0.4.0's weights: unchanged
+        assert not torch.allclose(with_context(images)[0], with_context(other_neighbours)[0])
+
+
 def test_brain_window_cnn_reads_the_brain_window_alone():
     """channels = 1: a brain-window-only slice (RSNA) and the same slice with full HU give the same logits."""
     torch.manual_seed(0)
@@ -181,7 +215,10 @@ def test_attention_mil_weights_sum_to_one():
 
 def test_unet_and_pixel_weight_fusion():
     unet = UNet(base=4, depth=2, out_channels=6).eval()
-    assert unet(torch.rand(2, 3, 32, 32)).shape == (2, 6, 32, 32)
+    images = torch.rand(2, CHANNELS, 32, 32)
+    assert unet(images).shape == (2, 6, 32, 32)
+    with torch.no_grad():  # the window channels alone: a mask is of its own slice
+        assert torch.equal(unet(images), unet(images[:, :WINDOW_CHANNELS]))
     fusion = PixelWeightFusion(members=4, hidden=2)
     maps = torch.rand(2, 4, 16, 16)
     fused, weights = fusion(maps)
@@ -310,7 +347,7 @@ def test_fold_bag_averages_its_ensembles_and_round_trips_through_the_weight_file
     torch.manual_seed(0)
     ensembles = [Ensemble(TINY).eval() for _ in range(2)]
     bag = FoldBag.of(ensembles).eval()
-    images = prepare(skull_head(slices=3, size=40), TINY.working_size).images
+    images = prepare(skull_head(slices=3, size=40), TINY.working_size, slice_mm=5.0).images
     outs = [e.run_members(images) for e in ensembles]
     mean = bag.run_members(images)
     for name in ("cnn_logits", "cam", "lstm_logits", "mil_logits", "fused"):

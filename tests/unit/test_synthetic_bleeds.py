@@ -8,7 +8,7 @@ import torch
 from ichnode.common.vocabulary import LABELS, SUBTYPES
 from training.synthetic_bleeds import MIN_LESION_PIXELS, synthesise, synthetic_examples
 from training.train import Example
-from worker.detector.preprocess import intracranial_mask, window_channels
+from worker.detector.preprocess import CHANNELS, WINDOW_CHANNELS, intracranial_mask, window_channels
 
 SIZE = 128
 
@@ -32,8 +32,10 @@ def head_slice(open_ring: bool = False) -> np.ndarray:
 
 
 def channels_and_inside(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    images = window_channels(torch.from_numpy(hu)[None])[0].numpy()
-    return images, intracranial_mask(hu[None])[0]
+    """A slice's prepared channels (its windows, then neighbours' context) and intracranial region."""
+    windows = window_channels(torch.from_numpy(hu)[None])[0].numpy()
+    context = np.random.default_rng(1).random((CHANNELS - WINDOW_CHANNELS, *hu.shape), dtype=np.float32)
+    return np.concatenate([windows, context]), intracranial_mask(hu[None])[0]
 
 
 @pytest.mark.parametrize("subtype", SUBTYPES)
@@ -51,6 +53,7 @@ def test_each_subtype_draws_denser_blood_inside_the_skull_only(subtype):
     assert lesion.sum() >= MIN_LESION_PIXELS
     assert not (fraction[~inside] > 0).any(), "blood outside the intracranial region"
     assert new[0][lesion].mean() > images[0][lesion].mean() + 0.1, "blood is not denser than what it replaced"
+    np.testing.assert_array_equal(new[WINDOW_CHANNELS:], images[WINDOW_CHANNELS:])  # the neighbours have no bleed
     untouched = fraction == 0
     if subtype != "IPH":  # IPH also darkens an oedema rim around the clot
         np.testing.assert_array_equal(new[:, untouched], images[:, untouched])

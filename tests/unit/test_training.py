@@ -180,6 +180,27 @@ def test_augmentation_stays_float32_inside_a_mixed_precision_step():
     assert x.shape == images.shape and 0 <= float(x.min()) and float(x.max()) <= 1
 
 
+def test_augmentation_drops_windows_and_context_and_keeps_missing_channels_missing():
+    """Channel and context dropout zero their channels; a channel absent from the input (RSNA's
+    subdural window, a lone slice's neighbours) stays zero through contrast, noise and blur."""
+    from training.augment import AugmentConfig, augment
+    from worker.detector.preprocess import CHANNELS, WINDOW_CHANNELS
+
+    images = torch.rand(6, CHANNELS, 32, 32) * 0.5 + 0.25
+    images[:3, 1:WINDOW_CHANNELS] = 0  # brain window only
+    images[3:, WINDOW_CHANNELS:] = 0  # slices that stand alone
+
+    def present(cfg: AugmentConfig) -> torch.Tensor:
+        x, _ = augment(images, cfg, torch.Generator().manual_seed(0))
+        return x.amax(dim=(2, 3)) > 0
+
+    kept = present(AugmentConfig(channel_dropout=0.0, context_dropout=0.0, blur_probability=1.0))
+    assert torch.equal(kept, images.amax(dim=(2, 3)) > 0)
+    dropped = present(AugmentConfig(channel_dropout=1.0, context_dropout=1.0))
+    assert dropped[:, 0].all() and not dropped[:, 1:].any()
+    assert torch.equal(present(AugmentConfig().for_pretraining()), dropped)
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "config" / "training").glob("*.toml")))
 def test_every_shipped_training_config_validates(path):
     from training.config import load_training_config

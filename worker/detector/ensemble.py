@@ -213,7 +213,7 @@ class Ensemble(nn.Module):
 
     @torch.no_grad()
     def run_members(self, images: torch.Tensor, timings: dict[str, float] | None = None) -> MemberOutputs:
-        """All members on one volume's window channels (slices, 3, size, size), slice-batched.
+        """All members on one volume's prepared channels (slices, CHANNELS, size, size), slice-batched.
 
         Uses autocast (float16) on CUDA. The module must be in eval mode. When given, `timings`
         receives the seconds spent in each member.

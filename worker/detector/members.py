@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ichnode.common.vocabulary import LABELS
+from worker.detector.preprocess import WINDOW_CHANNELS
 
 N_LABELS = len(LABELS)
 LESION_PRIOR = 0.01  # a U-Net's lesion probability before training
@@ -33,7 +34,9 @@ class ResNeXtConfig:
     bottleneck: float = 0.5  # inner width / output width of each block
     stem: int = 16
     stem_pool: bool = False
-    channels: int = 3  # leading window channels read (1: the brain window alone, as every source has it)
+    #: leading input channels read (worker.detector.preprocess): 1 the brain window alone, as every
+    #: source has it; 3 the three windows; 5 also the brain window of the slices below and above (2.5D)
+    channels: int = 3
 
 
 class Bottleneck(nn.Module):
@@ -61,9 +64,9 @@ class Bottleneck(nn.Module):
 
 
 class ResNeXtEncoder(nn.Module):
-    """Images (n, 3, h, w) -> last feature map (n, widths[-1], h/16, w/16) (h/32 with stem_pool).
+    """Images (n, c, h, w) -> last feature map (n, widths[-1], h/16, w/16) (h/32 with stem_pool).
 
-    Only the first `cfg.channels` window channels are read: with 1, the encoder sees the brain
+    Only the first `cfg.channels` channels are read: with 1, the encoder sees the brain
     window alone, identical for brain-window-only slices (RSNA) and full-HU volumes (CT-ICH, DICOM).
     """
 
@@ -205,7 +208,8 @@ def _double_conv(cin: int, cout: int) -> nn.Sequential:
 
 
 class UNet(nn.Module):
-    """2-D U-Net: images (n, 3, h, w) -> logits (n, out_channels, h, w); h, w multiples of 2**depth.
+    """2-D U-Net: images (n, c >= 3, h, w) -> logits (n, out_channels, h, w); h, w multiples of
+    2**depth. It reads the three window channels (masks are drawn on one slice, not its neighbours).
 
     The lesion output (channel 0) starts at the prior LESION_PRIOR of a rare foreground (the
     RetinaNet initialisation): training does not first spend its steps unlearning "blood
@@ -215,7 +219,7 @@ class UNet(nn.Module):
     def __init__(self, base: int, depth: int, out_channels: int) -> None:
         super().__init__()
         widths = [base * 2**i for i in range(depth + 1)]
-        self.down = nn.ModuleList([_double_conv(3, widths[0])])
+        self.down = nn.ModuleList([_double_conv(WINDOW_CHANNELS, widths[0])])
         self.down.extend(_double_conv(widths[i], widths[i + 1]) for i in range(depth))
         self.up = nn.ModuleList(
             nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth))
@@ -226,6 +230,7 @@ class UNet(nn.Module):
             self.out.bias[0] = math.log(LESION_PRIOR / (1 - LESION_PRIOR))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :WINDOW_CHANNELS]
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else F.max_pool2d(x, 2))

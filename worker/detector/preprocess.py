@@ -2,9 +2,13 @@
 
 Hounsfield volume -> head crop (one square box for the whole series, so every slice keeps the
 same scale) -> in-plane resampling to a fixed working size -> three window channels scaled 0..1
-(brain 40/80, subdural 80/200, soft tissue 40/380, as in paper 004). Sources that hold only the
-brain window (RSNA PNG slices) get the other two channels as zeros, the same "not available" that
-training's channel dropout shows the members on full-HU volumes. :meth:`HeadCrop.to_volume`
+(brain 40/80, subdural 80/200, soft tissue 40/380, as in paper 004), then two context channels:
+the brain window of the slices about CONTEXT_MM below and above (2.5D input, paper 004's adjacent
+slices; at the series' ends, and for sources whose slices stand alone, zeros). Sources that hold
+only the brain window (RSNA PNG slices) get the subdural and soft-tissue channels as zeros, the
+same "not available" that training's channel dropout shows the members on full-HU volumes. Each
+member reads the leading channels it was built for (`ResNeXtConfig.channels`; the U-Nets the
+three windows). :meth:`HeadCrop.to_volume`
 is the inverse mapping: maps at working size go back to the volume's own (rows, columns) grid.
 :func:`intracranial_mask` is where heatmaps and lesion masks may be non-zero, and where the
 U-Nets' scan-level scores look.
@@ -21,6 +25,12 @@ import torch.nn.functional as F
 #: (centre, width) in HU of the three input channels.
 WINDOWS: tuple[tuple[float, float], ...] = ((40.0, 80.0), (80.0, 200.0), (40.0, 380.0))
 BRAIN_CHANNELS = 1  # the leading channels every source has; the rest need full HU
+WINDOW_CHANNELS = len(WINDOWS)
+#: Distance of the context channels' slices: CT-ICH's and most routine head CT's slice thickness,
+#: so a thin-slice series shows the same anatomy beside each slice as the training data did.
+CONTEXT_MM = 5.0
+CONTEXT_CHANNELS = 2  # brain window below, above
+CHANNELS = WINDOW_CHANNELS + CONTEXT_CHANNELS
 AIR_HU = -1024.0
 HEAD_THRESHOLD_HU = -300.0  # skin and skull are above, air and most pillow foam below
 CROP_MARGIN = 0.05  # fraction of the head's extent added on each side
@@ -37,6 +47,16 @@ def window_channels(hu: torch.Tensor, brain_window_only: bool = False) -> torch.
     if brain_window_only:
         channels[BRAIN_CHANNELS:] = [torch.zeros_like(hu) for _ in channels[BRAIN_CHANNELS:]]
     return torch.stack(channels, dim=1).float()
+
+
+def context_channels(windows: torch.Tensor, slice_mm: float) -> torch.Tensor:
+    """(slices, 3, s, s) window channels -> (slices, 2, s, s): the brain window of the slice about
+    CONTEXT_MM below and of the one above (at least the next slice), zero past the series' ends."""
+    offset = max(1, round(CONTEXT_MM / slice_mm)) if slice_mm > 0 else 1
+    brain = windows[:, 0]
+    below, above = torch.zeros_like(brain), torch.zeros_like(brain)
+    below[offset:], above[:-offset] = brain[:-offset], brain[offset:]
+    return torch.stack([below, above], dim=1)
 
 
 @dataclass(frozen=True)
@@ -117,21 +137,24 @@ class Prepared:
     """A volume ready for the members: window channels at working size, the crop to go back, and
     the intracranial region on both grids (scan scores look only inside it, masks stay inside it)."""
 
-    images: torch.Tensor  # (slices, 3, size, size) float32 0..1
+    images: torch.Tensor  # (slices, CHANNELS, size, size) float32 0..1: windows, then context
     crop: HeadCrop
     inside: np.ndarray  # (slices, rows, cols) bool: intracranial_mask on the volume grid
     inside_working: torch.Tensor  # (slices, size, size) bool: the same at working size
 
 
-def prepare(hu: np.ndarray, size: int, brain_window_only: bool = False) -> Prepared:
-    """HU volume (slices, rows, cols) -> window channels of the head at size x size.
+def prepare(hu: np.ndarray, size: int, slice_mm: float, brain_window_only: bool = False) -> Prepared:
+    """HU volume (slices, rows, cols) -> window and context channels of the head at size x size.
 
+    slice_mm: the gap between slices (Volume.spacing_mm[0]), which places the context channels;
     brain_window_only: the volume's HU were clipped to the brain window (see window_channels)."""
     crop = HeadCrop.find(hu)
     working_hu = crop.to_working(torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32)), size, AIR_HU)
     inside = intracranial_mask(hu)
     inside_working = crop.to_working(torch.from_numpy(inside.astype(np.float32)), size, 0.0) >= 0.5
-    return Prepared(images=window_channels(working_hu, brain_window_only), crop=crop, inside=inside, inside_working=inside_working)
+    windows = window_channels(working_hu, brain_window_only)
+    images = torch.cat([windows, context_channels(windows, slice_mm)], dim=1)
+    return Prepared(images=images, crop=crop, inside=inside, inside_working=inside_working)
 
 
 def masks_to_working(masks: np.ndarray, crop: HeadCrop, size: int) -> torch.Tensor:
