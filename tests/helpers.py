@@ -35,7 +35,7 @@ from ichnode.common.analysis import ModelIdentity, SeriesFindings
 from ichnode.common.config import PriorityRule, Settings, StorageSection, load_settings
 from ichnode.common.vocabulary import LABELS, SUBTYPES
 from node.benchmark import ORTHANC, private_network  # Orthanc and its private network namespace, as the benchmark runs them
-from node.benchmark import dcmtk as benchmark_dcmtk
+from node.benchmark import dcmtk as benchmark_dcmtk, free_port
 from node import audit
 from node.headers import InstanceHeader
 from node.scp import start_listener
@@ -64,12 +64,6 @@ def dcmtk(tool: str) -> str:
         return benchmark_dcmtk(tool)
     except FileNotFoundError as exc:
         pytest.fail(f"{exc}; run deploy/test.sh")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def listening(port: int) -> bool:
