@@ -99,7 +99,6 @@ def dcmtk(tool: str) -> str:
     return str(path)
 
 
-
 @dataclass(frozen=True)
 class Receiver:
     name: str

@@ -34,8 +34,9 @@ from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittle
 from ichnode.common.analysis import ModelIdentity, SeriesFindings
 from ichnode.common.config import PriorityRule, Settings, StorageSection, load_settings
 from ichnode.common.vocabulary import LABELS, SUBTYPES
-from node.benchmark import ORTHANC, private_network  # Orthanc and its private network namespace, as the benchmark runs them
-from node.benchmark import dcmtk as benchmark_dcmtk, free_port
+# Orthanc and its private network namespace, DCMTK's binaries and free ports, as the benchmark uses them
+from node.benchmark import ORTHANC, free_port, private_network
+from node.benchmark import dcmtk as benchmark_dcmtk
 from node import audit
 from node.headers import InstanceHeader
 from node.scp import start_listener
