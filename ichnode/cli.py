@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help='e.g. "ctich:all,patients=49" or "phantom:seed=1,n=3"')
     p.add_argument("out")
     p.set_defaults(func=cmd_export_dicom)
-    set_help = "SECTION.KEY=VALUE over the training config (TOML value), e.g. model.cnn_replicas=1; repeatable"
+    set_help = "SECTION.KEY=VALUE over the training config (TOML value), e.g. model.cnn.channels=5; repeatable"
     p = sub.add_parser("train", help="train the detector from a training config")
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=set_help)

@@ -135,7 +135,7 @@ class TrainingConfig(_Section):
 
 
 def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
-    """`SECTION.KEY=VALUE` settings (`ichnode evaluate --cv --set model.cnn_replicas=1`) over a read
+    """`SECTION.KEY=VALUE` settings (`ichnode evaluate --cv --set model.cnn.channels=5`) over a read
     config: VALUE is read as TOML (1, 0.5, true, [1, 2], "text"), else taken as a bare string."""
     for item in overrides:
         key, sep, text = item.partition("=")

@@ -99,7 +99,7 @@ def _predict_fold(cfg: TrainingConfig, data: TrainingData, heldout: list[Example
             "slice_labels": e.slice_labels[:, 0].tolist() if e.slice_labels is not None else None,
             "member_logits": scan_logits.tolist(),  # (6, members)
             "slice_cnn_logits": slice_logits[:, 0].tolist(),
-            "slice_cnn_logits_by_replica": replica_slice_logits(ensemble, e, device) if ensemble.cfg.cnn_replicas > 1 else None,
+            "slice_cnn_logits_by_replica": replica_slice_logits(ensemble, e, device) if ensemble.cfg.cnn_bag_channels else None,
         })
     return predictions
 

@@ -4,7 +4,8 @@ Stages (the training scans are `[data] train`; single slices `[data] slices` fee
 0. slice CNN pre-training on the single slices and phantoms only (no CT-ICH patient, so the
    cross-validation folds share it);
 1. slice CNN on every slice label (balanced positive/negative slices, augmented), and each further
-   CNN of the bag (`[model] cnn_replicas`) the same way from the same pre-training, with its own seed;
+   CNN of the bag (`[model] cnn_bag_channels`) the same way from the pre-training of its input
+   (stage 0 runs once per number of input channels);
 2. PCA of the CNN features, then the BiLSTM over whole scans (slice labels, or the scan label
    against the max over slices when a scan has no slice labels);
 3. attention MIL on scan labels only (from report text through training.labels when asked);
@@ -64,7 +65,7 @@ class Example:
 
     scan_id: str
     patient_id: str
-    images: torch.Tensor  # (slices, CHANNELS, s, s) float16 (halves the memory of a training set)
+    images: torch.Tensor  # (slices, channels, s, s) as `prepare` gives them, float16 (halves the memory)
     scan_labels: torch.Tensor  # (6,) 0..1
     slice_labels: torch.Tensor | None  # (slices, 6)
     lesion: torch.Tensor | None  # (slices, s, s) soft, None when the masks are unknown
@@ -74,12 +75,13 @@ class Example:
     full_hu: bool = True  # False: brain window only, the later channels are zero
 
 
-def make_example(scan: Scan, size: int) -> Example:
-    """A scan through the same preprocessing as inference; masks are mapped with the same crop.
+def make_example(scan: Scan, size: int, context: bool) -> Example:
+    """A scan through the same preprocessing as inference (`context`: EnsembleConfig.reads_context);
+    masks are mapped with the same crop.
 
     A negative scan without slice labels has known (all-zero) slice labels.
     """
-    prepared = prepare(scan.volume.hu, size, scan.volume.spacing_mm[0], scan.brain_window_only)
+    prepared = prepare(scan.volume.hu, size, scan.volume.spacing_mm[0], scan.brain_window_only, context)
     n = scan.volume.hu.shape[0]
     labels = torch.tensor([float(scan.labels.get(k, 0)) for k in LABELS])
     negative = float(labels[0]) == 0.0
@@ -474,18 +476,19 @@ def load_training_data(cfg: TrainingConfig) -> tuple[TrainingData, dict[str, lis
     from training import datasets
 
     started = time.monotonic()
-    size = cfg.ensemble().working_size
+    model = cfg.ensemble()
+    size, context = model.working_size, model.reads_context
     by_spec = {spec: load_scans(spec) for spec in cfg.data.train}
     scans = [s for spec_scans in by_spec.values() for s in spec_scans]
     if cfg.data.validation:
         train_scans, val_scans = scans, [s for spec in cfg.data.validation for s in load_scans(spec)]
     else:
         train_scans, val_scans = datasets.split_by_patient(scans, cfg.data.validation_fraction, seed=cfg.run.seed)
-    slices = [make_example(s, size) for spec in cfg.data.slices for s in load_scans(spec)]
+    slices = [make_example(s, size, context) for spec in cfg.data.slices for s in load_scans(spec)]
     data = TrainingData(
-        train=[make_example(s, size) for s in train_scans],
+        train=[make_example(s, size, context) for s in train_scans],
         slices=slices,
-        validation=[make_example(s, size) for s in val_scans],
+        validation=[make_example(s, size, context) for s in val_scans],
         mil_labels=report_labels(train_scans) if cfg.mil.label_source == "reports" else {},
     )
     log.info("%d training scans, %d single slices, %d validation scans, preprocessed in %.0f s",
@@ -497,22 +500,29 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
                    pretrain_checkpoint: Path | None = None, members: tuple[str, ...] = SCAN_MEMBERS) -> tuple[Ensemble, float]:
     """Stages 0-5 of the module docstring on `data`; returns the ensemble and the PCA's explained variance.
 
-    pretrain_checkpoint: where stage 0 is kept (folds of a cross-validation share one).
+    pretrain_checkpoint: where stage 0 of the first slice CNN is kept (a further input's beside it).
     members: the scan members to train (a cross-validation may train the slice CNN alone); the
     others stay as initialised, and explained variance is 0 without the BiLSTM."""
     ensemble = Ensemble(cfg.ensemble()).to(device)
     stages, aug = cfg.stages, cfg.augmentation()
     t = Trainer(device, cfg.run.seed, checkpoints, cfg.run.checkpoint_seconds, cfg.run.mixed_precision)
-    if stages.cnn_pretrain_steps:  # scans with voxel masks (phantoms) and single slices: no CT-ICH patient
-        general = [e for e in data.train if e.lesion is not None] + data.slices
-        train_slice_cnn("slice CNN pre-training", ensemble.cnn, general, t, stages.cnn_pretrain_steps, stages.batch,
-                        stages.lr, aug.for_pretraining(), pretrain_checkpoint)
-    pretrained = {k: v.clone() for k, v in ensemble.cnn.state_dict().items()}
+    general = [e for e in data.train if e.lesion is not None] + data.slices  # no CT-ICH patient
     patients = [e for e in data.train if e.lesion is None]  # real scans: phantoms carry voxel masks
-    for replica, cnn in enumerate(ensemble.slice_cnns, start=1):  # a bag: one start, a seed each
-        cnn.load_state_dict(pretrained)
+    pretrained: dict[int, dict[str, torch.Tensor]] = {}  # by input channels
+    for replica, cnn in enumerate(ensemble.slice_cnns, start=1):  # a bag: a seed each
+        channels = cnn.encoder.channels
         trainer = t if replica == 1 else Trainer(device, cfg.run.seed + replica - 1, checkpoints,
                                                  cfg.run.checkpoint_seconds, cfg.run.mixed_precision)
+        if channels not in pretrained:  # (folds of a cross-validation share these checkpoints)
+            name, kept = "slice CNN pre-training", pretrain_checkpoint
+            if replica > 1:
+                name += f", {channels} channels"
+                kept = None if kept is None else kept.with_stem(f"{kept.stem}_{channels}_channels")
+            if stages.cnn_pretrain_steps:
+                train_slice_cnn(name, cnn, general, trainer, stages.cnn_pretrain_steps, stages.batch, stages.lr,
+                                aug.for_pretraining(), kept)
+            pretrained[channels] = {k: v.clone() for k, v in cnn.state_dict().items()}
+        cnn.load_state_dict(pretrained[channels])
         train_slice_cnn("slice CNN" if replica == 1 else f"slice CNN {replica}", cnn, data.train + data.slices, trainer,
                         stages.cnn_steps, stages.batch, stages.lr, aug, focus=patients, focus_share=stages.cnn_patient_share)
     explained = 0.0

@@ -153,10 +153,16 @@ def test_tiny_cross_validation_writes_out_of_fold_predictions_and_calibration_an
     assert len(heldout) == 2 and heldout[0] and not heldout[0] & heldout[1]
 
 
-def test_cross_validation_of_a_slice_cnn_bag_alone_weighs_only_it_and_keeps_each_cnns_slice_logits(tmp_path):
+@pytest.mark.parametrize("bag_input", [3, 5])
+def test_cross_validation_of_a_slice_cnn_bag_alone_weighs_only_it_and_keeps_each_cnns_slice_logits(tmp_path, bag_input):
+    """A bag of two CNNs: a second of the same input (its own seed) or of the 2.5D input (its own
+    pre-training, shared by the folds)."""
     from training.crossval import crossval_main
 
-    metrics = crossval_main(_tiny_config(tmp_path, model="cnn_replicas = 2\nslice_top_k = 3", cv='members = ["slice_cnn"]'))
+    metrics = crossval_main(_tiny_config(tmp_path, model=f"cnn_bag_channels = [{bag_input}]\nslice_top_k = 3",
+                                         cv='members = ["slice_cnn"]'))
+    pretrained = sorted(p.name for p in (tmp_path / "ck").glob("*pretraining*.pt"))
+    assert pretrained == ["slice_CNN_pretraining.pt"] + (["slice_CNN_pretraining_5_channels.pt"] if bag_input == 5 else [])
     cv = tmp_path / "eval" / "cv"
     calibration = json.loads((cv / "calibration.json").read_text())
     assert calibration["weights"][0] > 0 and calibration["weights"][1:] == [0.0, 0.0, 0.0]
@@ -167,7 +173,7 @@ def test_cross_validation_of_a_slice_cnn_bag_alone_weighs_only_it_and_keeps_each
         first, second = (np.asarray(r) for r in row["slice_cnn_logits_by_replica"])
         assert len(first) == len(row["slice_cnn_logits"]) == len(row["slice_labels_any"]) == 6
         assert np.allclose((first + second) / 2, row["slice_cnn_logits"], atol=1e-4)  # the bag is their mean
-        assert not np.allclose(first, second)  # two CNNs, trained with their own seeds
+        assert not np.allclose(first, second)  # two CNNs: their own seeds, or their own inputs
         top3 = np.sort(row["slice_cnn_logits"])[::-1][:3].mean()
         assert row["member_logits_any"]["slice_cnn"] == pytest.approx(top3, abs=1e-4)
     assert "Not trained in the folds (weight 0): cnn_lstm, attention_mil, unet_ensemble" in (cv / "metrics.md").read_text()

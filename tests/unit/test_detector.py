@@ -23,6 +23,7 @@ from worker.detector.members import (
 )
 from worker.detector.preprocess import (
     CHANNELS,
+    CONTEXT_CHANNELS,
     WINDOW_CHANNELS,
     HeadCrop,
     intracranial_mask,
@@ -236,19 +237,34 @@ def test_an_untrained_unet_says_no_blood():
 
 def test_a_bag_of_slice_cnns_averages_their_logits_and_grad_cams_and_gives_the_first_ones_features():
     torch.manual_seed(0)
-    bag = Ensemble(replace(TINY, cnn_replicas=2)).eval()
-    assert len(bag.slice_cnns) == 2
-    x = torch.rand(3, 3, 32, 32)
+    bag = Ensemble(replace(TINY, cnn_bag_channels=(CHANNELS,))).eval()
+    assert [cnn.encoder.channels for cnn in bag.slice_cnns] == [WINDOW_CHANNELS, CHANNELS]
+    x = torch.rand(3, CHANNELS, 32, 32)
     logits, features, cam = bag.mirrored_cnn(x)
     each = [Ensemble.mirrored(cnn, x) for cnn in bag.slice_cnns]
     assert torch.allclose(logits, (each[0][0] + each[1][0]) / 2, atol=1e-6)
     assert torch.allclose(cam, (each[0][2] + each[1][2]) / 2, atol=1e-6)
     assert torch.equal(features, each[0][1])
-    assert not torch.allclose(each[0][0], each[1][0])
+    # the second CNN reads the context channels, the first does not
+    other_context = torch.cat([x[:, :WINDOW_CHANNELS], torch.rand(3, CONTEXT_CHANNELS, 32, 32)], dim=1)
+    assert torch.equal(Ensemble.mirrored(bag.cnn, other_context)[0], each[0][0])
+    assert not torch.allclose(Ensemble.mirrored(bag.cnn_bag[0], other_context)[0], each[1][0])
     # one CNN (every shipped model before the bag): the weight files keep their keys
     assert not any(k.startswith("cnn_bag") for k in Ensemble(TINY).state_dict())
-    with pytest.raises(ValueError, match="cnn_replicas"):
-        EnsembleConfig.from_dict({"cnn_replicas": 0})
+    with pytest.raises(ValueError, match="cnn_bag_channels: 6 input channels"):
+        EnsembleConfig.from_dict({"cnn_bag_channels": [3, 6]})
+    from_toml = EnsembleConfig.from_dict({"cnn_bag_channels": [5]})  # a TOML array
+    assert from_toml.cnn_bag_channels == (5,) and hash(from_toml)  # fold bags compare configs in a set
+
+
+def test_prepare_makes_the_context_channels_only_for_a_model_that_reads_them():
+    hu = head(slices=4)
+    assert not TINY.reads_context and replace(TINY, cnn_bag_channels=(CHANNELS,)).reads_context
+    assert replace(TINY, mil=replace(TINY.mil, channels=CHANNELS)).reads_context
+    with_context = prepare(hu, 32, slice_mm=5.0).images
+    windows_only = prepare(hu, 32, slice_mm=5.0, context=False).images
+    assert with_context.shape[1] == CHANNELS and windows_only.shape[1] == WINDOW_CHANNELS
+    assert torch.equal(with_context[:, :WINDOW_CHANNELS], windows_only)
 
 
 def test_unet_maps_average_each_slice_with_its_mirror_image():

@@ -147,7 +147,7 @@ def test_unet_pools_use_slice_labels_of_scans_without_masks():
     slice_labels[2, LABELS.index("SDH")] = 1
     scan = Scan(scan_id="s", patient_id="p", volume=Volume.from_array(hu), slice_labels=slice_labels,
                 labels={k: int(slice_labels[:, i].any()) for i, k in enumerate(LABELS)})
-    example = make_example(scan, 32)
+    example = make_example(scan, 32, context=True)
     assert example.lesion is None
     pos, neg, weak = _unet_pool([example], "all")
     assert pos == [] and [i for _, i in neg] == [0, 3] and [i for _, i in weak] == [1, 2]
@@ -269,11 +269,11 @@ def test_set_overrides_a_config_key_as_toml_and_names_a_bad_one(tmp_path):
     from training.config import load_training_config
 
     demo = ROOT / "config" / "training" / "demo.toml"
-    cfg = load_training_config(demo, ["model.cnn_replicas=1", "stages.cnn_patient_share=0.5", "run.checkpoints=var/x",
+    cfg = load_training_config(demo, ["model.cnn_bag_channels=[5]", "stages.cnn_patient_share=0.5", "run.checkpoints=var/x",
                                       "cv.members=['slice_cnn']"])
-    assert cfg.ensemble().cnn_replicas == 1 and cfg.stages.cnn_patient_share == 0.5
+    assert cfg.ensemble().cnn_bag_channels == (5,) and cfg.stages.cnn_patient_share == 0.5
     assert cfg.run.checkpoints == "var/x" and cfg.cv.members == ["slice_cnn"]
     with pytest.raises(ConfigError, match="cnn_patient_shar"):
         load_training_config(demo, ["stages.cnn_patient_shar=0.5"])
     with pytest.raises(ConfigError, match="SECTION.KEY=VALUE"):
-        load_training_config(demo, ["cnn_replicas=1"])
+        load_training_config(demo, ["cnn_bag_channels=[5]"])

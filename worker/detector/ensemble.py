@@ -12,10 +12,11 @@ Choices worth knowing:
 - The slice CNN and the U-Nets see each slice and its left-right mirror image and average the two
   (test-time augmentation, matching the flips seen in training): steadier slice scores, fewer
   isolated false-positive voxels.
-- The slice CNN member may be a bag of `cnn_replicas` CNNs fine-tuned from one pre-training with
-  different seeds (`cnn` and `cnn_bag`): their logits and Grad-CAMs are averaged. On 50 patients
-  one CNN's scan ranking moves by 0.1 AUC from draw to draw; the average of draws moves less.
-  The BiLSTM reads the features of `cnn` alone (features of separately trained CNNs do not align).
+- The slice CNN member may be a bag of CNNs (`cnn`, then one per `cnn_bag_channels` entry, each
+  reading that many leading channels: e.g. the three windows and the 2.5D input): their logits
+  and Grad-CAMs are averaged. On 50 patients one CNN's scan ranking moves by 0.1 AUC from draw to
+  draw; the average of draws moves less. The BiLSTM reads the features of `cnn` alone (features
+  of separately trained CNNs do not align).
 - Per-slice scores (key slices, the heatmap's Grad-CAM scaling) are the slice CNN's per-slice
   probabilities: in cross-validation on CT-ICH it ranks slices far better than the BiLSTM does.
 - The subtype of a segmented voxel comes from the multi-class head of the all-ICH U-Net (softmax over
@@ -33,7 +34,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ from worker.detector.members import (
     SliceSequenceModel,
     UNet,
 )
-from worker.detector.preprocess import WINDOWS
+from worker.detector.preprocess import CHANNELS, WINDOW_CHANNELS, WINDOWS
 
 UNET_MEMBERS: tuple[str, ...] = ("all", "sdh", "sah", "small")  # all-ICH + specialists (paper 003)
 SCAN_MEMBERS: tuple[str, ...] = ("slice_cnn", "cnn_lstm", "attention_mil", "unet_ensemble")  # combiner inputs
@@ -71,7 +72,7 @@ class EnsembleConfig:
     mil: ResNeXtConfig = field(default_factory=ResNeXtConfig)  # same as cnn: training starts it from the CNN
     attention_dim: int = 32
     slice_top_k: int = 1  # the slice CNN's scan logit: mean of its k highest slice logits
-    cnn_replicas: int = 1  # slice CNNs in the slice CNN member (a seed bag)
+    cnn_bag_channels: tuple[int, ...] = ()  # input channels of each further slice CNN of the member
     unet_base: int = 8
     unet_depth: int = 3
     unet_scale: int = 1  # U-Nets see the working-size images average-pooled by this factor
@@ -80,8 +81,20 @@ class EnsembleConfig:
     batch_slices: int = 16  # slices per forward pass on CPU; CUDA uses 4x
 
     def __post_init__(self) -> None:
-        if self.cnn_replicas < 1:
-            raise ValueError(f"cnn_replicas must be at least 1, not {self.cnn_replicas}")
+        for key, channels in [("cnn.channels", self.cnn.channels), ("mil.channels", self.mil.channels),
+                              *(("cnn_bag_channels", c) for c in self.cnn_bag_channels)]:
+            if not 1 <= channels <= CHANNELS:
+                raise ValueError(f"{key}: {channels} input channels; prepare gives 1 to {CHANNELS}")
+
+    @property
+    def slice_cnn_configs(self) -> list[ResNeXtConfig]:
+        """The slice CNNs of the slice CNN member, `cnn` first."""
+        return [self.cnn, *(replace(self.cnn, channels=c) for c in self.cnn_bag_channels)]
+
+    @property
+    def reads_context(self) -> bool:
+        """Whether a member reads the context channels (so `prepare` must make them)."""
+        return max(c.channels for c in [*self.slice_cnn_configs, self.mil]) > WINDOW_CHANNELS
 
     @classmethod
     def from_dict(cls, d: dict) -> "EnsembleConfig":
@@ -93,6 +106,8 @@ class EnsembleConfig:
         for key in ("cnn", "mil"):
             if key in values:
                 values[key] = ResNeXtConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values[key].items()})
+        if "cnn_bag_channels" in values:
+            values["cnn_bag_channels"] = tuple(values["cnn_bag_channels"])
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -154,8 +169,9 @@ class Ensemble(nn.Module):
     def __init__(self, cfg: EnsembleConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.cnn = SliceCNN(cfg.cnn, cfg.cnn_dropout)
-        self.cnn_bag = nn.ModuleList(SliceCNN(cfg.cnn, cfg.cnn_dropout) for _ in range(cfg.cnn_replicas - 1))
+        first, *more = cfg.slice_cnn_configs
+        self.cnn = SliceCNN(first, cfg.cnn_dropout)
+        self.cnn_bag = nn.ModuleList(SliceCNN(c, cfg.cnn_dropout) for c in more)
         self.sequence = SliceSequenceModel(
             self.cnn.feature_dim, cfg.pca_components, cfg.lstm_hidden, cfg.lstm_layers, cfg.lstm_dropout
         )
@@ -200,7 +216,8 @@ class Ensemble(nn.Module):
         for cnn in self.cnn_bag:
             more_logits, _, more_cam = self.mirrored(cnn, images)
             logits, cam = logits + more_logits, cam + more_cam
-        return logits / self.cfg.cnn_replicas, features, cam / self.cfg.cnn_replicas
+        n = len(self.slice_cnns)
+        return logits / n, features, cam / n
 
     def unet_input(self, images: torch.Tensor) -> torch.Tensor:
         """Working-size images (or masks, (n, c, s, s)) at the U-Nets' resolution."""

@@ -137,23 +137,26 @@ class Prepared:
     """A volume ready for the members: window channels at working size, the crop to go back, and
     the intracranial region on both grids (scan scores look only inside it, masks stay inside it)."""
 
-    images: torch.Tensor  # (slices, CHANNELS, size, size) float32 0..1: windows, then context
+    images: torch.Tensor  # (slices, CHANNELS or WINDOW_CHANNELS, size, size) float32 0..1: windows, then context
     crop: HeadCrop
     inside: np.ndarray  # (slices, rows, cols) bool: intracranial_mask on the volume grid
     inside_working: torch.Tensor  # (slices, size, size) bool: the same at working size
 
 
-def prepare(hu: np.ndarray, size: int, slice_mm: float, brain_window_only: bool = False) -> Prepared:
+def prepare(hu: np.ndarray, size: int, slice_mm: float, brain_window_only: bool = False,
+            context: bool = True) -> Prepared:
     """HU volume (slices, rows, cols) -> window and context channels of the head at size x size.
 
     slice_mm: the gap between slices (Volume.spacing_mm[0]), which places the context channels;
-    brain_window_only: the volume's HU were clipped to the brain window (see window_channels)."""
+    brain_window_only: the volume's HU were clipped to the brain window (see window_channels);
+    context: add the context channels (False for models that read the windows alone: a 300-slice
+    series then needs two fifths less memory)."""
     crop = HeadCrop.find(hu)
     working_hu = crop.to_working(torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32)), size, AIR_HU)
     inside = intracranial_mask(hu)
     inside_working = crop.to_working(torch.from_numpy(inside.astype(np.float32)), size, 0.0) >= 0.5
     windows = window_channels(working_hu, brain_window_only)
-    images = torch.cat([windows, context_channels(windows, slice_mm)], dim=1)
+    images = torch.cat([windows, context_channels(windows, slice_mm)], dim=1) if context else windows
     return Prepared(images=images, crop=crop, inside=inside, inside_working=inside_working)
 
 
