@@ -17,7 +17,8 @@ From those predictions alone:
 `[cv] members` may restrict the folds to some members (the slice CNN alone: a fold in a third of
 the time): the others are not trained there and get weight 0. The report also gives the slice
 CNN's scan AUC for several `slice_top_k` and each CNN of a bag alone, and the out-of-fold file
-keeps every slice's logit, so such choices can be judged later without training again.
+keeps every slice's logit and every member's scan logit per label, so such choices (and the
+calibration of several runs' models together) can be judged later without training again.
 Each fold's predictions are written as soon as they exist, and every stage checkpoints, so a
 stopped run resumes; a fold whose model exists but whose predictions were removed is only predicted
 again (after a change of inference code).
@@ -415,6 +416,7 @@ def crossval_main(config_path: Path, overrides: Sequence[str] = ()) -> dict:
         {"scan_id": pr["scan_id"], "fold": pr["fold"], "labels": dict(zip(LABELS, pr["labels"])),
          "probabilities": dict(zip(LABELS, map(float, p[i]))),
          "member_logits_any": dict(zip(SCAN_MEMBERS, pr["member_logits"][0])),
+         "member_logits": {label: dict(zip(SCAN_MEMBERS, row)) for label, row in zip(LABELS, pr["member_logits"])},
          "slice_labels_any": pr["slice_labels"], "slice_cnn_logits": pr["slice_cnn_logits"],
          "slice_cnn_logits_by_replica": pr.get("slice_cnn_logits_by_replica")}
         for i, pr in enumerate(predictions)
