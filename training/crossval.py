@@ -415,7 +415,6 @@ def crossval_main(config_path: Path, overrides: Sequence[str] = ()) -> dict:
     write_json(out / "oof_predictions.json", [
         {"scan_id": pr["scan_id"], "fold": pr["fold"], "labels": dict(zip(LABELS, pr["labels"])),
          "probabilities": dict(zip(LABELS, map(float, p[i]))),
-         "member_logits_any": dict(zip(SCAN_MEMBERS, pr["member_logits"][0])),
          "member_logits": {label: dict(zip(SCAN_MEMBERS, row)) for label, row in zip(LABELS, pr["member_logits"])},
          "slice_labels_any": pr["slice_labels"], "slice_cnn_logits": pr["slice_cnn_logits"],
          "slice_cnn_logits_by_replica": pr.get("slice_cnn_logits_by_replica")}

@@ -149,8 +149,8 @@ def prepare(hu: np.ndarray, size: int, slice_mm: float, brain_window_only: bool 
 
     slice_mm: the gap between slices (Volume.spacing_mm[0]), which places the context channels;
     brain_window_only: the volume's HU were clipped to the brain window (see window_channels);
-    context: add the context channels (False for models that read the windows alone: a 300-slice
-    series then needs two fifths less memory)."""
+    context: add the context channels (False for models that read the windows alone, whose
+    prepared images are then two fifths smaller)."""
     crop = HeadCrop.find(hu)
     working_hu = crop.to_working(torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32)), size, AIR_HU)
     inside = intracranial_mask(hu)
