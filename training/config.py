@@ -58,6 +58,7 @@ class StagesSection(_Section):
     unet_patch: int = Field(default=0, ge=0)  # at the U-Nets' resolution; 0: whole slices
     specialist_steps: int = Field(default=100, ge=0)
     synthetic_bleeds: int = Field(default=0, ge=0)  # U-Net slices with a bleed synthesised into real anatomy
+    cnn_synthetic_bleeds: int = Field(default=0, ge=0)  # the same for the slice CNN's fine-tuning
     fusion_steps: int = Field(default=100, ge=0)
 
 

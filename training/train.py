@@ -3,7 +3,9 @@
 Stages (the training scans are `[data] train`; single slices `[data] slices` feed the slice CNN):
 0. slice CNN pre-training on the single slices and phantoms only (no CT-ICH patient, so the
    cross-validation folds share it);
-1. slice CNN on every slice label (balanced positive/negative slices, augmented), and each further
+1. slice CNN on every slice label (balanced positive/negative slices, augmented; with
+   `[stages] cnn_synthetic_bleeds`, also on that many bleeds synthesised into real bleed-free
+   slices, the same draw the U-Nets start from), and each further
    CNN of the bag (`[model] cnn_bag_channels`) the same way from the pre-training of its input
    (stage 0 runs once per number of input channels);
 2. PCA of the CNN features, then the BiLSTM over whole scans (slice labels, or the scan label
@@ -508,6 +510,10 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
     t = Trainer(device, cfg.run.seed, checkpoints, cfg.run.checkpoint_seconds, cfg.run.mixed_precision)
     general = [e for e in data.train if e.lesion is not None] + data.slices  # no CT-ICH patient
     patients = [e for e in data.train if e.lesion is None]  # real scans: phantoms carry voxel masks
+    unet_bleeds = stages.synthetic_bleeds if "unet_ensemble" in members else 0
+    # one draw for both: a shorter draw is the start of a longer one (the same seed)
+    synthetic = synthetic_examples(data.train, max(unet_bleeds, stages.cnn_synthetic_bleeds), cfg.run.seed)
+    cnn_data = data.train + data.slices + synthetic[: stages.cnn_synthetic_bleeds]
     pretrained: dict[int, dict[str, torch.Tensor]] = {}  # by input channels
     for replica, cnn in enumerate(ensemble.slice_cnns, start=1):  # a bag: a seed each
         channels = cnn.encoder.channels
@@ -523,7 +529,7 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
                                 aug.for_pretraining(), kept)
             pretrained[channels] = {k: v.clone() for k, v in cnn.state_dict().items()}
         cnn.load_state_dict(pretrained[channels])
-        train_slice_cnn("slice CNN" if replica == 1 else f"slice CNN {replica}", cnn, data.train + data.slices, trainer,
+        train_slice_cnn("slice CNN" if replica == 1 else f"slice CNN {replica}", cnn, cnn_data, trainer,
                         stages.cnn_steps, stages.batch, stages.lr, aug, focus=patients, focus_share=stages.cnn_patient_share)
     explained = 0.0
     if "cnn_lstm" in members:
@@ -531,9 +537,8 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
     if "attention_mil" in members:
         _train_mil_on_report_labels(ensemble, data, t, stages)
     if "unet_ensemble" in members:
-        synthetic = synthetic_examples(data.train, stages.synthetic_bleeds, cfg.run.seed)
-        log.info("U-Nets: %d slices with synthesised bleeds on real anatomy", len(synthetic))
-        train_unets(ensemble, data.train + synthetic, t, stages.unet_steps, stages.specialist_steps, stages.batch, stages.lr, stages.unet_patch)
+        log.info("U-Nets: %d slices with synthesised bleeds on real anatomy", len(synthetic[:unet_bleeds]))
+        train_unets(ensemble, data.train + synthetic[:unet_bleeds], t, stages.unet_steps, stages.specialist_steps, stages.batch, stages.lr, stages.unet_patch)
         train_fusion(ensemble, data.validation or data.train, t, stages.fusion_steps, stages.batch, stages.lr)
     return ensemble, explained
 

@@ -277,3 +277,36 @@ def test_set_overrides_a_config_key_as_toml_and_names_a_bad_one(tmp_path):
         load_training_config(demo, ["stages.cnn_patient_shar=0.5"])
     with pytest.raises(ConfigError, match="SECTION.KEY=VALUE"):
         load_training_config(demo, ["cnn_bag_channels=[5]"])
+
+
+@pytest.mark.parametrize("cnn_bleeds, unet_bleeds", [(3, 5), (4, 2), (0, 5)])
+def test_synthesised_bleeds_reach_the_slice_cnns_fine_tuning_and_the_u_nets_from_one_draw(monkeypatch, tmp_path, cnn_bleeds, unet_bleeds):
+    """`cnn_synthetic_bleeds` adds that many synthesised slices to the slice CNN's fine-tuning (never
+    to its pre-training, which sees no CT-ICH patient); the U-Nets keep their `synthetic_bleeds`;
+    both are the start of one draw, so the U-Nets' slices do not change with the CNN's count."""
+    import training.train as train
+    from training.config import load_training_config
+
+    cfg = load_training_config(ROOT / "config" / "training" / "demo.toml", [
+        "model.working_size=32", "model.cnn={ widths = [8, 8, 8, 8], groups = 2, stem = 8 }",
+        "model.mil={ widths = [8, 8, 8, 8], groups = 2, stem = 8 }", "model.unet_base=4", "model.unet_depth=2",
+        f"stages.cnn_synthetic_bleeds={cnn_bleeds}", f"stages.synthetic_bleeds={unet_bleeds}", "run.checkpoints=''",
+    ])
+    patient = train.Example("p", "p", torch.rand(4, 3, 32, 32).half(), torch.zeros(6), torch.zeros(4, 6), None, None, 0.0,
+                            torch.ones(4, 32, 32, dtype=torch.bool))
+    draws, stages = [], {}
+    monkeypatch.setattr(train, "synthetic_examples", lambda examples, n, seed: draws.append(n) or [
+        train.replace(patient, scan_id=f"synthetic-{k}") for k in range(n)])
+    monkeypatch.setattr(train, "train_slice_cnn", lambda name, cnn, data, *a, **k: stages.setdefault(name, data))
+    monkeypatch.setattr(train, "train_unets", lambda ensemble, data, *a: stages.setdefault("U-Nets", data))
+    monkeypatch.setattr(train, "train_fusion", lambda *a: None)
+    data = train.TrainingData(train=[patient], slices=[], validation=[], mil_labels={})
+    train.train_ensemble(cfg, data, torch.device("cpu"), None, members=("slice_cnn", "unet_ensemble"))
+
+    def synthetic(name: str) -> list[str]:
+        return [e.scan_id for e in stages[name] if e.scan_id.startswith("synthetic")]
+
+    assert draws == [max(cnn_bleeds, unet_bleeds)]
+    assert synthetic("slice CNN pre-training") == []
+    assert synthetic("slice CNN") == [f"synthetic-{k}" for k in range(cnn_bleeds)]
+    assert synthetic("U-Nets") == [f"synthetic-{k}" for k in range(unet_bleeds)]
