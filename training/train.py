@@ -514,6 +514,7 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
     # one draw for both: a shorter draw is the start of a longer one (the same seed)
     synthetic = synthetic_examples(data.train, max(unet_bleeds, stages.cnn_synthetic_bleeds), cfg.run.seed)
     cnn_data = data.train + data.slices + synthetic[: stages.cnn_synthetic_bleeds]
+    unet_synthetic = synthetic[:unet_bleeds]
     pretrained: dict[int, dict[str, torch.Tensor]] = {}  # by input channels
     for replica, cnn in enumerate(ensemble.slice_cnns, start=1):  # a bag: a seed each
         channels = cnn.encoder.channels
@@ -537,8 +538,8 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
     if "attention_mil" in members:
         _train_mil_on_report_labels(ensemble, data, t, stages)
     if "unet_ensemble" in members:
-        log.info("U-Nets: %d slices with synthesised bleeds on real anatomy", len(synthetic[:unet_bleeds]))
-        train_unets(ensemble, data.train + synthetic[:unet_bleeds], t, stages.unet_steps, stages.specialist_steps, stages.batch, stages.lr, stages.unet_patch)
+        log.info("U-Nets: %d slices with synthesised bleeds on real anatomy", len(unet_synthetic))
+        train_unets(ensemble, data.train + unet_synthetic, t, stages.unet_steps, stages.specialist_steps, stages.batch, stages.lr, stages.unet_patch)
         train_fusion(ensemble, data.validation or data.train, t, stages.fusion_steps, stages.batch, stages.lr)
     return ensemble, explained
 

@@ -280,7 +280,7 @@ def test_set_overrides_a_config_key_as_toml_and_names_a_bad_one(tmp_path):
 
 
 @pytest.mark.parametrize("cnn_bleeds, unet_bleeds", [(3, 5), (4, 2), (0, 5)])
-def test_synthesised_bleeds_reach_the_slice_cnns_fine_tuning_and_the_u_nets_from_one_draw(monkeypatch, tmp_path, cnn_bleeds, unet_bleeds):
+def test_synthesised_bleeds_reach_the_slice_cnns_fine_tuning_and_the_u_nets_from_one_draw(monkeypatch, cnn_bleeds, unet_bleeds):
     """`cnn_synthetic_bleeds` adds that many synthesised slices to the slice CNN's fine-tuning (never
     to its pre-training, which sees no CT-ICH patient); the U-Nets keep their `synthetic_bleeds`;
     both are the start of one draw, so the U-Nets' slices do not change with the CNN's count."""
