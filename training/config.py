@@ -52,6 +52,9 @@ class StagesSection(_Section):
     # Share of each slice CNN fine-tuning batch drawn from the real patients' scans of `[data] train`
     # (those without voxel masks), balanced like the rest; 0: one pool of all the slices.
     cnn_patient_share: float = Field(default=0.0, ge=0, le=1)
+    # Share of each fine-tuning batch that is a run of adjacent slices of one real patient's scan,
+    # whose scan score (mean of the `slice_top_k` highest slice logits) is trained as well.
+    cnn_run_share: float = Field(default=0.0, ge=0, lt=1)
     lstm_steps: int = Field(default=300, ge=0)
     mil_steps: int = Field(default=300, ge=0)
     unet_steps: int = Field(default=300, ge=0)
@@ -60,6 +63,12 @@ class StagesSection(_Section):
     synthetic_bleeds: int = Field(default=0, ge=0)  # U-Net slices with a bleed synthesised into real anatomy
     cnn_synthetic_bleeds: int = Field(default=0, ge=0)  # the same for the slice CNN's fine-tuning
     fusion_steps: int = Field(default=100, ge=0)
+
+    @model_validator(mode="after")
+    def _shares_fit_in_a_batch(self) -> "StagesSection":
+        if self.cnn_patient_share + self.cnn_run_share > 1:
+            raise ValueError("cnn_patient_share + cnn_run_share must not exceed 1 (shares of one batch)")
+        return self
 
 
 class OutputSection(_Section):

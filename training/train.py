@@ -235,6 +235,13 @@ def _label_weights(device: torch.device) -> torch.Tensor:
     return torch.tensor([2.0, 1, 1, 1, 1, 1], device=device) / 7 * 6
 
 
+def scan_score_loss(logits: torch.Tensor, slice_labels: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The BCE of a run of adjacent slices' scan score (per label, the mean of its top_k slice
+    logits, as the detector scores a scan) against the run's labels (any slice's)."""
+    scan_logits = logits.topk(min(top_k, len(logits)), dim=0).values.mean(dim=0)
+    return F.binary_cross_entropy_with_logits(scan_logits, slice_labels.amax(dim=0), weight=_label_weights(logits.device))
+
+
 def _slice_pool(data: list[Example]) -> tuple[list, list]:
     pool = [(e, i) for e in data if e.slice_labels is not None for i in range(len(e.images))]
     return [p for p in pool if p[0].slice_labels[p[1], 0] > 0], [p for p in pool if p[0].slice_labels[p[1], 0] == 0]
@@ -242,24 +249,41 @@ def _slice_pool(data: list[Example]) -> tuple[list, list]:
 
 def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, steps: int, batch: int, lr: float,
                     aug: AugmentConfig, checkpoint: Path | None = None, focus: Sequence[Example] = (),
-                    focus_share: float = 0.0) -> None:
+                    focus_share: float = 0.0, run_share: float = 0.0, top_k: int = 1) -> None:
     """Slice labels (augmented, channel dropout), plus the auxiliary lesion-fraction map on slices
     whose masks are known. `focus_share` of each batch comes from the slices of `focus` (the
-    patients the model is for), the rest from all of `data`; each part half bleeding, half clean."""
+    patients the model is for), the rest from all of `data`; each part half bleeding, half clean.
+
+    `run_share` of each batch is instead a run of adjacent slices of one `focus` scan, whose scan
+    score (`scan_score_loss`) is trained too: this trains what ranks patients, a clean scan's
+    highest slices, which the balanced slices meet only at random. The rest of the batch keeps its
+    pooled slices, so batch normalisation never sees one scan alone."""
     pos, neg = _slice_pool(data)
+    runs = [e for e in focus if e.slice_labels is not None]
+    from_run = round(batch * run_share) if runs else 0
     focus_pos, focus_neg = _slice_pool(list(focus))
     from_focus = round(batch * focus_share) if focus_pos or focus_neg else 0
-    log.info("%s: %d positive and %d negative slices; %d of each batch from %d + %d focus slices",
-             name, len(pos), len(neg), from_focus, len(focus_pos), len(focus_neg))
+    log.info("%s: %d positive and %d negative slices; %d of each batch from %d + %d focus slices, %d a run of one scan",
+             name, len(pos), len(neg), from_focus, len(focus_pos), len(focus_neg), from_run)
+
+    def adjacent_slices() -> list[tuple[Example, int]]:
+        e = t.rng.choice(runs)
+        length = min(len(e.images), from_run)
+        start = t.rng.randrange(len(e.images) - length + 1)
+        return [(e, i) for i in range(start, start + length)]
 
     def loss() -> torch.Tensor:
-        chosen = _balanced_slices(t.rng, focus_pos, focus_neg, from_focus) + _balanced_slices(t.rng, pos, neg, batch - from_focus)
+        run = adjacent_slices() if from_run else []
+        chosen = (_balanced_slices(t.rng, focus_pos, focus_neg, from_focus)
+                  + _balanced_slices(t.rng, pos, neg, batch - from_focus - len(run)) + run)
         x = torch.stack([e.images[i].float() for e, i in chosen]).to(t.device)  # float16 into autocast: .float() first
         x, grid = augment(x, aug, t.generator)
         y = torch.stack([e.slice_labels[i] for e, i in chosen]).to(t.device)
         fmap = cnn.encoder(x)
         logits, _ = cnn.classify(fmap)
         total = F.binary_cross_entropy_with_logits(logits.float(), y, weight=_label_weights(t.device))
+        if run:
+            total = total + scan_score_loss(logits[-len(run):].float(), y[-len(run):], top_k)
         known = [k for k, (e, _) in enumerate(chosen) if e.lesion is not None]
         if known:
             lesion = warp_masks(torch.stack([chosen[k][0].lesion[chosen[k][1]] for k in known]).to(t.device), grid[known])
@@ -531,7 +555,8 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
             pretrained[channels] = {k: v.clone() for k, v in cnn.state_dict().items()}
         cnn.load_state_dict(pretrained[channels])
         train_slice_cnn("slice CNN" if replica == 1 else f"slice CNN {replica}", cnn, cnn_data, trainer,
-                        stages.cnn_steps, stages.batch, stages.lr, aug, focus=patients, focus_share=stages.cnn_patient_share)
+                        stages.cnn_steps, stages.batch, stages.lr, aug, focus=patients, focus_share=stages.cnn_patient_share,
+                        run_share=stages.cnn_run_share, top_k=ensemble.cfg.slice_top_k)
     explained = 0.0
     if "cnn_lstm" in members:
         explained = train_sequence(ensemble, data.train, t, stages.lstm_steps, stages.lr, stages.batch)

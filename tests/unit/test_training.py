@@ -310,3 +310,62 @@ def test_synthesised_bleeds_reach_the_slice_cnns_fine_tuning_and_the_u_nets_from
     assert synthetic("slice CNN pre-training") == []
     assert synthetic("slice CNN") == [f"synthetic-{k}" for k in range(cnn_bleeds)]
     assert synthetic("U-Nets") == [f"synthetic-{k}" for k in range(unet_bleeds)]
+
+
+
+def test_scan_score_loss_trains_a_runs_top_k_slices_against_its_label():
+    """A clean run: only its top_k slices are pushed down. With one bleeding slice the run's label
+    is 1, so its top slices are pulled up, clean or not."""
+    from training.train import scan_score_loss
+
+    clean = torch.zeros(6, 6)
+    logits = torch.tensor([-3.0, 2.0, -3.0, 1.5, -3.0, -3.0])[:, None].repeat(1, 6).requires_grad_()
+    scan_score_loss(logits, clean, top_k=2).backward()
+    grad = logits.grad[:, 0]
+    assert (grad[[1, 3]] > 0).all() and torch.equal(grad[[0, 2, 4, 5]], torch.zeros(4))
+    bleeding = clean.clone()
+    bleeding[4, 0] = 1
+    logits.grad = None
+    scan_score_loss(logits, bleeding, top_k=2).backward()
+    assert (logits.grad[[1, 3], 0] < 0).all() and logits.grad[4, 0] == 0
+
+
+def test_slice_cnn_batches_end_with_a_run_of_adjacent_slices_of_one_focus_scan(monkeypatch):
+    """With cnn_run_share 0.5, half of every batch is a run of adjacent slices of one real patient's
+    scan (the whole scan when shorter, the pooled slices filling the batch), the rest pooled slices;
+    with 0 there is no run."""
+    import training.train as train
+    from training.augment import AugmentConfig
+    from worker.detector.members import SliceCNN
+    from worker.detector.ensemble import EnsembleConfig
+
+    def example(scan_id: str, n: int, first: int) -> train.Example:
+        images = (first + torch.arange(n, dtype=torch.float32))[:, None, None, None].expand(n, 3, 32, 32) / 128
+        return train.Example(scan_id, scan_id, images.half(), torch.zeros(6), torch.zeros(n, 6), None, None, 0.0,
+                             torch.ones(n, 32, 32, dtype=torch.bool))
+
+    seen: list[list[int]] = []
+    monkeypatch.setattr(train, "augment", lambda x, aug, generator: seen.append(
+        [round(float(v) * 128) for v in x[:, 0, 0, 0]]) or (x, None))
+    long_scan, short_scan, pooled = example("long", 20, 0), example("short", 3, 20), example("pooled", 30, 40)
+    scans = [long_scan, short_scan, pooled]
+    runs = [list(range(20, 23))] + [list(range(s, s + 4)) for s in range(17)]
+    cnn = SliceCNN(EnsembleConfig().cnn, 0.0)
+    trainer = train.Trainer(torch.device("cpu"), seed=3, mixed_precision="off")
+    train.train_slice_cnn("t", cnn, scans, trainer, 8, 8, 1e-3, AugmentConfig(), focus=[long_scan, short_scan],
+                          run_share=0.5, top_k=2)
+    assert len(seen) == 8
+    for batch in seen:
+        tail = batch[-4:] if batch[-4:] in runs else batch[-3:]
+        assert tail in runs and len(batch) == 8
+    assert any(batch[-3:] == runs[0] for batch in seen) and any(batch[-4:] in runs[1:] for batch in seen)
+    seen.clear()
+    train.train_slice_cnn("t", cnn, scans, trainer, 4, 8, 1e-3, AugmentConfig(), focus=[long_scan, short_scan], top_k=2)
+    assert all(len(batch) == 8 and batch[-4:] not in runs for batch in seen)
+
+
+def test_the_batch_shares_may_not_exceed_one_batch(tmp_path):
+    from training.config import load_training_config
+
+    with pytest.raises(Exception, match="cnn_patient_share \\+ cnn_run_share"):
+        load_training_config(ROOT / "config" / "training" / "demo.toml", ["stages.cnn_patient_share=0.6", "stages.cnn_run_share=0.5"])
