@@ -50,7 +50,7 @@ from training.train import (
     train_ensemble,
 )
 from worker.detector import LABELS, load_detector
-from worker.detector.ensemble import SCAN_MEMBERS, Ensemble
+from worker.detector.ensemble import SCAN_MEMBERS, Ensemble, top_k_mean
 from worker.detector.members import Combiner
 from worker.detector.store import MANIFEST, load_model, save_model, write_json
 
@@ -189,8 +189,8 @@ def nested_probabilities(logits: np.ndarray, y: np.ndarray, folds: np.ndarray, a
 
 
 def top_k_scores(slice_logits: list[list[float]], k: int) -> np.ndarray:
-    """Per scan, the mean of its k highest slice logits (the slice CNN's scan score)."""
-    return np.array([np.mean(sorted(s, reverse=True)[:k]) for s in slice_logits])
+    """Per scan, the slice CNN's scan score (`top_k_mean`) from its out-of-fold slice logits."""
+    return np.array([float(top_k_mean(torch.tensor(s, dtype=torch.float64), k)) for s in slice_logits])
 
 
 def slice_cnn_figures(predictions: list[dict], y_any: np.ndarray, slice_y: np.ndarray) -> dict:

@@ -44,7 +44,7 @@ from training.datasets import load_scans
 from training.synthetic_bleeds import synthetic_examples
 from worker.detector import LABELS, SUBTYPES
 from worker.detector.detector import resolve_device
-from worker.detector.ensemble import SCAN_MEMBERS, UNET_MEMBERS, Ensemble, FoldBag
+from worker.detector.ensemble import SCAN_MEMBERS, UNET_MEMBERS, Ensemble, FoldBag, top_k_mean
 from worker.detector.members import SliceCNN
 from worker.detector.preprocess import masks_to_working, prepare
 from worker.detector.store import MANIFEST, load_model, save_model, update_metrics
@@ -236,10 +236,10 @@ def _label_weights(device: torch.device) -> torch.Tensor:
 
 
 def scan_score_loss(logits: torch.Tensor, slice_labels: torch.Tensor, top_k: int) -> torch.Tensor:
-    """The BCE of a run of adjacent slices' scan score (per label, the mean of its top_k slice
-    logits, as the detector scores a scan) against the run's labels (any slice's)."""
-    scan_logits = logits.topk(min(top_k, len(logits)), dim=0).values.mean(dim=0)
-    return F.binary_cross_entropy_with_logits(scan_logits, slice_labels.amax(dim=0), weight=_label_weights(logits.device))
+    """The BCE of a run of adjacent slices' scan score (`top_k_mean`, as the detector scores a
+    scan) against the run's labels (any slice's)."""
+    return F.binary_cross_entropy_with_logits(top_k_mean(logits, top_k), slice_labels.amax(dim=0),
+                                              weight=_label_weights(logits.device))
 
 
 def _slice_pool(data: list[Example]) -> tuple[list, list]:

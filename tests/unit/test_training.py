@@ -312,7 +312,6 @@ def test_synthesised_bleeds_reach_the_slice_cnns_fine_tuning_and_the_u_nets_from
     assert synthetic("U-Nets") == [f"synthetic-{k}" for k in range(unet_bleeds)]
 
 
-
 def test_scan_score_loss_trains_a_runs_top_k_slices_against_its_label():
     """A clean run: only its top_k slices are pushed down. With one bleeding slice the run's label
     is 1, so its top slices are pulled up, clean or not."""
@@ -364,7 +363,7 @@ def test_slice_cnn_batches_end_with_a_run_of_adjacent_slices_of_one_focus_scan(m
     assert all(len(batch) == 8 and batch[-4:] not in runs for batch in seen)
 
 
-def test_the_batch_shares_may_not_exceed_one_batch(tmp_path):
+def test_the_batch_shares_may_not_exceed_one_batch():
     from training.config import load_training_config
 
     with pytest.raises(Exception, match="cnn_patient_share \\+ cnn_run_share"):

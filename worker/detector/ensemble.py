@@ -161,6 +161,12 @@ class Timer:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
+def top_k_mean(slice_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The slice CNN's scan logit: per label, the mean of the k highest slice logits (of all the
+    slices when there are fewer); slices along dim 0."""
+    return slice_logits.topk(min(k, len(slice_logits)), dim=0).values.mean(dim=0)
+
+
 def _logit(p: torch.Tensor) -> torch.Tensor:
     return torch.logit(p.float().clamp(_EPS, 1 - _EPS))
 
@@ -275,8 +281,7 @@ class Ensemble(nn.Module):
             for f, s, i in zip(out.fused.split(step), out.subtype_share.split(step), inside.split(step))
         ]).amax(dim=0)
         unet = torch.cat([smooth.amax()[None], sub_max])
-        k = min(self.cfg.slice_top_k, len(out.cnn_logits))
-        cnn = out.cnn_logits.float().topk(k, dim=0).values.mean(dim=0)
+        cnn = top_k_mean(out.cnn_logits.float(), self.cfg.slice_top_k)
         return torch.stack([cnn, out.lstm_logits.amax(dim=0), out.mil_logits, _logit(unet)], dim=-1)
 
     def slice_probabilities(self, out: MemberOutputs) -> torch.Tensor:
