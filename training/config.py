@@ -55,6 +55,9 @@ class StagesSection(_Section):
     # Share of each fine-tuning batch that is a run of adjacent slices of one real patient's scan,
     # whose scan score (mean of the `slice_top_k` highest slice logits) is trained as well.
     cnn_run_share: float = Field(default=0.0, ge=0, lt=1)
+    # Share of the clean slices of each fine-tuning batch's pooled part drawn in proportion to the
+    # CNN's last predicted bleed probability for them (online hard-negative mining); 0: uniform.
+    cnn_hard_negative_share: float = Field(default=0.0, ge=0, le=1)
     lstm_steps: int = Field(default=300, ge=0)
     mil_steps: int = Field(default=300, ge=0)
     unet_steps: int = Field(default=300, ge=0)

@@ -160,8 +160,12 @@ class Trainer:
         return None if self.checkpoints is None else self.checkpoints / (name.replace(" ", "_").replace("+", "_") + ".pt")
 
     def run(self, name: str, module: torch.nn.Module, steps: int, lr: float, loss_fn: Callable[[], torch.Tensor],
-            checkpoint: Path | None = None) -> float:
-        """`steps` Adam steps on loss_fn; a finished checkpoint is loaded instead of training again."""
+            checkpoint: Path | None = None, extra_state: dict[str, torch.Tensor] | None = None) -> float:
+        """`steps` Adam steps on loss_fn; a finished checkpoint is loaded instead of training again.
+
+        extra_state: tensors the loss keeps between steps (a sampler's memory), checkpointed with
+        the module and restored in place on resume."""
+        extra_state = extra_state or {}
         checkpoint = checkpoint or self.checkpoint_path(name)
         params = [p for p in module.parameters() if p.requires_grad]
         optimiser = torch.optim.Adam(params, lr=lr)
@@ -179,6 +183,9 @@ class Trainer:
             schedule.load_state_dict(state["schedule"])
             self.rng.setstate(state["rng"])
             self.generator.set_state(state["generator"])
+            for key, tensor in state.get("extra", {}).items():
+                if key in extra_state:
+                    extra_state[key].copy_(tensor)
             first, running = state["step"] + 1, state["loss"]
             log.info("%s: resuming at step %d/%d from %s", name, first, steps, checkpoint)
         module.to(memory_format=torch.channels_last)  # the convolutions' fast layout on CPU and GPU
@@ -205,6 +212,7 @@ class Trainer:
                 _save_atomic({
                     "module": module.state_dict(), "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
                     "rng": self.rng.getstate(), "generator": self.generator.get_state(), "step": step, "loss": running,
+                    "extra": extra_state,
                 }, checkpoint)
                 last_save = now
         module.eval()
@@ -224,10 +232,31 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - (2 * inter + 1) / (prob.sum() + target.sum() + 1)
 
 
-def _balanced_slices(rng: random.Random, positives: list, negatives: list, batch: int) -> list:
+def _balanced_slices(rng: random.Random, positives: list, negatives: list, batch: int, hard: Sequence = ()) -> list:
+    """Half positives (when there are any), then the `hard` negatives, then uniform negatives."""
     half = batch // 2 if positives else 0
     chosen = [rng.choice(positives) for _ in range(half)] if positives else []
+    chosen += list(hard)[: batch - half]
     return chosen + [rng.choice(negatives or positives) for _ in range(batch - len(chosen))]
+
+
+class HardNegatives:
+    """Online hard-negative mining without extra forward passes: clean slices are drawn in
+    proportion to the CNN's predicted bleed probability when it last saw them (for a clean slice,
+    the size of its loss gradient); slices not yet seen count 0.5."""
+
+    def __init__(self, count: int, generator: torch.Generator) -> None:
+        self.probability = torch.full((count,), 0.5)
+        self.generator = generator
+
+    def draw(self, n: int) -> list[int]:
+        if n == 0 or len(self.probability) == 0:
+            return []
+        return torch.multinomial(self.probability, n, replacement=True, generator=self.generator).tolist()
+
+    def update(self, drawn: Sequence[int], logits: torch.Tensor) -> None:
+        """logits: the CNN's logit(any) for the drawn slices, in their order."""
+        self.probability[list(drawn)] = torch.sigmoid(logits.detach().float().cpu())
 
 
 def _label_weights(device: torch.device) -> torch.Tensor:
@@ -249,7 +278,8 @@ def _slice_pool(data: list[Example]) -> tuple[list, list]:
 
 def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, steps: int, batch: int, lr: float,
                     aug: AugmentConfig, checkpoint: Path | None = None, focus: Sequence[Example] = (),
-                    focus_share: float = 0.0, run_share: float = 0.0, top_k: int = 1) -> None:
+                    focus_share: float = 0.0, run_share: float = 0.0, top_k: int = 1,
+                    hard_negative_share: float = 0.0) -> None:
     """Slice labels (augmented, channel dropout), plus the auxiliary lesion-fraction map on slices
     whose masks are known. `focus_share` of each batch comes from the slices of `focus` (the
     patients the model is for), the rest from all of `data`; each part half bleeding, half clean.
@@ -257,14 +287,20 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
     `run_share` of each batch is instead a run of adjacent slices of one `focus` scan, whose scan
     score (`scan_score_loss`) is trained too: this trains what ranks patients, a clean scan's
     highest slices, which the balanced slices meet only at random. The rest of the batch keeps its
-    pooled slices, so batch normalisation never sees one scan alone."""
+    pooled slices, so batch normalisation never sees one scan alone.
+
+    `hard_negative_share` of the pooled part's clean slices are drawn by `HardNegatives`, the
+    rest uniformly; half the pooled part stays bleeding slices either way."""
     pos, neg = _slice_pool(data)
     runs = [e for e in focus if e.slice_labels is not None]
     from_run = round(batch * run_share) if runs else 0
     focus_pos, focus_neg = _slice_pool(list(focus))
     from_focus = round(batch * focus_share) if focus_pos or focus_neg else 0
-    log.info("%s: %d positive and %d negative slices; %d of each batch from %d + %d focus slices, %d a run of one scan",
-             name, len(pos), len(neg), from_focus, len(focus_pos), len(focus_neg), from_run)
+    pooled = batch - from_focus - from_run
+    from_hard = round((pooled - (pooled // 2 if pos else 0)) * hard_negative_share) if neg else 0
+    hard_negatives = HardNegatives(len(neg), t.generator)
+    log.info("%s: %d positive and %d negative slices; %d of each batch from %d + %d focus slices, %d a run of one scan, "
+             "%d hard negatives", name, len(pos), len(neg), from_focus, len(focus_pos), len(focus_neg), from_run, from_hard)
 
     def adjacent_slices() -> list[tuple[Example, int]]:
         e = t.rng.choice(runs)
@@ -274,13 +310,17 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
 
     def loss() -> torch.Tensor:
         run = adjacent_slices() if from_run else []
+        hard = hard_negatives.draw(from_hard)
         chosen = (_balanced_slices(t.rng, focus_pos, focus_neg, from_focus)
-                  + _balanced_slices(t.rng, pos, neg, batch - from_focus - len(run)) + run)
+                  + _balanced_slices(t.rng, pos, neg, batch - from_focus - len(run), [neg[i] for i in hard]) + run)
         x = torch.stack([e.images[i].float() for e, i in chosen]).to(t.device)  # float16 into autocast: .float() first
         x, grid = augment(x, aug, t.generator)
         y = torch.stack([e.slice_labels[i] for e, i in chosen]).to(t.device)
         fmap = cnn.encoder(x)
         logits, _ = cnn.classify(fmap)
+        if hard:  # after the focus part and the pooled part's bleeding half (_balanced_slices)
+            first_hard = from_focus + ((batch - from_focus - len(run)) // 2 if pos else 0)
+            hard_negatives.update(hard, logits[first_hard:first_hard + len(hard), 0])
         total = F.binary_cross_entropy_with_logits(logits.float(), y, weight=_label_weights(t.device))
         if run:
             total = total + scan_score_loss(logits[-len(run):].float(), y[-len(run):], top_k)
@@ -291,7 +331,7 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
             total = total + F.binary_cross_entropy_with_logits(cnn.lesion_head(fmap[known]).float(), fraction)
         return total
 
-    t.run(name, cnn, steps, lr, loss, checkpoint)
+    t.run(name, cnn, steps, lr, loss, checkpoint, {"hard_negative_probability": hard_negatives.probability})
 
 
 @torch.no_grad()
@@ -556,7 +596,8 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
         cnn.load_state_dict(pretrained[channels])
         train_slice_cnn("slice CNN" if replica == 1 else f"slice CNN {replica}", cnn, cnn_data, trainer,
                         stages.cnn_steps, stages.batch, stages.lr, aug, focus=patients, focus_share=stages.cnn_patient_share,
-                        run_share=stages.cnn_run_share, top_k=ensemble.cfg.slice_top_k)
+                        run_share=stages.cnn_run_share, top_k=ensemble.cfg.slice_top_k,
+                        hard_negative_share=stages.cnn_hard_negative_share)
     explained = 0.0
     if "cnn_lstm" in members:
         explained = train_sequence(ensemble, data.train, t, stages.lstm_steps, stages.lr, stages.batch)

@@ -247,8 +247,8 @@ def test_slice_cnn_batches_take_their_patient_share_from_the_focus_scans(monkeyp
     drawn: list[list[tuple[str, int]]] = []
     original = train._balanced_slices
 
-    def recording(rng, positives, negatives, batch):
-        chosen = original(rng, positives, negatives, batch)
+    def recording(rng, positives, negatives, batch, hard=()):
+        chosen = original(rng, positives, negatives, batch, hard)
         drawn.append([(e.scan_id, int(e.slice_labels[i, 0])) for e, i in chosen])
         return chosen
 
@@ -368,3 +368,69 @@ def test_the_batch_shares_may_not_exceed_one_batch():
 
     with pytest.raises(Exception, match="cnn_patient_share \\+ cnn_run_share"):
         load_training_config(ROOT / "config" / "training" / "demo.toml", ["stages.cnn_patient_share=0.6", "stages.cnn_run_share=0.5"])
+
+
+def test_hard_negatives_are_drawn_by_the_bleed_probability_last_predicted_for_them():
+    from training.train import HardNegatives
+
+    sampler = HardNegatives(4, torch.Generator().manual_seed(0))
+    assert set(sampler.draw(200)) == {0, 1, 2, 3}  # none seen yet: all equally likely
+    sampler.update([0, 1, 3], torch.tensor([-30.0, -30.0, -30.0]))
+    assert set(sampler.draw(50)) == {2}  # still at 0.5, the others now near 0
+    sampler.update([2, 3], torch.tensor([-30.0, 30.0]))
+    assert set(sampler.draw(50)) == {3}
+
+
+def test_slice_cnn_batches_replace_clean_slices_with_hard_negatives_and_remember_their_logits(monkeypatch):
+    """With cnn_hard_negative_share 0.5, half the clean slices of each batch come from the hard-negative
+    sampler, bleeding slices stay half the batch, and the sampler learns each drawn slice's own logit."""
+    import training.train as train
+    from training.augment import AugmentConfig
+    from worker.detector.members import SliceCNN
+    from worker.detector.ensemble import EnsembleConfig
+
+    n = 12  # slice k: image value k/128, bleeding for k < 4; its logit(any) is made (k - 6) / 2
+    labels = torch.zeros(n, 6)
+    labels[:4, 0] = 1
+    images = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 3, 32, 32) / 128
+    scan = train.Example("s", "s", images.half(), labels.amax(0), labels, None, None, 0.0, torch.ones(n, 32, 32, dtype=torch.bool))
+    batches: list[list[int]] = []
+    monkeypatch.setattr(train, "augment", lambda x, aug, generator: batches.append(
+        [round(float(v) * 128) for v in x[:, 0, 0, 0]]) or (x, None))
+    samplers: list[train.HardNegatives] = []
+    drawn: list[list[int]] = []
+
+    class Recording(train.HardNegatives):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            samplers.append(self)
+
+        def draw(self, k: int) -> list[int]:
+            drawn.append(super().draw(k))
+            return drawn[-1]
+
+    monkeypatch.setattr(train, "HardNegatives", Recording)
+    cnn = SliceCNN(EnsembleConfig().cnn, 0.0)
+    classify = cnn.classify
+
+    def coded(fmap):
+        logits, features = classify(fmap)
+        ids = torch.tensor(batches[-1], dtype=torch.float32)
+        return logits * 0 + ((ids - 6) / 2)[:, None], features
+
+    monkeypatch.setattr(cnn, "classify", coded)
+    trainer = train.Trainer(torch.device("cpu"), seed=5, mixed_precision="off")
+    train.train_slice_cnn("t", cnn, [scan], trainer, 6, 8, 1e-3, AugmentConfig(), hard_negative_share=0.5)
+    negatives = list(range(4, n))  # the pool's clean slices, in order
+    for batch, hard in zip(batches, drawn):
+        assert all(k < 4 for k in batch[:4]) and all(k >= 4 for k in batch[4:])
+        assert len(hard) == 2 and batch[4:6] == [negatives[j] for j in hard]
+    probability = samplers[0].probability
+    seen = {j for hard in drawn for j in hard}
+    for j, k in enumerate(negatives):
+        expected = torch.sigmoid(torch.tensor((k - 6) / 2)) if j in seen else torch.tensor(0.5)
+        assert torch.isclose(probability[j], expected)
+    batches.clear()
+    drawn.clear()
+    train.train_slice_cnn("t", cnn, [scan], trainer, 2, 8, 1e-3, AugmentConfig())
+    assert drawn == [[], []] and all(len(batch) == 8 for batch in batches)
