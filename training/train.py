@@ -77,13 +77,13 @@ class Example:
     full_hu: bool = True  # False: brain window only, the later channels are zero
 
 
-def make_example(scan: Scan, size: int, context: bool) -> Example:
-    """A scan through the same preprocessing as inference (`context`: EnsembleConfig.reads_context);
-    masks are mapped with the same crop.
+def make_example(scan: Scan, size: int, context: bool, head_crop: str = "footprint") -> Example:
+    """A scan through the same preprocessing as inference (`context`: EnsembleConfig.reads_context,
+    `head_crop` its head_crop); masks are mapped with the same crop.
 
     A negative scan without slice labels has known (all-zero) slice labels.
     """
-    prepared = prepare(scan.volume.hu, size, scan.volume.spacing_mm[0], scan.brain_window_only, context)
+    prepared = prepare(scan.volume.hu, size, scan.volume.spacing_mm[0], scan.brain_window_only, context, head_crop)
     n = scan.volume.hu.shape[0]
     labels = torch.tensor([float(scan.labels.get(k, 0)) for k in LABELS])
     negative = float(labels[0]) == 0.0
@@ -543,18 +543,18 @@ def load_training_data(cfg: TrainingConfig) -> tuple[TrainingData, dict[str, lis
 
     started = time.monotonic()
     model = cfg.ensemble()
-    size, context = model.working_size, model.reads_context
+    size, context, crop = model.working_size, model.reads_context, model.head_crop
     by_spec = {spec: load_scans(spec) for spec in cfg.data.train}
     scans = [s for spec_scans in by_spec.values() for s in spec_scans]
     if cfg.data.validation:
         train_scans, val_scans = scans, [s for spec in cfg.data.validation for s in load_scans(spec)]
     else:
         train_scans, val_scans = datasets.split_by_patient(scans, cfg.data.validation_fraction, seed=cfg.run.seed)
-    slices = [make_example(s, size, context) for spec in cfg.data.slices for s in load_scans(spec)]
+    slices = [make_example(s, size, context, crop) for spec in cfg.data.slices for s in load_scans(spec)]
     data = TrainingData(
-        train=[make_example(s, size, context) for s in train_scans],
+        train=[make_example(s, size, context, crop) for s in train_scans],
         slices=slices,
-        validation=[make_example(s, size, context) for s in val_scans],
+        validation=[make_example(s, size, context, crop) for s in val_scans],
         mil_labels=report_labels(train_scans) if cfg.mil.label_source == "reports" else {},
     )
     log.info("%d training scans, %d single slices, %d validation scans, preprocessed in %.0f s",

@@ -24,6 +24,7 @@ from worker.detector.members import (
 from worker.detector.preprocess import (
     CHANNELS,
     CONTEXT_CHANNELS,
+    CROP_MARGIN,
     WINDOW_CHANNELS,
     HeadCrop,
     intracranial_mask,
@@ -88,6 +89,25 @@ def test_head_crop_is_a_square_around_the_head():
     assert crop.side >= 36  # the head's diameter plus a margin
     assert crop.top <= 24 - 18 and crop.top + crop.side >= 24 + 18
     assert crop.left <= 30 - 18 and crop.left + crop.side >= 30 + 18
+
+
+def test_largest_body_crop_leaves_out_a_head_holder_that_the_footprint_crop_boxes():
+    """A head holder beside the head (a thick bar, apart in one slice and touching the head by a thin
+    bridge in another) widens the footprint box; the largest-body box is the head's alone."""
+    hu = head(rows=64, cols=96, centre=(32, 30), radius=18)
+    hu[:, 8:56, 80:86] = 900.0  # the holder
+    hu[2, 31:33, 47:81] = 35.0  # a 2-pixel bridge from the head to the holder in one slice
+    footprint, body = HeadCrop.find(hu), HeadCrop.find(hu, "largest_body")
+    assert footprint.left + footprint.side >= 86
+    assert body.left + body.side <= 30 + 18 + 4 and body.left <= 30 - 18
+    assert abs(body.side - 36 * (1 + 2 * CROP_MARGIN)) <= 3  # the head's diameter and margins
+    alone, same = HeadCrop.find(head(), "largest_body"), HeadCrop.find(head())  # nothing beside the head
+    assert max(abs(alone.top - same.top), abs(alone.left - same.left), abs(alone.side - same.side)) <= 2
+
+
+def test_the_head_crop_must_be_a_known_one():
+    with pytest.raises(ValueError, match="head_crop: 'skull'"):
+        EnsembleConfig(head_crop="skull")
 
 
 def test_crop_resample_round_trip_keeps_geometry():

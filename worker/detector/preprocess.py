@@ -1,7 +1,7 @@
 """The one preprocessing path shared by training and inference.
 
 Hounsfield volume -> head crop (one square box for the whole series, so every slice keeps the
-same scale) -> in-plane resampling to a fixed working size -> three window channels scaled 0..1
+same scale; `HEAD_CROPS` says around what) -> in-plane resampling to a fixed working size -> three window channels scaled 0..1
 (brain 40/80, subdural 80/200, soft tissue 40/380, as in paper 004), then two context channels:
 the brain window of the slices about CONTEXT_MM below and above (2.5D input, paper 004's adjacent
 slices; at the series' ends, and for sources whose slices stand alone, zeros). Sources that hold
@@ -34,6 +34,13 @@ CHANNELS = WINDOW_CHANNELS + CONTEXT_CHANNELS
 AIR_HU = -1024.0
 HEAD_THRESHOLD_HU = -300.0  # skin and skull are above, air and most pillow foam below
 CROP_MARGIN = 0.05  # fraction of the head's extent added on each side
+#: What the head crop boxes. "footprint": everything above HEAD_THRESHOLD_HU in any slice, head
+#: holder, table and objects beside the head too (how 0.4.0 and earlier were trained), so the
+#: head's size in the working image varies with the field of view. "largest_body": the largest
+#: connected body above the threshold (the head), after an opening that cuts thin contacts.
+HEAD_CROPS = ("footprint", "largest_body")
+_BODY_GRID = 2  # the largest body is found on every second row and column (speed)
+_BODY_OPENING = 2  # iterations of that grid's opening: cuts contacts up to about 4 pixels wide
 BONE_HU = 300.0
 INTRACRANIAL_HU = (-50.0, 150.0)  # brain, CSF and blood; not air, fat, bone or calcification
 MIN_INTERIOR_FRACTION = 0.15  # of the head's non-bone area, for a skull ring to count as closed
@@ -70,15 +77,15 @@ class HeadCrop:
     cols: int
 
     @classmethod
-    def find(cls, hu: np.ndarray) -> "HeadCrop":
-        """The square box around everything above the head threshold in any slice."""
+    def find(cls, hu: np.ndarray, mode: str = "footprint") -> "HeadCrop":
+        """The square box around the head (`mode`: one of HEAD_CROPS)."""
         rows, cols = hu.shape[1:]
-        footprint = (hu > HEAD_THRESHOLD_HU).any(axis=0)
-        r_any, c_any = footprint.any(axis=1), footprint.any(axis=0)
-        if not r_any.any():  # no head: keep the whole frame
+        box = _largest_body_extent(hu) if mode == "largest_body" else None
+        if box is None:
+            box = _extent((hu > HEAD_THRESHOLD_HU).any(axis=0))
+        if box is None:  # no head: keep the whole frame
             return cls(0, 0, max(rows, cols), rows, cols)
-        r0, r1 = np.flatnonzero(r_any)[[0, -1]]
-        c0, c1 = np.flatnonzero(c_any)[[0, -1]]
+        r0, r1, c0, c1 = box
         extent = max(r1 - r0 + 1, c1 - c0 + 1)
         side = max(8, int(round(extent * (1 + 2 * CROP_MARGIN))))
         top = int(round((r0 + r1 + 1) / 2 - side / 2))
@@ -116,6 +123,29 @@ class HeadCrop:
         return out
 
 
+def _extent(footprint: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(first row, last row, first column, last column) of a 2-D mask; None when it is empty."""
+    r_any, c_any = footprint.any(axis=1), footprint.any(axis=0)
+    if not r_any.any():
+        return None
+    (r0, r1), (c0, c1) = np.flatnonzero(r_any)[[0, -1]], np.flatnonzero(c_any)[[0, -1]]
+    return int(r0), int(r1), int(c0), int(c1)
+
+
+def _largest_body_extent(hu: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The extent (as `_extent`) of the largest 3-D connected body above the head threshold,
+    opened in plane first so that a head holder or table touching the head is not part of it."""
+    coarse = hu[:, ::_BODY_GRID, ::_BODY_GRID] > HEAD_THRESHOLD_HU
+    opened = ndimage.binary_opening(coarse, _IN_PLANE, iterations=_BODY_OPENING)
+    labels, count = ndimage.label(opened)
+    if count == 0:
+        return None
+    largest = 1 + int(np.argmax(ndimage.sum_labels(opened, labels, range(1, count + 1))))
+    r0, r1, c0, c1 = _extent((labels == largest).any(axis=0))
+    g = _BODY_GRID  # back to the full grid: a coarse pixel stands for g x g pixels
+    return r0 * g, min(r1 * g + g - 1, hu.shape[1] - 1), c0 * g, min(c1 * g + g - 1, hu.shape[2] - 1)
+
+
 def intracranial_mask(hu: np.ndarray) -> np.ndarray:
     """(slices, rows, cols) HU -> bool mask of the intracranial soft tissue of each slice.
 
@@ -144,14 +174,14 @@ class Prepared:
 
 
 def prepare(hu: np.ndarray, size: int, slice_mm: float, brain_window_only: bool = False,
-            context: bool = True) -> Prepared:
+            context: bool = True, head_crop: str = "footprint") -> Prepared:
     """HU volume (slices, rows, cols) -> window and context channels of the head at size x size.
 
     slice_mm: the gap between slices (Volume.spacing_mm[0]), which places the context channels;
     brain_window_only: the volume's HU were clipped to the brain window (see window_channels);
     context: add the context channels (False for models that read the windows alone, whose
-    prepared images are then two fifths smaller)."""
-    crop = HeadCrop.find(hu)
+    prepared images are then two fifths smaller); head_crop: one of HEAD_CROPS."""
+    crop = HeadCrop.find(hu, head_crop)
     working_hu = crop.to_working(torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32)), size, AIR_HU)
     inside = intracranial_mask(hu)
     inside_working = crop.to_working(torch.from_numpy(inside.astype(np.float32)), size, 0.0) >= 0.5
