@@ -232,9 +232,14 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - (2 * inter + 1) / (prob.sum() + target.sum() + 1)
 
 
+def _bleeding_share(batch: int, positives: list) -> int:
+    """How many of `batch` balanced slices are bleeding ones: half, when there are any."""
+    return batch // 2 if positives else 0
+
+
 def _balanced_slices(rng: random.Random, positives: list, negatives: list, batch: int, hard: Sequence = ()) -> list:
-    """Half positives (when there are any), then the `hard` negatives, then uniform negatives."""
-    half = batch // 2 if positives else 0
+    """`_bleeding_share` positives first, then the `hard` negatives, then uniform negatives."""
+    half = _bleeding_share(batch, positives)
     chosen = [rng.choice(positives) for _ in range(half)] if positives else []
     chosen += list(hard)[: batch - half]
     return chosen + [rng.choice(negatives or positives) for _ in range(batch - len(chosen))]
@@ -297,7 +302,7 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
     focus_pos, focus_neg = _slice_pool(list(focus))
     from_focus = round(batch * focus_share) if focus_pos or focus_neg else 0
     pooled = batch - from_focus - from_run
-    from_hard = round((pooled - (pooled // 2 if pos else 0)) * hard_negative_share) if neg else 0
+    from_hard = round((pooled - _bleeding_share(pooled, pos)) * hard_negative_share) if neg else 0
     hard_negatives = HardNegatives(len(neg), t.generator)
     log.info("%s: %d positive and %d negative slices; %d of each batch from %d + %d focus slices, %d a run of one scan, "
              "%d hard negatives", name, len(pos), len(neg), from_focus, len(focus_pos), len(focus_neg), from_run, from_hard)
@@ -318,8 +323,8 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
         y = torch.stack([e.slice_labels[i] for e, i in chosen]).to(t.device)
         fmap = cnn.encoder(x)
         logits, _ = cnn.classify(fmap)
-        if hard:  # after the focus part and the pooled part's bleeding half (_balanced_slices)
-            first_hard = from_focus + ((batch - from_focus - len(run)) // 2 if pos else 0)
+        if hard:  # after the focus part and the pooled part's bleeding slices (_balanced_slices)
+            first_hard = from_focus + _bleeding_share(batch - from_focus - len(run), pos)
             hard_negatives.update(hard, logits[first_hard:first_hard + len(hard), 0])
         total = F.binary_cross_entropy_with_logits(logits.float(), y, weight=_label_weights(t.device))
         if run:
@@ -331,7 +336,8 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
             total = total + F.binary_cross_entropy_with_logits(cnn.lesion_head(fmap[known]).float(), fraction)
         return total
 
-    t.run(name, cnn, steps, lr, loss, checkpoint, {"hard_negative_probability": hard_negatives.probability})
+    t.run(name, cnn, steps, lr, loss, checkpoint,
+          {"hard_negative_probability": hard_negatives.probability} if from_hard else None)
 
 
 @torch.no_grad()
