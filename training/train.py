@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn import functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from training.augment import AugmentConfig, augment, warp_masks
 from training.config import StagesSection, TrainingConfig, load_training_config
@@ -160,11 +161,15 @@ class Trainer:
         return None if self.checkpoints is None else self.checkpoints / (name.replace(" ", "_").replace("+", "_") + ".pt")
 
     def run(self, name: str, module: torch.nn.Module, steps: int, lr: float, loss_fn: Callable[[], torch.Tensor],
-            checkpoint: Path | None = None, extra_state: dict[str, torch.Tensor] | None = None) -> float:
+            checkpoint: Path | None = None, extra_state: dict[str, torch.Tensor] | None = None,
+            ema_decay: float = 0.0) -> float:
         """`steps` Adam steps on loss_fn; a finished checkpoint is loaded instead of training again.
 
         extra_state: tensors the loss keeps between steps (a sampler's memory), checkpointed with
-        the module and restored in place on resume."""
+        the module and restored in place on resume.
+        ema_decay: when > 0, the module ends with the exponential moving average of its weights and
+        batch-norm statistics over the steps (its state checkpointed under "ema") instead of the
+        last step's."""
         extra_state = extra_state or {}
         checkpoint = checkpoint or self.checkpoint_path(name)
         params = [p for p in module.parameters() if p.requires_grad]
@@ -189,6 +194,10 @@ class Trainer:
             first, running = state["step"] + 1, state["loss"]
             log.info("%s: resuming at step %d/%d from %s", name, first, steps, checkpoint)
         module.to(memory_format=torch.channels_last)  # the convolutions' fast layout on CPU and GPU
+        averaged = (AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+                    if ema_decay > 0 else None)
+        if averaged is not None and first > 1:
+            averaged.load_state_dict(state["ema"])
         module.train()
         start = last_save = time.monotonic()
         report_every = max(1, steps // 20)
@@ -200,6 +209,10 @@ class Trainer:
             scaler.step(optimiser)
             scaler.update()
             schedule.step()
+            if averaged is not None:
+                averaged.update_parameters(module)
+                if step == steps:
+                    module.load_state_dict(averaged.module.state_dict())
             value = float(loss.detach())
             running = value if running is None else 0.98 * running + 0.02 * value
             now = time.monotonic()
@@ -212,7 +225,7 @@ class Trainer:
                 _save_atomic({
                     "module": module.state_dict(), "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
                     "rng": self.rng.getstate(), "generator": self.generator.get_state(), "step": step, "loss": running,
-                    "extra": extra_state,
+                    "extra": extra_state, "ema": None if averaged is None else averaged.state_dict(),
                 }, checkpoint)
                 last_save = now
         module.eval()
@@ -284,7 +297,7 @@ def _slice_pool(data: list[Example]) -> tuple[list, list]:
 def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, steps: int, batch: int, lr: float,
                     aug: AugmentConfig, checkpoint: Path | None = None, focus: Sequence[Example] = (),
                     focus_share: float = 0.0, run_share: float = 0.0, top_k: int = 1,
-                    hard_negative_share: float = 0.0) -> None:
+                    hard_negative_share: float = 0.0, ema_decay: float = 0.0) -> None:
     """Slice labels (augmented, channel dropout), plus the auxiliary lesion-fraction map on slices
     whose masks are known. `focus_share` of each batch comes from the slices of `focus` (the
     patients the model is for), the rest from all of `data`; each part half bleeding, half clean.
@@ -295,7 +308,8 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
     pooled slices, so batch normalisation never sees one scan alone.
 
     `hard_negative_share` of the pooled part's clean slices are drawn by `HardNegatives`, the
-    rest uniformly; half the pooled part stays bleeding slices either way."""
+    rest uniformly; half the pooled part stays bleeding slices either way. `ema_decay`: see
+    `Trainer.run`."""
     pos, neg = _slice_pool(data)
     runs = [e for e in focus if e.slice_labels is not None]
     from_run = round(batch * run_share) if runs else 0
@@ -337,7 +351,7 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
         return total
 
     t.run(name, cnn, steps, lr, loss, checkpoint,
-          {"hard_negative_probability": hard_negatives.probability} if from_hard else None)
+          {"hard_negative_probability": hard_negatives.probability} if from_hard else None, ema_decay)
 
 
 @torch.no_grad()
@@ -603,7 +617,7 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
         train_slice_cnn("slice CNN" if replica == 1 else f"slice CNN {replica}", cnn, cnn_data, trainer,
                         stages.cnn_steps, stages.batch, stages.lr, aug, focus=patients, focus_share=stages.cnn_patient_share,
                         run_share=stages.cnn_run_share, top_k=ensemble.cfg.slice_top_k,
-                        hard_negative_share=stages.cnn_hard_negative_share)
+                        hard_negative_share=stages.cnn_hard_negative_share, ema_decay=stages.cnn_ema_decay)
     explained = 0.0
     if "cnn_lstm" in members:
         explained = train_sequence(ensemble, data.train, t, stages.lstm_steps, stages.lr, stages.batch)

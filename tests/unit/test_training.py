@@ -434,3 +434,52 @@ def test_slice_cnn_batches_replace_clean_slices_with_hard_negatives_and_remember
     drawn.clear()
     train.train_slice_cnn("t", cnn, [scan], trainer, 2, 8, 1e-3, AugmentConfig())
     assert drawn == [[], []] and all(len(batch) == 8 for batch in batches)
+
+
+def test_the_moving_average_of_the_weights_ends_the_stage_and_survives_a_resume(tmp_path):
+    """With ema_decay, the stage ends with the exponential moving average of the weights and batch-norm
+    statistics after each step, and a run stopped midway resumes to the same average."""
+    import training.train as train
+
+    decay, steps, x = 0.8, 6, torch.linspace(-1, 1, 24).reshape(8, 3)
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+
+    plain, seen = fresh(), []
+
+    def recorded_loss() -> torch.Tensor:
+        seen.append({k: v.detach().clone().float() for k, v in plain.state_dict().items()})
+        return (plain(x) - 1).pow(2).mean()
+
+    train.Trainer(torch.device("cpu"), seed=1, mixed_precision="off").run("p", plain, steps, 0.1, recorded_loss)
+    after_each_step = seen[1:] + [{k: v.float() for k, v in plain.state_dict().items()}]
+    expected = dict(after_each_step[0])
+    for state in after_each_step[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * state[k] for k in expected}
+
+    def averaged(stop_at: int | None) -> torch.nn.Module:
+        module, calls = fresh(), []
+
+        def loss() -> torch.Tensor:
+            calls.append(1)
+            if len(calls) == stop_at:
+                raise KeyboardInterrupt
+            return (module(x) - 1).pow(2).mean()
+
+        trainer = train.Trainer(torch.device("cpu"), seed=1, checkpoints=tmp_path / str(stop_at), checkpoint_seconds=1e-9,
+                                mixed_precision="off")
+        try:
+            trainer.run("e", module, steps, 0.1, loss, ema_decay=decay)
+        except KeyboardInterrupt:
+            module = fresh()
+            trainer = train.Trainer(torch.device("cpu"), seed=1, checkpoints=tmp_path / str(stop_at),
+                                    checkpoint_seconds=1e-9, mixed_precision="off")
+            trainer.run("e", module, steps, 0.1, lambda: (module(x) - 1).pow(2).mean(), ema_decay=decay)
+        return module
+
+    for module in (averaged(None), averaged(4)):
+        for key in ("0.weight", "0.bias", "1.running_mean", "1.running_var"):
+            assert torch.allclose(module.state_dict()[key].float(), expected[key], atol=1e-6), key
+    assert not torch.allclose(plain.state_dict()["0.weight"], expected["0.weight"], atol=1e-3)
