@@ -196,8 +196,8 @@ class Trainer:
         module.to(memory_format=torch.channels_last)  # the convolutions' fast layout on CPU and GPU
         averaged = (AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
                     if ema_decay > 0 else None)
-        if averaged is not None and first > 1:
-            averaged.load_state_dict(state["ema"])
+        if averaged is not None and first > 1 and state.get("ema") is not None:
+            averaged.load_state_dict(state["ema"])  # (a checkpoint without one: the average starts here)
         module.train()
         start = last_save = time.monotonic()
         report_every = max(1, steps // 20)

@@ -459,7 +459,7 @@ def test_the_moving_average_of_the_weights_ends_the_stage_and_survives_a_resume(
     for state in after_each_step[1:]:
         expected = {k: decay * expected[k] + (1 - decay) * state[k] for k in expected}
 
-    def averaged(stop_at: int | None) -> torch.nn.Module:
+    def averaged(stop_at: int | None, first_decay: float = decay) -> torch.nn.Module:
         module, calls = fresh(), []
 
         def loss() -> torch.Tensor:
@@ -468,18 +468,24 @@ def test_the_moving_average_of_the_weights_ends_the_stage_and_survives_a_resume(
                 raise KeyboardInterrupt
             return (module(x) - 1).pow(2).mean()
 
-        trainer = train.Trainer(torch.device("cpu"), seed=1, checkpoints=tmp_path / str(stop_at), checkpoint_seconds=1e-9,
-                                mixed_precision="off")
+        def run(ema_decay: float) -> None:
+            train.Trainer(torch.device("cpu"), seed=1, checkpoints=tmp_path / f"{stop_at}-{first_decay}",
+                          checkpoint_seconds=1e-9, mixed_precision="off").run("e", module, steps, 0.1, loss, ema_decay=ema_decay)
+
         try:
-            trainer.run("e", module, steps, 0.1, loss, ema_decay=decay)
+            run(first_decay)
         except KeyboardInterrupt:
-            module = fresh()
-            trainer = train.Trainer(torch.device("cpu"), seed=1, checkpoints=tmp_path / str(stop_at),
-                                    checkpoint_seconds=1e-9, mixed_precision="off")
-            trainer.run("e", module, steps, 0.1, lambda: (module(x) - 1).pow(2).mean(), ema_decay=decay)
+            module = fresh()  # as a new process: the weights come from the checkpoint
+            run(decay)
         return module
 
     for module in (averaged(None), averaged(4)):
         for key in ("0.weight", "0.bias", "1.running_mean", "1.running_var"):
             assert torch.allclose(module.state_dict()[key].float(), expected[key], atol=1e-6), key
     assert not torch.allclose(plain.state_dict()["0.weight"], expected["0.weight"], atol=1e-3)
+    # a checkpoint written without the average (ema_decay set on resume): the average starts there
+    late = after_each_step[3]
+    for state in after_each_step[4:]:
+        late = {k: decay * late[k] + (1 - decay) * state[k] for k in late}
+    assert torch.allclose(averaged(4, first_decay=0.0).state_dict()["0.weight"], late["0.weight"], atol=1e-6)
+    assert not torch.allclose(late["0.weight"], expected["0.weight"], atol=1e-3)
