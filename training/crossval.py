@@ -10,7 +10,8 @@ From those predictions alone:
 - the operating point: URGENT at the highest threshold with out-of-fold sensitivity >= 0.90,
   STAT at the lowest with specificity >= 0.95;
 - AUC(any) with bootstrap 95% CI, sensitivity and specificity at both thresholds, per-subtype and
-  per-member AUCs, AUC by extent (positive slices), and a nested estimate in which weights and
+  per-member AUCs, AUC by extent (positive slices), all bleeds against the bleed-free children
+  and adults apart (where ages are known), and a nested estimate in which weights and
   calibration of each fold come from the other folds only (so the choice itself is validated);
 - ROC plots and an error gallery: contact sheets of the worst false positives and false negatives,
   key slices in the brain window beside the heatmap of the fold model that missed them.
@@ -63,6 +64,7 @@ GALLERY_CASES = 4  # worst false positives, and as many false negatives
 GALLERY_SLICES = 4
 EXTENT_BINS = ((1, 2), (3, 5), (6, 999))  # positive slices per scan: a size estimate without masks
 TOP_K_REPORTED = (1, 2, 3, 5, 8)  # slice_top_k values whose scan AUC the report shows
+CHILD_AGE_YEARS = 18.0  # the report ranks bleeds against bleed-free children and adults apart
 
 
 def stratified_folds(scans: list[Scan], folds: int, seed: int) -> list[list[str]]:
@@ -210,8 +212,21 @@ def slice_cnn_figures(predictions: list[dict], y_any: np.ndarray, slice_y: np.nd
     return {"scan_auc_by_top_k": by_k, "by_replica": by_replica}
 
 
-def summarise(predictions: list[dict], top_k: int, members: tuple[str, ...] = SCAN_MEMBERS) -> tuple[dict, dict, np.ndarray]:
-    """(metrics, calibration, calibrated out-of-fold probabilities (n, 6)); only `members` may get weight."""
+def negatives_by_age(y_any: np.ndarray, p_any: np.ndarray, ages: Sequence[float | None]) -> dict:
+    """AUC(any) of all bleeding scans against the bleed-free scans of each age group (where the
+    age is known): whether the ranking is lost to one group's clean heads (the model card's
+    "Children": CT-ICH's bleed-free children score above its bleed-free adults)."""
+    child = np.array([a is not None and a < CHILD_AGE_YEARS for a in ages])
+    adult = np.array([a is not None and a >= CHILD_AGE_YEARS for a in ages])
+    groups = {f"bleed-free, under {CHILD_AGE_YEARS:g} years": child, f"bleed-free, {CHILD_AGE_YEARS:g} years and over": adult}
+    return {name: _auc_entry(y_any[(y_any == 1) | group], p_any[(y_any == 1) | group])
+            for name, group in groups.items() if (group & (y_any == 0)).any() and (y_any == 1).any()}
+
+
+def summarise(predictions: list[dict], top_k: int, members: tuple[str, ...] = SCAN_MEMBERS,
+              ages: Sequence[float | None] | None = None) -> tuple[dict, dict, np.ndarray]:
+    """(metrics, calibration, calibrated out-of-fold probabilities (n, 6)); only `members` may get
+    weight; `ages`: each prediction's patient age in years (None: unknown), for `negatives_by_age`."""
     y = np.array([[float(v >= 0.5) for v in pr["labels"]] for pr in predictions])
     logits = np.array([pr["member_logits"] for pr in predictions])  # (n, 6, members)
     folds = np.array([pr["fold"] for pr in predictions])
@@ -243,6 +258,7 @@ def summarise(predictions: list[dict], top_k: int, members: tuple[str, ...] = SC
         "per_member": {m: _auc_entry(y[:, 0], logits[:, 0, j]) for j, m in enumerate(SCAN_MEMBERS) if allowed[j]},
         "slice_cnn": slice_cnn_figures(predictions, y[:, 0], slice_y),
         "by_extent": by_extent,
+        "negatives_by_age": negatives_by_age(y[:, 0], p[:, 0], ages or [None] * len(y)),
         "slice_level_auc_any": _auc_entry(slice_y, slice_s),
         "weights": dict(zip(SCAN_MEMBERS, w.tolist())),
         "members_trained": list(members),
@@ -296,6 +312,9 @@ def _markdown(command: str, m: dict) -> str:
                   for r, e in enumerate(m["slice_cnn"]["by_replica"])]
     lines += ["", "| extent (positives against all negatives) | positives | AUC [95% CI] |", "|---|---|---|"]
     lines += [f"| {k} | {e['positives']} | {auc(e)} |" for k, e in m["by_extent"].items()]
+    if m.get("negatives_by_age"):
+        lines += ["", "| all bleeds against the scans that are | scans | AUC [95% CI] |", "|---|---|---|"]
+        lines += [f"| {k} | {e['scans'] - e['positives']} | {auc(e)} |" for k, e in m["negatives_by_age"].items()]
     hu = m.get("real_hu_slices")
     if hu:
         lines += ["", f"True-HU CT-ICH slices with radiologists' masks ({hu['slices']}, each by its patient's fold model): "
@@ -403,9 +422,11 @@ def crossval_main(config_path: Path, overrides: Sequence[str] = ()) -> dict:
             heldout = [examples[s.scan_id] for s in cv_scans if s.patient_id in patients]
             write_json(path, _predict_fold(cfg, data.without_patients(set(patients)), heldout, k, device))
         predictions.extend(json.loads(path.read_text()))
-    metrics, calibration, p = summarise(predictions, cfg.ensemble().slice_top_k, tuple(cfg.cv.members))
+    scans = {s.scan_id: s for s in cv_scans}
+    ages = [scans[pr["scan_id"]].age_years for pr in predictions]
+    metrics, calibration, p = summarise(predictions, cfg.ensemble().slice_top_k, tuple(cfg.cv.members), ages)
     detectors = FoldDetectors(cfg, groups)
-    metrics["gallery"] = error_gallery({s.scan_id: s for s in cv_scans}, predictions, p, detectors, out / "gallery")
+    metrics["gallery"] = error_gallery(scans, predictions, p, detectors, out / "gallery")
     if "unet_ensemble" in cfg.cv.members:
         metrics["real_hu_slices"] = real_hu_slices(detectors)
     else:
@@ -413,7 +434,7 @@ def crossval_main(config_path: Path, overrides: Sequence[str] = ()) -> dict:
     write_json(out / "calibration.json", calibration)
     write_json(out / "metrics.json", metrics)
     write_json(out / "oof_predictions.json", [
-        {"scan_id": pr["scan_id"], "fold": pr["fold"], "labels": dict(zip(LABELS, pr["labels"])),
+        {"scan_id": pr["scan_id"], "fold": pr["fold"], "age_years": ages[i], "labels": dict(zip(LABELS, pr["labels"])),
          "probabilities": dict(zip(LABELS, map(float, p[i]))),
          "member_logits": {label: dict(zip(SCAN_MEMBERS, row)) for label, row in zip(LABELS, pr["member_logits"])},
          "slice_labels_any": pr["slice_labels"], "slice_cnn_logits": pr["slice_cnn_logits"],

@@ -19,3 +19,4 @@ class Scan:
     report: str | None = None  # free-text radiology report, when known
     derivation: str | None = None  # how the HU were obtained, when not read from a scanner's DICOM
     brain_window_only: bool = False  # HU known only inside the brain window (RSNA PNG slices)
+    age_years: float | None = None  # the patient's age at the scan, where the source records it

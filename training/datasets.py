@@ -149,8 +149,19 @@ def _ctich_slice(folder: Path, number: int) -> np.ndarray:
     return ctich_pseudo_hu(brain, bone)
 
 
+def ctich_ages(root: Path = SHARED_DATA / "ct-ich") -> dict[int, float]:
+    """Patient number -> age in years, from patient_demographics.csv (patients without one left out)."""
+    ages = {}
+    with open(Path(root) / "patient_demographics.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            age = next(v for k, v in row.items() if k.startswith("Age"))  # the header is "Age\n(years)"
+            if row["Patient Number"].strip() and age.strip():
+                ages[int(row["Patient Number"])] = float(age)
+    return ages
+
+
 def ctich_scans(root: Path = SHARED_DATA / "ct-ich", patients: Sequence[int] | None = None) -> list[Scan]:
-    """CT-ICH patients (all, or those numbered in `patients`) with slice and scan labels.
+    """CT-ICH patients (all, or those numbered in `patients`) with slice and scan labels and age.
 
     Slice order: the export numbers slices from the skull base up (slice 1 shows the neck or
     skull base, the last one the vertex), which already is our inferior-first order.
@@ -161,6 +172,7 @@ def ctich_scans(root: Path = SHARED_DATA / "ct-ich", patients: Sequence[int] | N
         for row in csv.DictReader(f):
             rows[int(row["PatientNumber"])][int(row["SliceNumber"])] = row
     wanted = sorted(rows) if patients is None else sorted(patients)
+    ages = ctich_ages(root)
     scans = []
     for number in wanted:
         if number not in rows:
@@ -185,6 +197,7 @@ def ctich_scans(root: Path = SHARED_DATA / "ct-ich", patients: Sequence[int] | N
             labels={k: int(slice_labels[:, i].any()) for i, k in enumerate(LABELS)},
             slice_labels=slice_labels,
             derivation=CTICH_DERIVATION,
+            age_years=ages.get(number),
         ))
     return scans
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.crossval import choose_weights, nested_probabilities, operating_point, stratified_folds
+from training.crossval import choose_weights, negatives_by_age, nested_probabilities, operating_point, stratified_folds
 from training.data import Scan
 from worker.detector import LABELS
 from worker.detector.members import Combiner
@@ -57,6 +57,18 @@ def test_weights_pick_the_informative_member_and_nested_choice_is_per_fold():
     assert w[1] > 0 and w[1] == w.max() and w[[0, 2, 3]].sum() < w.sum() / 2
     nested = nested_probabilities(logits, y, np.arange(40) % 4)
     assert nested.shape == (40,) and np.isfinite(nested).all()
+
+
+def test_bleeds_are_ranked_against_bleed_free_children_and_adults_apart():
+    y = np.array([1, 1, 1, 0, 0, 0, 0, 0])
+    p = np.array([0.9, 0.6, 0.5, 0.8, 0.7, 0.1, 0.2, 0.95])  # the clean children score high
+    ages = [40.0, 3.0, 60.0, 6.0, 12.0, 35.0, 50.0, None]  # the last one's age is unknown: in neither
+    by_age = negatives_by_age(y, p, ages)
+    children, adults = by_age["bleed-free, under 18 years"], by_age["bleed-free, 18 years and over"]
+    assert (children["scans"] - children["positives"], adults["scans"] - adults["positives"]) == (2, 2)
+    assert children["auc"] == pytest.approx(2 / 6, abs=1e-4) and adults["auc"] == 1.0
+    assert negatives_by_age(y, p, [None] * 8) == {}  # no ages (phantoms, RSNA): no table
+    assert list(negatives_by_age(y, p, [30.0] * 8)) == ["bleed-free, 18 years and over"]
 
 
 def test_platt_stays_finite_when_the_scans_separate_perfectly():

@@ -153,6 +153,7 @@ def test_ctich_pseudo_hu_order_and_labels():
     assert clean.labels == {k: 0 for k in LABELS}
     assert np.array_equal(bleed.slice_labels[:, 0], bleed.slice_labels[:, 1:].any(axis=1))
     assert bleed.slice_labels[:, 0].sum() == 9
+    assert (bleed.age_years, clean.age_years) == (35.0, 26.0)  # patient_demographics.csv
 
 
 # ----------------------------------------------------------------------------------------------
