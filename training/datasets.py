@@ -151,12 +151,16 @@ def _ctich_slice(folder: Path, number: int) -> np.ndarray:
 
 def ctich_ages(root: Path = SHARED_DATA / "ct-ich") -> dict[int, float]:
     """Patient number -> age in years, from patient_demographics.csv (patients without one left out)."""
+    path = Path(root) / "patient_demographics.csv"
     ages = {}
-    with open(Path(root) / "patient_demographics.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            age = next(v for k, v in row.items() if k.startswith("Age"))  # the header is "Age\n(years)"
-            if row["Patient Number"].strip() and age.strip():
-                ages[int(row["Patient Number"])] = float(age)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        column = next((name for name in reader.fieldnames or () if name.startswith("Age")), None)  # "Age\n(years)"
+        if column is None:
+            raise ValueError(f"{path}: no age column")
+        for row in reader:
+            if row["Patient Number"].strip() and row[column].strip():
+                ages[int(row["Patient Number"])] = float(row[column])
     return ages
 
 
