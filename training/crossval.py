@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 
 from training import datasets
 from training.config import TrainingConfig, load_training_config
-from training.data import Scan
+from training.data import CHILD_AGE_YEARS, Scan, is_child
 from training.evaluate import bootstrap_ci, dice, heatmap_share_in_mask, plot_roc, roc_auc
 from training.train import (
     Example,
@@ -64,7 +64,6 @@ GALLERY_CASES = 4  # worst false positives, and as many false negatives
 GALLERY_SLICES = 4
 EXTENT_BINS = ((1, 2), (3, 5), (6, 999))  # positive slices per scan: a size estimate without masks
 TOP_K_REPORTED = (1, 2, 3, 5, 8)  # slice_top_k values whose scan AUC the report shows
-CHILD_AGE_YEARS = 18.0  # the report ranks bleeds against bleed-free children and adults apart
 
 
 def stratified_folds(scans: list[Scan], folds: int, seed: int) -> list[list[str]]:
@@ -216,7 +215,7 @@ def negatives_by_age(y_any: np.ndarray, p_any: np.ndarray, ages: Sequence[float 
     """AUC(any) of all bleeding scans against the bleed-free scans of each age group (where the
     age is known): whether the ranking is lost to one group's clean heads (the model card's
     "Children": CT-ICH's bleed-free children score above its bleed-free adults)."""
-    child = np.array([a is not None and a < CHILD_AGE_YEARS for a in ages])
+    child = np.array([is_child(a) for a in ages])
     adult = np.array([a is not None and a >= CHILD_AGE_YEARS for a in ages])
     groups = {f"bleed-free, under {CHILD_AGE_YEARS:g} years": child, f"bleed-free, {CHILD_AGE_YEARS:g} years and over": adult}
     return {name: _auc_entry(y_any[(y_any == 1) | group], p_any[(y_any == 1) | group])

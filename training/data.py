@@ -7,6 +7,13 @@ import numpy as np
 
 from worker.geometry import Volume
 
+CHILD_AGE_YEARS = 18.0  # under this age a patient is a child (reports by age, the `children` training focus)
+
+
+def is_child(age_years: float | None) -> bool:
+    """Known to be under CHILD_AGE_YEARS (False when the age is unknown)."""
+    return age_years is not None and age_years < CHILD_AGE_YEARS
+
 
 @dataclass
 class Scan:

@@ -40,7 +40,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from training.augment import AugmentConfig, augment, warp_masks
 from training.config import StagesSection, TrainingConfig, load_training_config
-from training.data import Scan
+from training.data import Scan, is_child
 from training.datasets import load_scans
 from training.synthetic_bleeds import synthetic_examples
 from worker.detector import LABELS, SUBTYPES
@@ -76,6 +76,7 @@ class Example:
     lesion_ml: float
     inside: torch.Tensor  # (slices, s, s) bool: the intracranial region, where scan scores look
     full_hu: bool = True  # False: brain window only, the later channels are zero
+    age_years: float | None = None  # the patient's, where the source records it (Scan.age_years)
 
 
 def make_example(scan: Scan, size: int, context: bool, head_crop: str = "footprint") -> Example:
@@ -106,7 +107,7 @@ def make_example(scan: Scan, size: int, context: bool, head_crop: str = "footpri
         slice_labels = torch.zeros(n, len(LABELS))
     return Example(
         scan.scan_id, scan.patient_id, prepared.images.half(), labels, slice_labels, lesion, subtype, lesion_ml,
-        prepared.inside_working, not scan.brain_window_only,
+        prepared.inside_working, not scan.brain_window_only, scan.age_years,
     )
 
 
@@ -594,6 +595,7 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
     t = Trainer(device, cfg.run.seed, checkpoints, cfg.run.checkpoint_seconds, cfg.run.mixed_precision)
     general = [e for e in data.train if e.lesion is not None] + data.slices  # no CT-ICH patient
     patients = [e for e in data.train if e.lesion is None]  # real scans: phantoms carry voxel masks
+    focus = [e for e in patients if is_child(e.age_years)] if stages.cnn_focus == "children" else patients
     unet_bleeds = stages.synthetic_bleeds if "unet_ensemble" in members else 0
     # one draw for both: a shorter draw is the start of a longer one (the same seed)
     synthetic = synthetic_examples(data.train, max(unet_bleeds, stages.cnn_synthetic_bleeds), cfg.run.seed)
@@ -615,7 +617,7 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
             pretrained[channels] = {k: v.clone() for k, v in cnn.state_dict().items()}
         cnn.load_state_dict(pretrained[channels])
         train_slice_cnn("slice CNN" if replica == 1 else f"slice CNN {replica}", cnn, cnn_data, trainer,
-                        stages.cnn_steps, stages.batch, stages.lr, aug, focus=patients, focus_share=stages.cnn_patient_share,
+                        stages.cnn_steps, stages.batch, stages.lr, aug, focus=focus, focus_share=stages.cnn_patient_share,
                         run_share=stages.cnn_run_share, top_k=ensemble.cfg.slice_top_k,
                         hard_negative_share=stages.cnn_hard_negative_share, ema_decay=stages.cnn_ema_decay)
     explained = 0.0

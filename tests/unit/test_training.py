@@ -312,6 +312,33 @@ def test_synthesised_bleeds_reach_the_slice_cnns_fine_tuning_and_the_u_nets_from
     assert synthetic("U-Nets") == [f"synthetic-{k}" for k in range(unet_bleeds)]
 
 
+@pytest.mark.parametrize("focus, expected", [("patients", ["child", "adult", "unknown age"]), ("children", ["child"])])
+def test_the_patient_share_draws_from_the_children_alone_when_the_focus_is_children(monkeypatch, focus, expected):
+    """`cnn_focus = "children"`: the fine-tuning's patient share (and run share) comes from the real
+    patients known to be under 18; a patient of unknown age is not one of them."""
+    import training.train as train
+    from training.config import load_training_config
+
+    cfg = load_training_config(ROOT / "config" / "training" / "demo.toml", [
+        "model.working_size=32", "model.cnn={ widths = [8, 8, 8, 8], groups = 2, stem = 8 }", f"stages.cnn_focus={focus}",
+        "stages.cnn_patient_share=0.25", "run.checkpoints=''",
+    ])
+
+    def patient(scan_id: str, age: float | None) -> train.Example:
+        return train.Example(scan_id, scan_id, torch.rand(4, 3, 32, 32).half(), torch.zeros(6), torch.zeros(4, 6), None,
+                             None, 0.0, torch.ones(4, 32, 32, dtype=torch.bool), age_years=age)
+
+    focus_of: dict[str, list[str]] = {}
+    monkeypatch.setattr(train, "train_slice_cnn", lambda name, *a, focus=(), **k: focus_of.setdefault(
+        name, [e.scan_id for e in focus]))
+    data = train.TrainingData(train=[patient("child", 9.0), patient("adult", 40.0), patient("unknown age", None)],
+                              slices=[], validation=[], mil_labels={})
+    train.train_ensemble(cfg, data, torch.device("cpu"), None, members=("slice_cnn",))
+    assert focus_of == {"slice CNN pre-training": [], "slice CNN": expected}
+    with pytest.raises(Exception, match="cnn_focus"):
+        load_training_config(ROOT / "config" / "training" / "demo.toml", ["stages.cnn_focus=elderly"])
+
+
 def test_scan_score_loss_trains_a_runs_top_k_slices_against_its_label():
     """A clean run: only its top_k slices are pushed down. With one bleeding slice the run's label
     is 1, so its top slices are pulled up, clean or not."""
