@@ -53,7 +53,8 @@ class StagesSection(_Section):
     # (those without voxel masks), balanced like the rest; 0: one pool of all the slices.
     cnn_patient_share: float = Field(default=0.0, ge=0, le=1)
     # Which real patients that share (and `cnn_run_share`) draws from: all, or the children alone
-    # (under training.data.CHILD_AGE_YEARS), whose clean scans the CNN ranks above clean adults'.
+    # (under training.data.CHILD_AGE_YEARS), whose clean scans the CNN ranks above clean adults'
+    # (cross-validated with share 0.25 on 2026-12-04: it ranked worse; model card).
     cnn_focus: Literal["patients", "children"] = "patients"
     # Share of each fine-tuning batch that is a run of adjacent slices of one real patient's scan,
     # whose scan score (mean of the `slice_top_k` highest slice logits) is trained as well.
