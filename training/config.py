@@ -48,6 +48,9 @@ class StagesSection(_Section):
     batch: int = Field(default=16, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     cnn_pretrain_steps: int = Field(default=0, ge=0)  # slice CNN on `slices` and phantoms only (shared by CV folds)
+    # Which CNNs of a bag (`[model] cnn_bag_channels`) share a pre-training: those of one input
+    # ("per_input"), or none, each pre-trained with its own seed ("per_cnn"), as independent runs are.
+    cnn_bag_pretraining: Literal["per_input", "per_cnn"] = "per_input"
     cnn_steps: int = Field(default=300, ge=0)
     # Share of each slice CNN fine-tuning batch drawn from the real patients' scans of `[data] train`
     # (those without voxel masks), balanced like the rest; 0: one pool of all the slices.

@@ -7,7 +7,8 @@ Stages (the training scans are `[data] train`; single slices `[data] slices` fee
    `[stages] cnn_synthetic_bleeds`, also on that many bleeds synthesised into real bleed-free
    slices, the same draw the U-Nets start from), and each further
    CNN of the bag (`[model] cnn_bag_channels`) the same way from the pre-training of its input
-   (stage 0 runs once per number of input channels);
+   (stage 0 runs once per number of input channels), or from its own (`[stages]
+   cnn_bag_pretraining = "per_cnn"`);
 2. PCA of the CNN features, then the BiLSTM over whole scans (slice labels, or the scan label
    against the max over slices when a scan has no slice labels);
 3. attention MIL on scan labels only (from report text through training.labels when asked);
@@ -601,21 +602,25 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
     synthetic = synthetic_examples(data.train, max(unet_bleeds, stages.cnn_synthetic_bleeds), cfg.run.seed)
     cnn_data = data.train + data.slices + synthetic[: stages.cnn_synthetic_bleeds]
     unet_synthetic = synthetic[:unet_bleeds]
-    pretrained: dict[int, dict[str, torch.Tensor]] = {}  # by input channels
+    pretrained: dict[str, dict[str, torch.Tensor]] = {}  # by the name of the pre-training
     for replica, cnn in enumerate(ensemble.slice_cnns, start=1):  # a bag: a seed each
         channels = cnn.encoder.channels
         trainer = t if replica == 1 else Trainer(device, cfg.run.seed + replica - 1, checkpoints,
                                                  cfg.run.checkpoint_seconds, cfg.run.mixed_precision)
-        if channels not in pretrained:  # (folds of a cross-validation share these checkpoints)
+        if replica > 1 and stages.cnn_bag_pretraining == "per_cnn":
+            suffix = f"cnn_{replica}"
+        else:
+            suffix = "" if channels == ensemble.slice_cnns[0].encoder.channels else f"{channels}_channels"
+        if suffix not in pretrained:  # (folds of a cross-validation share these checkpoints)
             name, kept = "slice CNN pre-training", pretrain_checkpoint
-            if replica > 1:
-                name += f", {channels} channels"
-                kept = None if kept is None else kept.with_stem(f"{kept.stem}_{channels}_channels")
+            if suffix:
+                name += f", {suffix.replace('_', ' ')}"
+                kept = None if kept is None else kept.with_stem(f"{kept.stem}_{suffix}")
             if stages.cnn_pretrain_steps:
                 train_slice_cnn(name, cnn, general, trainer, stages.cnn_pretrain_steps, stages.batch, stages.lr,
                                 aug.for_pretraining(), kept)
-            pretrained[channels] = {k: v.clone() for k, v in cnn.state_dict().items()}
-        cnn.load_state_dict(pretrained[channels])
+            pretrained[suffix] = {k: v.clone() for k, v in cnn.state_dict().items()}
+        cnn.load_state_dict(pretrained[suffix])
         train_slice_cnn("slice CNN" if replica == 1 else f"slice CNN {replica}", cnn, cnn_data, trainer,
                         stages.cnn_steps, stages.batch, stages.lr, aug, focus=focus, focus_share=stages.cnn_patient_share,
                         run_share=stages.cnn_run_share, top_k=ensemble.cfg.slice_top_k,

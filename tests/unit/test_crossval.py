@@ -86,7 +86,7 @@ def test_combiner_applies_given_member_weights():
     assert float(comb(x)[0, 0]) > 0.5 > float(comb(x)[1, 0])
 
 
-def _tiny_config(tmp_path, model: str = "", cv: str = ""):
+def _tiny_config(tmp_path, model: str = "", cv: str = "", stages: str = ""):
     """A whole recipe and a 2-fold cross-validation over 8 phantoms, in seconds."""
     config = tmp_path / "tiny.toml"
     config.write_text(f"""
@@ -120,6 +120,7 @@ unet_steps = 2
 unet_patch = 8
 specialist_steps = 1
 fusion_steps = 1
+{stages}
 [output]
 dir = "{tmp_path / 'model'}"
 fold_bag = true
@@ -166,16 +167,20 @@ def test_tiny_cross_validation_writes_out_of_fold_predictions_and_calibration_an
     assert len(heldout) == 2 and heldout[0] and not heldout[0] & heldout[1]
 
 
-@pytest.mark.parametrize("bag_input", [3, 5])
-def test_cross_validation_of_a_slice_cnn_bag_alone_weighs_only_it_and_keeps_each_cnns_slice_logits(tmp_path, bag_input):
-    """A bag of two CNNs: a second of the same input (its own seed) or of the 2.5D input (its own
-    pre-training, shared by the folds)."""
+@pytest.mark.parametrize(("bag_input", "pretraining", "own_pretraining"), [
+    (3, "per_input", []), (5, "per_input", ["slice_CNN_pretraining_5_channels.pt"]),
+    (3, "per_cnn", ["slice_CNN_pretraining_cnn_2.pt"]),
+])
+def test_cross_validation_of_a_slice_cnn_bag_alone_weighs_only_it_and_keeps_each_cnns_slice_logits(
+        tmp_path, bag_input, pretraining, own_pretraining):
+    """A bag of two CNNs: a second of the same input (its own seed; the first's pre-training, or
+    its own), or of the 2.5D input (its own pre-training); the folds share the pre-trainings."""
     from training.crossval import crossval_main
 
     metrics = crossval_main(_tiny_config(tmp_path, model=f"cnn_bag_channels = [{bag_input}]\nslice_top_k = 3",
-                                         cv='members = ["slice_cnn"]'))
+                                         cv='members = ["slice_cnn"]', stages=f'cnn_bag_pretraining = "{pretraining}"'))
     pretrained = sorted(p.name for p in (tmp_path / "ck").glob("*pretraining*.pt"))
-    assert pretrained == ["slice_CNN_pretraining.pt"] + (["slice_CNN_pretraining_5_channels.pt"] if bag_input == 5 else [])
+    assert pretrained == ["slice_CNN_pretraining.pt", *own_pretraining]
     cv = tmp_path / "eval" / "cv"
     calibration = json.loads((cv / "calibration.json").read_text())
     assert calibration["weights"][0] > 0 and calibration["weights"][1:] == [0.0, 0.0, 0.0]
