@@ -157,6 +157,13 @@ def cmd_train(args) -> None:
 
 def cmd_evaluate(args, parser: argparse.ArgumentParser) -> None:
     _setup_logging("INFO")
+    if args.cv_bag:
+        from training.crossval import bag_cross_validations
+
+        if not args.out:
+            parser.error("evaluate --cv-bag needs --out (the bag's report folder)")
+        bag_cross_validations([Path(r) for r in args.cv_bag], Path(args.out))
+        return
     if args.cv:
         from training.crossval import crossval_main
 
@@ -274,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder (default: the shipped ensemble)")
     p.add_argument("--out", help="report folder")
     p.add_argument("--cv", action="store_true", help="k-fold cross-validation of --config (resumes when stopped)")
+    p.add_argument("--cv-bag", nargs="+", metavar="RUN", help="cross-validation folders of the same folds (each "
+                   "with metrics.json, oof_predictions.json), scored as one bag of their slice CNNs, into --out")
     p.add_argument("--config", help="training config, with --cv")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=set_help + " (with --cv)")
     p.set_defaults(func=lambda args, p=p: cmd_evaluate(args, p))

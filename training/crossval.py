@@ -20,6 +20,8 @@ the time): the others are not trained there and get weight 0. The report also gi
 CNN's scan AUC for several `slice_top_k` and each CNN of a bag alone, and the out-of-fold file
 keeps every slice's logit and every member's scan logit per label, so such choices (and the
 calibration of several runs' models together) can be judged later without training again.
+`ichnode evaluate --cv-bag RUN RUN ... --out DIR` scores several such runs of the same folds as one
+bag of their slice CNNs (`bag_cross_validations`).
 Each fold's predictions are written as soon as they exist, and every stage checkpoints, so a
 stopped run resumes; a fold whose model exists but whose predictions were removed is only predicted
 again (after a change of inference code).
@@ -319,7 +321,8 @@ def _markdown(command: str, m: dict) -> str:
         lines += ["", f"True-HU CT-ICH slices with radiologists' masks ({hu['slices']}, each by its patient's fold model): "
                   f"Dice(any) {hu['dice_any']}, share of the hottest 5% heatmap pixels inside the mask "
                   f"{hu['heatmap_top5pct_in_mask']}, mean slice score {hu['slice_score_mean']}."]
-    lines += ["", "Error gallery: `gallery/` (worst false positives `fp-*.png`, false negatives `fn-*.png`)."]
+    if m.get("gallery"):
+        lines += ["", "Error gallery: `gallery/` (worst false positives `fp-*.png`, false negatives `fn-*.png`)."]
     return "\n".join(lines) + "\n"
 
 
@@ -430,6 +433,15 @@ def crossval_main(config_path: Path, overrides: Sequence[str] = ()) -> dict:
         metrics["real_hu_slices"] = real_hu_slices(detectors)
     else:
         log.info("Dice on the true-HU slices not measured: the folds trained no U-Nets ([cv] members)")
+    write_report(out, " ".join([str(config_path), *(f"--set {o}" for o in overrides)]), predictions, ages,
+                 metrics, calibration, p)
+    return metrics
+
+
+def write_report(out: Path, command: str, predictions: list[dict], ages: Sequence[float | None], metrics: dict,
+                 calibration: dict, p: np.ndarray) -> None:
+    """calibration.json, metrics.json and .md, oof_predictions.json and the ROC plots into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "calibration.json", calibration)
     write_json(out / "metrics.json", metrics)
     write_json(out / "oof_predictions.json", [
@@ -440,11 +452,62 @@ def crossval_main(config_path: Path, overrides: Sequence[str] = ()) -> dict:
          "slice_cnn_logits_by_replica": pr.get("slice_cnn_logits_by_replica")}
         for i, pr in enumerate(predictions)
     ])
-    (out / "metrics.md").write_text(_markdown(" ".join([str(config_path), *(f"--set {o}" for o in overrides)]), metrics))
+    (out / "metrics.md").write_text(_markdown(command, metrics))
     y = np.array([[float(v >= 0.5) for v in pr["labels"]] for pr in predictions])
     for j, label in enumerate(LABELS):
         if 0 < y[:, j].sum() < len(y):
             plot_roc(y[:, j], p[:, j], f"{label}: CV AUC {metrics['per_label'][label]['auc']}", out / f"roc_{label}.png")
     log.info("cross-validation: AUC(any) %s (nested %s), written to %s",
              metrics["auc_any"]["auc"], metrics["auc_any_nested"]["auc"], out)
+
+
+def _read_run(run: Path) -> tuple[dict, dict[str, dict]]:
+    """One cross-validation's folder: its metrics and its out-of-fold rows by scan id."""
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+        rows = json.loads((run / "oof_predictions.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{run}: not a cross-validation's folder (metrics.json, oof_predictions.json): {e}") from e
+    missing = {"fold", "labels", "member_logits", "slice_cnn_logits", "slice_labels_any"} - set(rows[0])
+    if missing or "slice_top_k" not in metrics:
+        raise ValueError(f"{run}: written by an older cross-validation, without {sorted(missing) or ['slice_top_k']}")
+    return metrics, {r["scan_id"]: r for r in rows}
+
+
+def bag_cross_validations(runs: Sequence[Path], out: Path) -> dict:
+    """`ichnode evaluate --cv-bag RUN RUN ... --out DIR`: several cross-validations of the same
+    folds (independent trainings: other seeds, other pre-trainings) scored as one slice CNN bag.
+
+    Per scan, the runs' slice CNN slice logits are averaged, as a bag's CNNs are at inference, and
+    its scan logit for "any" is the mean of the `slice_top_k` highest of them; the subtypes' and the
+    other members' scan logits, whose slice logits the runs do not keep, are the runs' mean. Then
+    weights, calibration, operating point and every figure come from these out-of-fold predictions
+    as in a single run (no error gallery: that needs the fold models), and `calibration.json` serves
+    `ichnode train` for a bag of those CNNs (`[model] cnn_bag_channels`, `[stages]
+    cnn_bag_pretraining = "per_cnn"`)."""
+    if len(runs) < 2:
+        raise ValueError("--cv-bag needs at least two cross-validation folders")
+    read = [_read_run(r) for r in runs]
+    top_k, members = read[0][0]["slice_top_k"], tuple(read[0][0]["members_trained"])
+    first = read[0][1]
+    for run, (metrics, rows) in zip(runs, read):
+        if (metrics["slice_top_k"], tuple(metrics["members_trained"])) != (top_k, members):
+            raise ValueError(f"{run}: slice_top_k or [cv] members differ from {runs[0]}'s")
+        if {(s, r["fold"]) for s, r in rows.items()} != {(s, r["fold"]) for s, r in first.items()}:
+            raise ValueError(f"{run}: not the same scans in the same folds as {runs[0]}")
+    predictions = []
+    for scan_id, row in first.items():
+        each = [rows[scan_id] for _, rows in read]
+        slices = [np.asarray(r["slice_cnn_logits"], dtype=np.float64) for r in each]
+        logits = np.mean([[[r["member_logits"][label][m] for m in SCAN_MEMBERS] for label in LABELS] for r in each], axis=0)
+        logits[0, SCAN_MEMBERS.index("slice_cnn")] = float(top_k_mean(torch.from_numpy(np.mean(slices, axis=0)), top_k))
+        predictions.append({
+            "scan_id": scan_id, "fold": row["fold"], "labels": [row["labels"][label] for label in LABELS],
+            "member_logits": logits.tolist(), "slice_labels": row["slice_labels_any"],
+            "slice_cnn_logits": np.mean(slices, axis=0).tolist(), "slice_cnn_logits_by_replica": [s.tolist() for s in slices],
+        })
+    ages = [row.get("age_years") for row in first.values()]
+    metrics, calibration, p = summarise(predictions, top_k, members, ages)
+    metrics["bagged_runs"] = [str(r) for r in runs]
+    write_report(out, "ichnode evaluate --cv-bag " + " ".join(map(str, runs)), predictions, ages, metrics, calibration, p)
     return metrics

@@ -7,9 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from training.crossval import choose_weights, negatives_by_age, nested_probabilities, operating_point, stratified_folds
+from training.crossval import (
+    bag_cross_validations,
+    choose_weights,
+    negatives_by_age,
+    nested_probabilities,
+    operating_point,
+    stratified_folds,
+    summarise,
+    write_report,
+)
 from training.data import Scan
 from worker.detector import LABELS
+from worker.detector.ensemble import SCAN_MEMBERS
 from worker.detector.members import Combiner
 from worker.geometry import Volume
 
@@ -238,3 +248,39 @@ fold_bag = true
     config.write_text(base + f'[evaluate]\ncalibration = "{tmp_path / "calibration.json"}"\n')
     with pytest.raises(FileNotFoundError, match="evaluate --cv"):
         train_main(config)
+
+
+def _cv_run(folder, slice_logits: dict[str, list[float]], folds: dict[str, int], top_k: int = 2):
+    """A cross-validation's folder as `crossval_main` writes it, with these slice CNN logits."""
+    predictions = [{
+        "scan_id": s, "fold": folds[s], "labels": [float(s.startswith("bleed"))] * len(LABELS),
+        "member_logits": [[float(np.sort(v)[-top_k:].mean())] + [0.0] * (len(SCAN_MEMBERS) - 1) for _ in LABELS],
+        "slice_labels": [float(x > 0) for x in v], "slice_cnn_logits": v,
+    } for s, v in slice_logits.items()]
+    ages = [30.0] * len(predictions)
+    metrics, calibration, p = summarise(predictions, top_k, ("slice_cnn",), ages)
+    write_report(folder, "test", predictions, ages, metrics, calibration, p)
+    return folder
+
+
+def test_a_bag_of_cross_validations_averages_their_slice_logits_before_the_top_k(tmp_path):
+    """Two runs that each rank one bleed below a clean scan; their bag (slice logits averaged, as
+    a bag of their CNNs would give) ranks every bleed first; runs of other folds are refused."""
+    folds = {"bleed-a": 0, "bleed-b": 1, "clean-a": 0, "clean-b": 1}
+    first = _cv_run(tmp_path / "one", {"bleed-a": [3.0, 3.0, -2.0], "bleed-b": [0.0, 0.0, -2.0],
+                                       "clean-a": [1.0, 1.0, -2.0], "clean-b": [-1.0, -1.0, -2.0]}, folds)
+    second = _cv_run(tmp_path / "two", {"bleed-a": [-1.0, 0.0, 0.0], "bleed-b": [3.0, 3.0, 0.0],
+                                        "clean-a": [-1.0, -1.0, -1.0], "clean-b": [1.0, 1.0, 0.0]}, folds)
+    for run in (first, second):
+        assert json.loads((run / "metrics.json").read_text())["auc_any"]["auc"] == 0.75
+    metrics = bag_cross_validations([first, second], tmp_path / "bag")
+    assert metrics["auc_any"]["auc"] == 1.0 and metrics["bagged_runs"] == [str(first), str(second)]
+    oof = {r["scan_id"]: r for r in json.loads((tmp_path / "bag" / "oof_predictions.json").read_text())}
+    assert oof["bleed-a"]["slice_cnn_logits"] == [1.0, 1.5, -1.0]
+    assert oof["bleed-a"]["member_logits"]["any"]["slice_cnn"] == pytest.approx(1.25)  # top 2 of the mean
+    assert oof["bleed-a"]["slice_cnn_logits_by_replica"] == [[3.0, 3.0, -2.0], [-1.0, 0.0, 0.0]]
+    assert (tmp_path / "bag" / "calibration.json").is_file() and (tmp_path / "bag" / "roc_any.png").is_file()
+    other = _cv_run(tmp_path / "other", {"bleed-a": [0.0], "bleed-b": [0.0], "clean-a": [0.0], "clean-b": [0.0]},
+                    {"bleed-a": 1, "bleed-b": 0, "clean-a": 0, "clean-b": 1})
+    with pytest.raises(ValueError, match="not the same scans in the same folds"):
+        bag_cross_validations([first, other], tmp_path / "refused")
