@@ -162,7 +162,10 @@ def cmd_evaluate(args, parser: argparse.ArgumentParser) -> None:
 
         if not args.out:
             parser.error("evaluate --cv-bag needs --out (the bag's report folder)")
-        bag_cross_validations([Path(r) for r in args.cv_bag], Path(args.out))
+        try:
+            bag_cross_validations([Path(r) for r in args.cv_bag], Path(args.out))
+        except ValueError as e:  # a folder that is no cross-validation, or not of the same folds
+            parser.error(str(e))
         return
     if args.cv:
         from training.crossval import crossval_main
