@@ -499,12 +499,13 @@ def bag_cross_validations(runs: Sequence[Path], out: Path) -> dict:
     for scan_id, row in first.items():
         each = [rows[scan_id] for _, rows in read]
         slices = [np.asarray(r["slice_cnn_logits"], dtype=np.float64) for r in each]
+        bagged = np.mean(slices, axis=0)
         logits = np.mean([[[r["member_logits"][label][m] for m in SCAN_MEMBERS] for label in LABELS] for r in each], axis=0)
-        logits[0, SCAN_MEMBERS.index("slice_cnn")] = float(top_k_mean(torch.from_numpy(np.mean(slices, axis=0)), top_k))
+        logits[0, SCAN_MEMBERS.index("slice_cnn")] = float(top_k_mean(torch.from_numpy(bagged), top_k))
         predictions.append({
             "scan_id": scan_id, "fold": row["fold"], "labels": [row["labels"][label] for label in LABELS],
             "member_logits": logits.tolist(), "slice_labels": row["slice_labels_any"],
-            "slice_cnn_logits": np.mean(slices, axis=0).tolist(), "slice_cnn_logits_by_replica": [s.tolist() for s in slices],
+            "slice_cnn_logits": bagged.tolist(), "slice_cnn_logits_by_replica": [s.tolist() for s in slices],
         })
     ages = [row.get("age_years") for row in first.values()]
     metrics, calibration, p = summarise(predictions, top_k, members, ages)
