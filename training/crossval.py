@@ -468,9 +468,10 @@ def _read_run(run: Path) -> tuple[dict, dict[str, dict]]:
         rows = json.loads((run / "oof_predictions.json").read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{run}: not a cross-validation's folder (metrics.json, oof_predictions.json): {e}") from e
-    missing = {"fold", "labels", "member_logits", "slice_cnn_logits", "slice_labels_any"} - set(rows[0])
-    if missing or "slice_top_k" not in metrics:
-        raise ValueError(f"{run}: written by an older cross-validation, without {sorted(missing) or ['slice_top_k']}")
+    missing = ({"fold", "labels", "member_logits", "slice_cnn_logits", "slice_labels_any"} - set(rows[0])) \
+        | ({"slice_top_k", "members_trained"} - set(metrics))
+    if missing:
+        raise ValueError(f"{run}: written by an older cross-validation, without {sorted(missing)}")
     return metrics, {r["scan_id"]: r for r in rows}
 
 
