@@ -247,16 +247,18 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - (2 * inter + 1) / (prob.sum() + target.sum() + 1)
 
 
-def _bleeding_share(batch: int, positives: list) -> int:
-    """How many of `batch` balanced slices are bleeding ones: half, when there are any."""
-    return batch // 2 if positives else 0
+def _bleeding_share(batch: int, positives: list, share: float = 0.5) -> int:
+    """How many of `batch` balanced slices are bleeding ones: `share` of them (rounded down), when
+    there are any."""
+    return int(batch * share) if positives else 0
 
 
-def _balanced_slices(rng: random.Random, positives: list, negatives: list, batch: int, hard: Sequence = ()) -> list:
+def _balanced_slices(rng: random.Random, positives: list, negatives: list, batch: int, hard: Sequence = (),
+                     bleeding_share: float = 0.5) -> list:
     """`_bleeding_share` positives first, then the `hard` negatives, then uniform negatives."""
-    half = _bleeding_share(batch, positives)
-    chosen = [rng.choice(positives) for _ in range(half)] if positives else []
-    chosen += list(hard)[: batch - half]
+    bleeding = _bleeding_share(batch, positives, bleeding_share)
+    chosen = [rng.choice(positives) for _ in range(bleeding)] if positives else []
+    chosen += list(hard)[: batch - bleeding]
     return chosen + [rng.choice(negatives or positives) for _ in range(batch - len(chosen))]
 
 
@@ -299,10 +301,11 @@ def _slice_pool(data: list[Example]) -> tuple[list, list]:
 def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, steps: int, batch: int, lr: float,
                     aug: AugmentConfig, checkpoint: Path | None = None, focus: Sequence[Example] = (),
                     focus_share: float = 0.0, run_share: float = 0.0, top_k: int = 1,
-                    hard_negative_share: float = 0.0, ema_decay: float = 0.0) -> None:
+                    hard_negative_share: float = 0.0, ema_decay: float = 0.0, bleeding_share: float = 0.5) -> None:
     """Slice labels (augmented, channel dropout), plus the auxiliary lesion-fraction map on slices
     whose masks are known. `focus_share` of each batch comes from the slices of `focus` (the
-    patients the model is for), the rest from all of `data`; each part half bleeding, half clean.
+    patients the model is for), the rest from all of `data`; `bleeding_share` of each part
+    bleeding slices, the rest clean.
 
     `run_share` of each batch is instead a run of adjacent slices of one `focus` scan, whose scan
     score (`scan_score_loss`) is trained too: this trains what ranks patients, a clean scan's
@@ -310,7 +313,7 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
     pooled slices, so batch normalisation never sees one scan alone.
 
     `hard_negative_share` of the pooled part's clean slices are drawn by `HardNegatives`, the
-    rest uniformly; half the pooled part stays bleeding slices either way. `ema_decay`: see
+    rest uniformly; the pooled part keeps its bleeding share either way. `ema_decay`: see
     `Trainer.run`."""
     pos, neg = _slice_pool(data)
     runs = [e for e in focus if e.slice_labels is not None]
@@ -318,7 +321,7 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
     focus_pos, focus_neg = _slice_pool(list(focus))
     from_focus = round(batch * focus_share) if focus_pos or focus_neg else 0
     pooled = batch - from_focus - from_run
-    from_hard = round((pooled - _bleeding_share(pooled, pos)) * hard_negative_share) if neg else 0
+    from_hard = round((pooled - _bleeding_share(pooled, pos, bleeding_share)) * hard_negative_share) if neg else 0
     hard_negatives = HardNegatives(len(neg), t.generator)
     log.info("%s: %d positive and %d negative slices; %d of each batch from %d + %d focus slices, %d a run of one scan, "
              "%d hard negatives", name, len(pos), len(neg), from_focus, len(focus_pos), len(focus_neg), from_run, from_hard)
@@ -332,15 +335,16 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
     def loss() -> torch.Tensor:
         run = adjacent_slices() if from_run else []
         hard = hard_negatives.draw(from_hard)
-        chosen = (_balanced_slices(t.rng, focus_pos, focus_neg, from_focus)
-                  + _balanced_slices(t.rng, pos, neg, batch - from_focus - len(run), [neg[i] for i in hard]) + run)
+        chosen = (_balanced_slices(t.rng, focus_pos, focus_neg, from_focus, bleeding_share=bleeding_share)
+                  + _balanced_slices(t.rng, pos, neg, batch - from_focus - len(run), [neg[i] for i in hard], bleeding_share)
+                  + run)
         x = torch.stack([e.images[i].float() for e, i in chosen]).to(t.device)  # float16 into autocast: .float() first
         x, grid = augment(x, aug, t.generator)
         y = torch.stack([e.slice_labels[i] for e, i in chosen]).to(t.device)
         fmap = cnn.encoder(x)
         logits, _ = cnn.classify(fmap)
         if hard:  # after the focus part and the pooled part's bleeding slices (_balanced_slices)
-            first_hard = from_focus + _bleeding_share(batch - from_focus - len(run), pos)
+            first_hard = from_focus + _bleeding_share(batch - from_focus - len(run), pos, bleeding_share)
             hard_negatives.update(hard, logits[first_hard:first_hard + len(hard), 0])
         total = F.binary_cross_entropy_with_logits(logits.float(), y, weight=_label_weights(t.device))
         if run:
@@ -624,7 +628,8 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
         train_slice_cnn("slice CNN" if replica == 1 else f"slice CNN {replica}", cnn, cnn_data, trainer,
                         stages.cnn_steps, stages.batch, stages.lr, aug, focus=focus, focus_share=stages.cnn_patient_share,
                         run_share=stages.cnn_run_share, top_k=ensemble.cfg.slice_top_k,
-                        hard_negative_share=stages.cnn_hard_negative_share, ema_decay=stages.cnn_ema_decay)
+                        hard_negative_share=stages.cnn_hard_negative_share, ema_decay=stages.cnn_ema_decay,
+                        bleeding_share=stages.cnn_bleeding_share)
     explained = 0.0
     if "cnn_lstm" in members:
         explained = train_sequence(ensemble, data.train, t, stages.lstm_steps, stages.lr, stages.batch)

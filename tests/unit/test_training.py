@@ -247,8 +247,8 @@ def test_slice_cnn_batches_take_their_patient_share_from_the_focus_scans(monkeyp
     drawn: list[list[tuple[str, int]]] = []
     original = train._balanced_slices
 
-    def recording(rng, positives, negatives, batch, hard=()):
-        chosen = original(rng, positives, negatives, batch, hard)
+    def recording(rng, positives, negatives, batch, hard=(), bleeding_share=0.5):
+        chosen = original(rng, positives, negatives, batch, hard, bleeding_share)
         drawn.append([(e.scan_id, int(e.slice_labels[i, 0])) for e, i in chosen])
         return chosen
 
@@ -262,6 +262,10 @@ def test_slice_cnn_batches_take_their_patient_share_from_the_focus_scans(monkeyp
     drawn.clear()
     train.train_slice_cnn("t", cnn, [patient, other], trainer, 1, 8, 1e-3, AugmentConfig(), focus=[patient], focus_share=0.0)
     assert drawn[0] == [] and len(drawn[1]) == 8
+    drawn.clear()  # a quarter bleeding, rounded down: 1 of the focus part's 7 slices, 4 of the pool's 17
+    train.train_slice_cnn("t", cnn, [patient, other], trainer, 1, 24, 1e-3, AugmentConfig(), focus=[patient], focus_share=0.3,
+                          bleeding_share=0.25)
+    assert [sum(y for _, y in part) for part in drawn] == [1, 4] and [len(part) for part in drawn] == [7, 17]
 
 
 def test_set_overrides_a_config_key_as_toml_and_names_a_bad_one(tmp_path):
