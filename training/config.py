@@ -66,7 +66,7 @@ class StagesSection(_Section):
     # CNN's last predicted bleed probability for them (online hard-negative mining); 0: uniform.
     cnn_hard_negative_share: float = Field(default=0.0, ge=0, le=1)
     # Share of each balanced part of a fine-tuning batch that is bleeding slices (0.5 in 0.4.0: the
-    # bleeding slices, about one real slice in seven, are drawn three to four times as often as they occur).
+    # bleeding slices, about one in six of the pool, are drawn about three times as often as they occur).
     cnn_bleeding_share: float = Field(default=0.5, gt=0, lt=1)
     # The fine-tuned slice CNN is the exponential moving average of its weights over the steps,
     # with this decay per step (0.995: about the last 200 steps); 0: the last step's weights.
