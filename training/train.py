@@ -336,7 +336,8 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
         run = adjacent_slices() if from_run else []
         hard = hard_negatives.draw(from_hard)
         chosen = (_balanced_slices(t.rng, focus_pos, focus_neg, from_focus, bleeding_share=bleeding_share)
-                  + _balanced_slices(t.rng, pos, neg, batch - from_focus - len(run), [neg[i] for i in hard], bleeding_share)
+                  + _balanced_slices(t.rng, pos, neg, batch - from_focus - len(run), [neg[i] for i in hard],
+                                     bleeding_share=bleeding_share)
                   + run)
         x = torch.stack([e.images[i].float() for e, i in chosen]).to(t.device)  # float16 into autocast: .float() first
         x, grid = augment(x, aug, t.generator)

@@ -248,7 +248,7 @@ def test_slice_cnn_batches_take_their_patient_share_from_the_focus_scans(monkeyp
     original = train._balanced_slices
 
     def recording(rng, positives, negatives, batch, hard=(), bleeding_share=0.5):
-        chosen = original(rng, positives, negatives, batch, hard, bleeding_share)
+        chosen = original(rng, positives, negatives, batch, hard, bleeding_share=bleeding_share)
         drawn.append([(e.scan_id, int(e.slice_labels[i, 0])) for e, i in chosen])
         return chosen
 
