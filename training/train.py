@@ -247,7 +247,7 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - (2 * inter + 1) / (prob.sum() + target.sum() + 1)
 
 
-def _bleeding_share(batch: int, positives: list, share: float = 0.5) -> int:
+def _bleeding_share(batch: int, positives: list, share: float) -> int:
     """How many of `batch` balanced slices are bleeding ones: `share` of them (rounded down), when
     there are any."""
     return int(batch * share) if positives else 0
