@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder")
     p.add_argument("--cv", action="store_true", help="k-fold cross-validation of --config (resumes when stopped)")
     p.add_argument("--cv-bag", nargs="+", metavar="RUN", help="cross-validation folders of the same folds (each "
-                   "with metrics.json, oof_predictions.json), scored as one bag of their slice CNNs, into --out")
+                   "with metrics.json, oof_predictions.json), scored as one bag of their slice CNNs, into --out "
+                   "(one folder: its report and calibration.json written again)")
     p.add_argument("--config", help="training config, with --cv")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=set_help + " (with --cv)")
     p.set_defaults(func=lambda args, p=p: cmd_evaluate(args, p))

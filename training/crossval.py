@@ -21,7 +21,7 @@ CNN's scan AUC for several `slice_top_k` and each CNN of a bag alone, and the ou
 keeps every slice's logit and every member's scan logit per label, so such choices (and the
 calibration of several runs' models together) can be judged later without training again.
 `ichnode evaluate --cv-bag RUN RUN ... --out DIR` scores several such runs of the same folds as one
-bag of their slice CNNs (`bag_cross_validations`).
+bag of their slice CNNs (`bag_cross_validations`); given one run, it writes that run's report again.
 Each fold's predictions are written as soon as they exist, and every stage checkpoints, so a
 stopped run resumes; a fold whose model exists but whose predictions were removed is only predicted
 again (after a change of inference code).
@@ -476,8 +476,9 @@ def _read_run(run: Path) -> tuple[dict, dict[str, dict]]:
 
 
 def bag_cross_validations(runs: Sequence[Path], out: Path) -> dict:
-    """`ichnode evaluate --cv-bag RUN RUN ... --out DIR`: several cross-validations of the same
-    folds (independent trainings: other seeds, other pre-trainings) scored as one slice CNN bag.
+    """`ichnode evaluate --cv-bag RUN [RUN ...] --out DIR`: several cross-validations of the same
+    folds (independent trainings: other seeds, other pre-trainings) scored as one slice CNN bag;
+    one run is scored again as it stands (its report and `calibration.json` written anew).
 
     Per scan, the runs' slice CNN slice logits are averaged, as a bag's CNNs are at inference, and
     its scan logit for "any" is the mean of the `slice_top_k` highest of them; the subtypes' and the
@@ -486,8 +487,8 @@ def bag_cross_validations(runs: Sequence[Path], out: Path) -> dict:
     as in a single run (no error gallery: that needs the fold models), and `calibration.json` serves
     `ichnode train` for a bag of those CNNs (`[model] cnn_bag_channels`, `[stages]
     cnn_bag_pretraining = "per_cnn"`)."""
-    if len(runs) < 2:
-        raise ValueError("--cv-bag needs at least two cross-validation folders")
+    if not runs:
+        raise ValueError("--cv-bag needs a cross-validation folder")
     read = [_read_run(r) for r in runs]
     top_k, members = read[0][0]["slice_top_k"], tuple(read[0][0]["members_trained"])
     first = read[0][1]
@@ -506,7 +507,8 @@ def bag_cross_validations(runs: Sequence[Path], out: Path) -> dict:
         predictions.append({
             "scan_id": scan_id, "fold": row["fold"], "labels": [row["labels"][label] for label in LABELS],
             "member_logits": logits.tolist(), "slice_labels": row["slice_labels_any"],
-            "slice_cnn_logits": bagged.tolist(), "slice_cnn_logits_by_replica": [s.tolist() for s in slices],
+            "slice_cnn_logits": bagged.tolist(), "slice_cnn_logits_by_replica": [
+                replica for r in each for replica in (r.get("slice_cnn_logits_by_replica") or [r["slice_cnn_logits"]])],
         })
     ages = [row.get("age_years") for row in first.values()]
     metrics, calibration, p = summarise(predictions, top_k, members, ages)

@@ -284,3 +284,17 @@ def test_a_bag_of_cross_validations_averages_their_slice_logits_before_the_top_k
                     {"bleed-a": 1, "bleed-b": 0, "clean-a": 0, "clean-b": 1})
     with pytest.raises(ValueError, match="not the same scans in the same folds"):
         bag_cross_validations([first, other], tmp_path / "refused")
+
+
+def test_one_cross_validation_scored_again_gives_its_own_report_and_calibration(tmp_path):
+    """`--cv-bag RUN` with one run writes that run's figures and calibration.json again (a stored
+    run's calibration for training its recipe, without its fold models)."""
+    folds = {"bleed-a": 0, "bleed-b": 1, "clean-a": 0, "clean-b": 1}
+    run = _cv_run(tmp_path / "one", {"bleed-a": [3.0, 3.0, -2.0], "bleed-b": [0.0, 0.0, -2.0],
+                                     "clean-a": [1.0, 1.0, -2.0], "clean-b": [-1.0, -1.0, -2.0]}, folds)
+    metrics = bag_cross_validations([run], tmp_path / "again")
+    assert metrics["auc_any"] == json.loads((run / "metrics.json").read_text())["auc_any"]
+    assert json.loads((tmp_path / "again" / "calibration.json").read_text()) == \
+        json.loads((run / "calibration.json").read_text())
+    with pytest.raises(ValueError, match="needs a cross-validation folder"):
+        bag_cross_validations([], tmp_path / "none")
