@@ -10,11 +10,13 @@ from tests.helpers import ANALYSIS_BUDGET, ack, chromium, done, series_uid_of, s
 def test_positive_study_first_everywhere(node_factory, positive_series, negative_series, listen, receive, tmp_path):
     ris = listen(ack("AA"))
     hook = receive()
-    # The test is about order and channels, not the model's operating point: with weights 0.3.0 these
-    # 256-px phantoms score p(any) 0.68 (positive) and 0.43 (negative), so STAT is set between them.
+    # The test is about order and channels, not the model's operating point. With weights 0.5.0 these
+    # 256-px phantoms, sent as DICOM, score p(any) 0.72 (positive) and 0.69 (negative), too close to
+    # split by probability; their U-Net volumes (8.6 and 0.01 mL) are not, so STAT comes from the
+    # volume rule (URGENT and >= 4 mL) with the probability rule out of reach.
     node = node_factory("serve", ICHNODE_WORKERS="1", ICHNODE_HL7_ENDPOINTS=ris.endpoint,
                         ICHNODE_WEBHOOKS=hook.url, ICHNODE_WEBHOOK_MIN_LEVEL="STAT",
-                        ICHNODE_STAT_PROBABILITY="0.6").start()
+                        ICHNODE_STAT_PROBABILITY="1.0", ICHNODE_STAT_VOLUME_ML="4").start()
     # the negative study arrives first: arrival order alone would list it first
     for folder in (negative_series, positive_series):
         assert node.storescu(folder).returncode == 0

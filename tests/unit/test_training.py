@@ -325,7 +325,7 @@ def test_the_patient_share_draws_from_the_children_alone_when_the_focus_is_child
 
     cfg = load_training_config(ROOT / "config" / "training" / "demo.toml", [
         "model.working_size=32", "model.cnn={ widths = [8, 8, 8, 8], groups = 2, stem = 8 }", f"stages.cnn_focus={focus}",
-        "stages.cnn_patient_share=0.25", "run.checkpoints=''",
+        "stages.cnn_patient_share=0.25", "run.checkpoints=''", "model.cnn_bag_channels=[]",
     ])
 
     def patient(scan_id: str, age: float | None) -> train.Example:
