@@ -250,12 +250,15 @@ fold_bag = true
         train_main(config)
 
 
-def _cv_run(folder, slice_logits: dict[str, list[float]], folds: dict[str, int], top_k: int = 2):
-    """A cross-validation's folder as `crossval_main` writes it, with these slice CNN logits."""
+def _cv_run(folder, slice_logits: dict[str, list[float]], folds: dict[str, int], top_k: int = 2,
+            by_replica: dict[str, list[list[float]]] | None = None):
+    """A cross-validation's folder as `crossval_main` writes it, with these slice CNN logits (and
+    those of each CNN of its bag)."""
     predictions = [{
         "scan_id": s, "fold": folds[s], "labels": [float(s.startswith("bleed"))] * len(LABELS),
         "member_logits": [[float(np.sort(v)[-top_k:].mean())] + [0.0] * (len(SCAN_MEMBERS) - 1) for _ in LABELS],
         "slice_labels": [float(x > 0) for x in v], "slice_cnn_logits": v,
+        "slice_cnn_logits_by_replica": by_replica[s] if by_replica else None,
     } for s, v in slice_logits.items()]
     ages = [30.0] * len(predictions)
     metrics, calibration, p = summarise(predictions, top_k, ("slice_cnn",), ages)
@@ -288,12 +291,17 @@ def test_a_bag_of_cross_validations_averages_their_slice_logits_before_the_top_k
 
 def test_one_cross_validation_scored_again_gives_its_own_report_and_calibration(tmp_path):
     """`--cv-bag RUN` with one run writes that run's figures and calibration.json again (a stored
-    run's calibration for training its recipe, without its fold models)."""
+    run's calibration for training its recipe, without its fold models), its bag's CNNs kept apart."""
     folds = {"bleed-a": 0, "bleed-b": 1, "clean-a": 0, "clean-b": 1}
-    run = _cv_run(tmp_path / "one", {"bleed-a": [3.0, 3.0, -2.0], "bleed-b": [0.0, 0.0, -2.0],
-                                     "clean-a": [1.0, 1.0, -2.0], "clean-b": [-1.0, -1.0, -2.0]}, folds)
+    logits = {"bleed-a": [3.0, 3.0, -2.0], "bleed-b": [0.0, 0.0, -2.0],
+              "clean-a": [1.0, 1.0, -2.0], "clean-b": [-1.0, -1.0, -2.0]}
+    run = _cv_run(tmp_path / "one", logits, folds,
+                  by_replica={s: [[x + 1 for x in v], [x - 1 for x in v]] for s, v in logits.items()})
     metrics = bag_cross_validations([run], tmp_path / "again")
-    assert metrics["auc_any"] == json.loads((run / "metrics.json").read_text())["auc_any"]
+    written = json.loads((run / "metrics.json").read_text())
+    assert metrics["auc_any"] == written["auc_any"]
+    assert metrics["slice_cnn"]["by_replica"] == written["slice_cnn"]["by_replica"] and \
+        len(metrics["slice_cnn"]["by_replica"]) == 2
     assert json.loads((tmp_path / "again" / "calibration.json").read_text()) == \
         json.loads((run / "calibration.json").read_text())
     with pytest.raises(ValueError, match="needs a cross-validation folder"):
