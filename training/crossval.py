@@ -480,8 +480,8 @@ def bag_cross_validations(runs: Sequence[Path], out: Path) -> dict:
     folds (independent trainings: other seeds, other pre-trainings) scored as one slice CNN bag;
     one run is scored again as it stands (its report and `calibration.json` written anew).
 
-    Per scan, the runs' slice CNN slice logits are averaged, as a bag's CNNs are at inference, and
-    its scan logit for "any" is the mean of the `slice_top_k` highest of them; the subtypes' and the
+    Per scan, the slice logits of every CNN of the runs (a bag run's CNN by CNN) are averaged with
+    equal weight, as a bag's CNNs are at inference, and its scan logit for "any" is the mean of the `slice_top_k` highest of them; the subtypes' and the
     other members' scan logits, whose slice logits the runs do not keep, are the runs' mean. Then
     weights, calibration, operating point and every figure come from these out-of-fold predictions
     as in a single run (no error gallery: that needs the fold models), and `calibration.json` serves
@@ -500,15 +500,15 @@ def bag_cross_validations(runs: Sequence[Path], out: Path) -> dict:
     predictions = []
     for scan_id, row in first.items():
         each = [rows[scan_id] for _, rows in read]
-        slices = [np.asarray(r["slice_cnn_logits"], dtype=np.float64) for r in each]
-        bagged = np.mean(slices, axis=0)
+        cnns = [np.asarray(c, dtype=np.float64)
+                for r in each for c in (r.get("slice_cnn_logits_by_replica") or [r["slice_cnn_logits"]])]
+        bagged = np.mean(cnns, axis=0)
         logits = np.mean([[[r["member_logits"][label][m] for m in SCAN_MEMBERS] for label in LABELS] for r in each], axis=0)
         logits[0, SCAN_MEMBERS.index("slice_cnn")] = float(top_k_mean(torch.from_numpy(bagged), top_k))
         predictions.append({
             "scan_id": scan_id, "fold": row["fold"], "labels": [row["labels"][label] for label in LABELS],
             "member_logits": logits.tolist(), "slice_labels": row["slice_labels_any"],
-            "slice_cnn_logits": bagged.tolist(), "slice_cnn_logits_by_replica": [
-                replica for r in each for replica in (r.get("slice_cnn_logits_by_replica") or [r["slice_cnn_logits"]])],
+            "slice_cnn_logits": bagged.tolist(), "slice_cnn_logits_by_replica": [c.tolist() for c in cnns],
         })
     ages = [row.get("age_years") for row in first.values()]
     metrics, calibration, p = summarise(predictions, top_k, members, ages)

@@ -291,7 +291,8 @@ def test_a_bag_of_cross_validations_averages_their_slice_logits_before_the_top_k
 
 def test_one_cross_validation_scored_again_gives_its_own_report_and_calibration(tmp_path):
     """`--cv-bag RUN` with one run writes that run's figures and calibration.json again (a stored
-    run's calibration for training its recipe, without its fold models), its bag's CNNs kept apart."""
+    run's calibration for training its recipe, without its fold models), its bag's CNNs kept apart
+    and, bagged with another run, each weighted as one CNN."""
     folds = {"bleed-a": 0, "bleed-b": 1, "clean-a": 0, "clean-b": 1}
     logits = {"bleed-a": [3.0, 3.0, -2.0], "bleed-b": [0.0, 0.0, -2.0],
               "clean-a": [1.0, 1.0, -2.0], "clean-b": [-1.0, -1.0, -2.0]}
@@ -304,5 +305,10 @@ def test_one_cross_validation_scored_again_gives_its_own_report_and_calibration(
         len(metrics["slice_cnn"]["by_replica"]) == 2
     assert json.loads((tmp_path / "again" / "calibration.json").read_text()) == \
         json.loads((run / "calibration.json").read_text())
+    single = _cv_run(tmp_path / "single", {s: [-3.0, 0.0, 4.0] for s in logits}, folds)
+    bag_cross_validations([run, single], tmp_path / "three")
+    oof = {r["scan_id"]: r for r in json.loads((tmp_path / "three" / "oof_predictions.json").read_text())}
+    assert oof["bleed-a"]["slice_cnn_logits"] == [1.0, 2.0, 0.0]  # each of the three CNNs a third, not the runs half
+    assert len(oof["bleed-a"]["slice_cnn_logits_by_replica"]) == 3
     with pytest.raises(ValueError, match="needs a cross-validation folder"):
         bag_cross_validations([], tmp_path / "none")
