@@ -481,8 +481,9 @@ def bag_cross_validations(runs: Sequence[Path], out: Path) -> dict:
     one run is scored again as it stands (its report and `calibration.json` written anew).
 
     Per scan, the slice logits of every CNN of the runs (a bag run's CNN by CNN) are averaged with
-    equal weight, as a bag's CNNs are at inference, and its scan logit for "any" is the mean of the `slice_top_k` highest of them; the subtypes' and the
-    other members' scan logits, whose slice logits the runs do not keep, are the runs' mean. Then
+    equal weight, as a bag's CNNs are at inference, and its scan logit for "any" is the mean of the
+    `slice_top_k` highest of them; the subtypes' and the other members' scan logits, whose slice
+    logits the runs do not keep, are the runs' mean. Then
     weights, calibration, operating point and every figure come from these out-of-fold predictions
     as in a single run (no error gallery: that needs the fold models), and `calibration.json` serves
     `ichnode train` for a bag of those CNNs (`[model] cnn_bag_channels`, `[stages]
