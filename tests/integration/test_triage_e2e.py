@@ -10,9 +10,9 @@ from tests.helpers import ANALYSIS_BUDGET, ack, chromium, done, series_uid_of, s
 def test_positive_study_first_everywhere(node_factory, positive_series, negative_series, listen, receive, tmp_path):
     ris = listen(ack("AA"))
     hook = receive()
-    # The test is about order and channels, not the model's operating point. With weights 0.5.0 these
-    # 256-px phantoms, sent as DICOM, score p(any) 0.72 (positive) and 0.69 (negative), too close to
-    # split by probability; their U-Net volumes (8.6 and 0.01 mL) are not, so STAT comes from the
+    # The test is about order and channels, not the model's operating point. With weights 0.6.0 these
+    # 256-px phantoms, sent as DICOM, score p(any) 0.77 (positive) and 0.61 (negative), too close to
+    # split by probability; their U-Net volumes (8.7 and 0.05 mL) are not, so STAT comes from the
     # volume rule (URGENT and >= 4 mL) with the probability rule out of reach.
     node = node_factory("serve", ICHNODE_WORKERS="1", ICHNODE_HL7_ENDPOINTS=ris.endpoint,
                         ICHNODE_WEBHOOKS=hook.url, ICHNODE_WEBHOOK_MIN_LEVEL="STAT",
