@@ -46,7 +46,7 @@ from training.datasets import load_scans
 from training.synthetic_bleeds import synthetic_examples
 from worker.detector import LABELS, SUBTYPES
 from worker.detector.detector import resolve_device
-from worker.detector.ensemble import SCAN_MEMBERS, UNET_MEMBERS, Ensemble, FoldBag, top_k_mean
+from worker.detector.ensemble import SCAN_MEMBERS, UNET_MEMBERS, Ensemble, EnsembleConfig, FoldBag, top_k_mean
 from worker.detector.members import SliceCNN
 from worker.detector.preprocess import masks_to_working, prepare
 from worker.detector.store import MANIFEST, load_model, save_model, update_metrics
@@ -80,13 +80,14 @@ class Example:
     age_years: float | None = None  # the patient's, where the source records it (Scan.age_years)
 
 
-def make_example(scan: Scan, size: int, context: bool, head_crop: str = "footprint") -> Example:
-    """A scan through the same preprocessing as inference (`context`: EnsembleConfig.reads_context,
-    `head_crop` its head_crop); masks are mapped with the same crop.
+def make_example(scan: Scan, model: EnsembleConfig) -> Example:
+    """A scan through the same preprocessing as inference for `model`; masks are mapped with the
+    same crop.
 
     A negative scan without slice labels has known (all-zero) slice labels.
     """
-    prepared = prepare(scan.volume.hu, size, scan.volume.spacing_mm[0], scan.brain_window_only, context, head_crop)
+    prepared = prepare(scan.volume.hu, model.working_size, scan.volume.spacing_mm[0], scan.brain_window_only,
+                       model.reads_context, model.head_crop, model.context_window)
     n = scan.volume.hu.shape[0]
     labels = torch.tensor([float(scan.labels.get(k, 0)) for k in LABELS])
     negative = float(labels[0]) == 0.0
@@ -98,7 +99,7 @@ def make_example(scan: Scan, size: int, context: bool, head_crop: str = "footpri
         stack = np.stack([scan.masks.get(k, np.zeros(scan.volume.hu.shape, bool)) for k in SUBTYPES])
         union = stack.any(axis=0)
         lesion_ml = float(union.sum() * scan.volume.voxel_volume_ml)
-        soft = torch.stack([masks_to_working(m, prepared.crop, size) for m in stack])  # (5, slices, s, s)
+        soft = torch.stack([masks_to_working(m, prepared.crop, model.working_size) for m in stack])  # (5, slices, s, s)
         lesion = soft.amax(dim=0).clamp(0, 1)
         subtype = torch.where(lesion > 0.5, soft.argmax(dim=0), torch.full_like(lesion, -1, dtype=torch.long))
         if slice_labels is None:
@@ -570,18 +571,17 @@ def load_training_data(cfg: TrainingConfig) -> tuple[TrainingData, dict[str, lis
 
     started = time.monotonic()
     model = cfg.ensemble()
-    size, context, crop = model.working_size, model.reads_context, model.head_crop
     by_spec = {spec: load_scans(spec) for spec in cfg.data.train}
     scans = [s for spec_scans in by_spec.values() for s in spec_scans]
     if cfg.data.validation:
         train_scans, val_scans = scans, [s for spec in cfg.data.validation for s in load_scans(spec)]
     else:
         train_scans, val_scans = datasets.split_by_patient(scans, cfg.data.validation_fraction, seed=cfg.run.seed)
-    slices = [make_example(s, size, context, crop) for spec in cfg.data.slices for s in load_scans(spec)]
+    slices = [make_example(s, model) for spec in cfg.data.slices for s in load_scans(spec)]
     data = TrainingData(
-        train=[make_example(s, size, context, crop) for s in train_scans],
+        train=[make_example(s, model) for s in train_scans],
         slices=slices,
-        validation=[make_example(s, size, context, crop) for s in val_scans],
+        validation=[make_example(s, model) for s in val_scans],
         mil_labels=report_labels(train_scans) if cfg.mil.label_source == "reports" else {},
     )
     log.info("%d training scans, %d single slices, %d validation scans, preprocessed in %.0f s",

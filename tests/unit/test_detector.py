@@ -146,6 +146,19 @@ def test_context_channels_are_the_brain_window_about_5_mm_below_and_above(slice_
     assert torch.equal(alone[:, :WINDOW_CHANNELS], images[:1, :WINDOW_CHANNELS]) and not alone[:, WINDOW_CHANNELS:].any()
 
 
+def test_context_channels_show_the_subdural_window_when_the_model_asks_for_it():
+    """70-HU blood is near bone's white in the brain window (0.88 against 1), mid-grey in the subdural one."""
+    hu = head(slices=3)
+    hu[hu > 0] = 70.0
+    images = prepare(hu, 32, slice_mm=5.0, context_window="subdural").images
+    assert torch.equal(images[1:, WINDOW_CHANNELS], images[:-1, 1])  # the subdural window below
+    assert torch.equal(images[:-1, WINDOW_CHANNELS + 1], images[1:, 1])
+    assert float(images[1, WINDOW_CHANNELS, 16, 16]) == pytest.approx((70 + 20) / 200, abs=0.05)
+    assert float(images[1, 0, 16, 16]) == pytest.approx(70 / 80, abs=0.05)
+    with pytest.raises(ValueError, match="context_window"):
+        EnsembleConfig(context_window="bone")
+
+
 def test_prepare_maps_the_intracranial_region_to_the_working_grid():
     hu = skull_head(slices=2)
     prepared = prepare(hu, 32, slice_mm=5.0)

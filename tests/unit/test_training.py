@@ -139,6 +139,7 @@ def test_unet_pools_use_slice_labels_of_scans_without_masks():
     from training.data import Scan
     from training.train import _lesion_target, _unet_pool, make_example
     from ichnode.common.vocabulary import LABELS
+    from worker.detector.ensemble import EnsembleConfig
     from worker.geometry import Volume
 
     hu = np.full((4, 32, 32), 30.0, np.float32)
@@ -147,7 +148,7 @@ def test_unet_pools_use_slice_labels_of_scans_without_masks():
     slice_labels[2, LABELS.index("SDH")] = 1
     scan = Scan(scan_id="s", patient_id="p", volume=Volume.from_array(hu), slice_labels=slice_labels,
                 labels={k: int(slice_labels[:, i].any()) for i, k in enumerate(LABELS)})
-    example = make_example(scan, 32, context=True)
+    example = make_example(scan, EnsembleConfig(working_size=32))
     assert example.lesion is None
     pos, neg, weak = _unet_pool([example], "all")
     assert pos == [] and [i for _, i in neg] == [0, 3] and [i for _, i in weak] == [1, 2]

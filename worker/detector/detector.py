@@ -47,7 +47,7 @@ class EnsembleDetector:
         timer = Timer(timings, self.device)
         with timer("preprocess"):
             prepared = prepare(volume.hu, cfg.working_size, volume.spacing_mm[0], brain_window_only, cfg.reads_context,
-                              cfg.head_crop)
+                              cfg.head_crop, cfg.context_window)
             images = prepared.images.to(self.device)
         out = self.ensemble.run_members(images, timings)
         with timer("fusion_and_mapping"):

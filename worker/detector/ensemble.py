@@ -50,7 +50,7 @@ from worker.detector.members import (
     SliceSequenceModel,
     UNet,
 )
-from worker.detector.preprocess import CHANNELS, HEAD_CROPS, WINDOW_CHANNELS, WINDOWS
+from worker.detector.preprocess import CHANNELS, CONTEXT_WINDOWS, HEAD_CROPS, WINDOW_CHANNELS, WINDOWS
 
 UNET_MEMBERS: tuple[str, ...] = ("all", "sdh", "sah", "small")  # all-ICH + specialists (paper 003)
 SCAN_MEMBERS: tuple[str, ...] = ("slice_cnn", "cnn_lstm", "attention_mil", "unet_ensemble")  # combiner inputs
@@ -64,6 +64,7 @@ class EnsembleConfig:
 
     working_size: int = 128
     head_crop: str = "footprint"  # what the head crop boxes: one of preprocess.HEAD_CROPS
+    context_window: str = "brain"  # what the context channels show: one of preprocess.CONTEXT_WINDOWS
     cnn: ResNeXtConfig = field(default_factory=ResNeXtConfig)
     cnn_dropout: float = 0.2
     pca_components: int = 24
@@ -84,6 +85,8 @@ class EnsembleConfig:
     def __post_init__(self) -> None:
         if self.head_crop not in HEAD_CROPS:
             raise ValueError(f"head_crop: {self.head_crop!r}; one of {', '.join(HEAD_CROPS)}")
+        if self.context_window not in CONTEXT_WINDOWS:
+            raise ValueError(f"context_window: {self.context_window!r}; one of {', '.join(CONTEXT_WINDOWS)}")
         for key, channels in [("cnn.channels", self.cnn.channels), ("mil.channels", self.mil.channels),
                               *(("cnn_bag_channels", c) for c in self.cnn_bag_channels)]:
             if not 1 <= channels <= CHANNELS:

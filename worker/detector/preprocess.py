@@ -3,8 +3,9 @@
 Hounsfield volume -> head crop (one square box for the whole series, so every slice keeps the
 same scale; `HEAD_CROPS` says around what) -> in-plane resampling to a fixed working size -> three window channels scaled 0..1
 (brain 40/80, subdural 80/200, soft tissue 40/380, as in paper 004), then two context channels:
-the brain window of the slices about CONTEXT_MM below and above (2.5D input, paper 004's adjacent
-slices; at the series' ends, and for sources whose slices stand alone, zeros). Sources that hold
+one window (CONTEXT_WINDOWS: the brain window unless the model says otherwise) of the slices about
+CONTEXT_MM below and above (2.5D input, paper 004's adjacent slices; at the series' ends, and for
+sources whose slices stand alone, zeros). Sources that hold
 only the brain window (RSNA PNG slices) get the subdural and soft-tissue channels as zeros, the
 same "not available" that training's channel dropout shows the members on full-HU volumes. Each
 member reads the leading channels it was built for (`ResNeXtConfig.channels`; the U-Nets the
@@ -29,7 +30,10 @@ WINDOW_CHANNELS = len(WINDOWS)
 #: Distance of the context channels' slices: CT-ICH's and most routine head CT's slice thickness,
 #: so a thin-slice series shows the same anatomy beside each slice as the training data did.
 CONTEXT_MM = 5.0
-CONTEXT_CHANNELS = 2  # brain window below, above
+CONTEXT_CHANNELS = 2  # below, above
+#: The windows the context channels may show, by name, in the order of WINDOWS: the subdural window
+#: keeps blood apart from the bone beside it, where the brain window shows both near white.
+CONTEXT_WINDOWS = ("brain", "subdural")
 CHANNELS = WINDOW_CHANNELS + CONTEXT_CHANNELS
 AIR_HU = -1024.0
 HEAD_THRESHOLD_HU = -300.0  # skin and skull are above, air and most pillow foam below
@@ -56,13 +60,14 @@ def window_channels(hu: torch.Tensor, brain_window_only: bool = False) -> torch.
     return torch.stack(channels, dim=1).float()
 
 
-def context_channels(windows: torch.Tensor, slice_mm: float) -> torch.Tensor:
-    """(slices, 3, s, s) window channels -> (slices, 2, s, s): the brain window of the slice about
-    CONTEXT_MM below and of the one above (at least the next slice), zero past the series' ends."""
+def context_channels(windows: torch.Tensor, slice_mm: float, window: str = "brain") -> torch.Tensor:
+    """(slices, 3, s, s) window channels -> (slices, 2, s, s): `window` (one of CONTEXT_WINDOWS) of
+    the slice about CONTEXT_MM below and of the one above (at least the next slice), zero past the
+    series' ends."""
     offset = max(1, round(CONTEXT_MM / slice_mm)) if slice_mm > 0 else 1
-    brain = windows[:, 0]
-    below, above = torch.zeros_like(brain), torch.zeros_like(brain)
-    below[offset:], above[:-offset] = brain[:-offset], brain[offset:]
+    shown = windows[:, CONTEXT_WINDOWS.index(window)]
+    below, above = torch.zeros_like(shown), torch.zeros_like(shown)
+    below[offset:], above[:-offset] = shown[:-offset], shown[offset:]
     return torch.stack([below, above], dim=1)
 
 
@@ -174,19 +179,20 @@ class Prepared:
 
 
 def prepare(hu: np.ndarray, size: int, slice_mm: float, brain_window_only: bool = False,
-            context: bool = True, head_crop: str = "footprint") -> Prepared:
+            context: bool = True, head_crop: str = "footprint", context_window: str = "brain") -> Prepared:
     """HU volume (slices, rows, cols) -> window and context channels of the head at size x size.
 
     slice_mm: the gap between slices (Volume.spacing_mm[0]), which places the context channels;
     brain_window_only: the volume's HU were clipped to the brain window (see window_channels);
     context: add the context channels (False for models that read the windows alone, whose
-    prepared images are then two fifths smaller); head_crop: one of HEAD_CROPS."""
+    prepared images are then two fifths smaller); head_crop: one of HEAD_CROPS; context_window: one
+    of CONTEXT_WINDOWS, what the context channels show."""
     crop = HeadCrop.find(hu, head_crop)
     working_hu = crop.to_working(torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32)), size, AIR_HU)
     inside = intracranial_mask(hu)
     inside_working = crop.to_working(torch.from_numpy(inside.astype(np.float32)), size, 0.0) >= 0.5
     windows = window_channels(working_hu, brain_window_only)
-    images = torch.cat([windows, context_channels(windows, slice_mm)], dim=1) if context else windows
+    images = torch.cat([windows, context_channels(windows, slice_mm, context_window)], dim=1) if context else windows
     return Prepared(images=images, crop=crop, inside=inside, inside_working=inside_working)
 
 
