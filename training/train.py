@@ -48,7 +48,7 @@ from worker.detector import LABELS, SUBTYPES
 from worker.detector.detector import resolve_device
 from worker.detector.ensemble import SCAN_MEMBERS, UNET_MEMBERS, Ensemble, EnsembleConfig, FoldBag, top_k_mean
 from worker.detector.members import SliceCNN
-from worker.detector.preprocess import masks_to_working, prepare
+from worker.detector.preprocess import masks_to_working
 from worker.detector.store import MANIFEST, load_model, save_model, update_metrics
 
 log = logging.getLogger("ichnode.train")
@@ -86,8 +86,7 @@ def make_example(scan: Scan, model: EnsembleConfig) -> Example:
 
     A negative scan without slice labels has known (all-zero) slice labels.
     """
-    prepared = prepare(scan.volume.hu, model.working_size, scan.volume.spacing_mm[0], scan.brain_window_only,
-                       model.reads_context, model.head_crop, model.context_window)
+    prepared = model.prepare(scan.volume.hu, scan.volume.spacing_mm[0], scan.brain_window_only)
     n = scan.volume.hu.shape[0]
     labels = torch.tensor([float(scan.labels.get(k, 0)) for k in LABELS])
     negative = float(labels[0]) == 0.0

@@ -17,7 +17,7 @@ from worker.detector.ensemble import (
     subtype_maps,
     to_numpy,
 )
-from worker.detector.preprocess import Prepared, prepare
+from worker.detector.preprocess import Prepared
 from worker.geometry import Volume
 
 
@@ -46,8 +46,7 @@ class EnsembleDetector:
         cfg = self.ensemble.cfg
         timer = Timer(timings, self.device)
         with timer("preprocess"):
-            prepared = prepare(volume.hu, cfg.working_size, volume.spacing_mm[0], brain_window_only, cfg.reads_context,
-                              cfg.head_crop, cfg.context_window)
+            prepared = cfg.prepare(volume.hu, volume.spacing_mm[0], brain_window_only)
             images = prepared.images.to(self.device)
         out = self.ensemble.run_members(images, timings)
         with timer("fusion_and_mapping"):

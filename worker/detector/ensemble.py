@@ -50,7 +50,7 @@ from worker.detector.members import (
     SliceSequenceModel,
     UNet,
 )
-from worker.detector.preprocess import CHANNELS, CONTEXT_WINDOWS, HEAD_CROPS, WINDOW_CHANNELS, WINDOWS
+from worker.detector.preprocess import CHANNELS, CONTEXT_WINDOWS, HEAD_CROPS, WINDOW_CHANNELS, WINDOWS, Prepared, prepare
 
 UNET_MEMBERS: tuple[str, ...] = ("all", "sdh", "sah", "small")  # all-ICH + specialists (paper 003)
 SCAN_MEMBERS: tuple[str, ...] = ("slice_cnn", "cnn_lstm", "attention_mil", "unet_ensemble")  # combiner inputs
@@ -101,6 +101,12 @@ class EnsembleConfig:
     def reads_context(self) -> bool:
         """Whether a member reads the context channels (so `prepare` must make them)."""
         return max(c.channels for c in [*self.slice_cnn_configs, self.mil]) > WINDOW_CHANNELS
+
+    def prepare(self, hu: np.ndarray, slice_mm: float, brain_window_only: bool = False) -> Prepared:
+        """`preprocess.prepare` with this model's working size, context and crop: the one call
+        that training and inference share, so both prepare a volume alike."""
+        return prepare(hu, self.working_size, slice_mm, brain_window_only, self.reads_context, self.head_crop,
+                       self.context_window)
 
     @classmethod
     def from_dict(cls, d: dict) -> "EnsembleConfig":
