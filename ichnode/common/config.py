@@ -274,7 +274,7 @@ class DetectorSection(Section):
 class PriorityRule(Section):
     """[priority]: the thresholds of the worklist priority rule that worker.priority applies."""
 
-    stat_probability: float = Field(default=0.65, ge=0, le=1)  # the shipped model's CV operating point (MODEL_CARD.md)
+    stat_probability: float = Field(default=0.66, ge=0, le=1)  # the shipped model's CV operating point (MODEL_CARD.md)
     urgent_probability: float = Field(default=0.27, ge=0, le=1)
     stat_volume_ml: float = Field(default=30.0, ge=0)
 

@@ -10,10 +10,11 @@ from tests.helpers import ANALYSIS_BUDGET, ack, chromium, done, series_uid_of, s
 def test_positive_study_first_everywhere(node_factory, positive_series, negative_series, listen, receive, tmp_path):
     ris = listen(ack("AA"))
     hook = receive()
-    # The test is about order and channels, not the model's operating point. With weights 0.6.0 these
-    # 256-px phantoms, sent as DICOM, score p(any) 0.77 (positive) and 0.61 (negative), too close to
-    # split by probability; their U-Net volumes (8.7 and 0.05 mL) are not, so STAT comes from the
-    # volume rule (URGENT and >= 4 mL) with the probability rule out of reach.
+    # The test is about order and channels, not the model's operating point. With weights 0.7.0 these
+    # 256-px phantoms, sent as DICOM, score p(any) 0.88 (positive) and 0.61 (negative), both URGENT,
+    # too close for a probability rule to split safely across weights; their U-Net volumes (9.8 and
+    # 0.9 mL) are not, so STAT comes from the volume rule (URGENT and >= 4 mL) with the probability
+    # rule out of reach.
     node = node_factory("serve", ICHNODE_WORKERS="1", ICHNODE_HL7_ENDPOINTS=ris.endpoint,
                         ICHNODE_WEBHOOKS=hook.url, ICHNODE_WEBHOOK_MIN_LEVEL="STAT",
                         ICHNODE_STAT_PROBABILITY="1.0", ICHNODE_STAT_VOLUME_ML="4").start()
