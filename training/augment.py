@@ -9,12 +9,14 @@ training device, one random draw per image:
 - channel dropout: the window channels past BRAIN_CHANNELS are zeroed, as for brain-window-only
   sources, so one model learns from RSNA's PNG slices and from full-HU volumes; context dropout
   zeroes the neighbouring slices' channels, as for slices that stand alone.
+`mixup` (fine-tuning only) blends pairs of augmented slices and their labels.
 A channel that is all zero in the input (not available) stays zero.
 Masks warped with images use the same geometry (`warp_masks`).
 """
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, replace
 
 import torch
@@ -40,9 +42,13 @@ class AugmentConfig:
     # AUC 0.52 with the windows dropped at 0.3).
     pretrain_channel_dropout: float = 1.0
     pretrain_context_dropout: float = 1.0
+    # Beta(mixup, mixup) share of each fine-tuning slice blended with another of its batch (labels
+    # alike; Zhang et al. 2018); 0: none. The pre-training is not mixed.
+    mixup: float = 0.0
 
     def for_pretraining(self) -> "AugmentConfig":
-        return replace(self, channel_dropout=self.pretrain_channel_dropout, context_dropout=self.pretrain_context_dropout)
+        return replace(self, channel_dropout=self.pretrain_channel_dropout, context_dropout=self.pretrain_context_dropout,
+                       mixup=0.0)
 
 
 def affine_grid(n: int, size: int, cfg: AugmentConfig, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -106,3 +112,23 @@ def warp_masks(masks: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """(n, s, s) soft masks through the same geometry as their images."""
     with torch.autocast(masks.device.type, enabled=False):
         return F.grid_sample(masks[:, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """Which slice each slice of a batch is blended with, and its own share of the blend."""
+
+    partner: torch.Tensor  # (n,) long
+    share: torch.Tensor  # (n,) float in 0..1
+
+    @classmethod
+    def draw(cls, n: int, alpha: float, rng: random.Random) -> "Mixing":
+        partner = list(range(n))
+        rng.shuffle(partner)
+        return cls(torch.tensor(partner), torch.tensor([rng.betavariate(alpha, alpha) for _ in range(n)]))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, ...) -> the same, each row blended with its partner's."""
+        share = self.share.to(x.device, x.dtype).reshape(-1, *[1] * (x.dim() - 1))
+        return share * x + (1 - share) * x[self.partner.to(x.device)]
+

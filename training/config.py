@@ -47,6 +47,8 @@ class MilSection(_Section):
 class StagesSection(_Section):
     batch: int = Field(default=16, ge=1)
     lr: float = Field(default=1e-3, gt=0)
+    # AdamW's decoupled weight decay of every stage's weights (not biases or normalisation); 0: Adam.
+    weight_decay: float = Field(default=0.0, ge=0)
     cnn_pretrain_steps: int = Field(default=0, ge=0)  # slice CNN on `slices` and phantoms only (shared by CV folds)
     # Which CNNs of a bag (`[model] cnn_bag_channels`) share a pre-training: those of one input
     # ("per_input"), or none, each pre-trained with its own seed ("per_cnn"), as independent runs are.

@@ -39,7 +39,7 @@ import torch
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from training.augment import AugmentConfig, augment, warp_masks
+from training.augment import AugmentConfig, Mixing, augment, warp_masks
 from training.config import StagesSection, TrainingConfig, load_training_config
 from training.data import Scan, is_child
 from training.datasets import load_scans
@@ -146,13 +146,15 @@ def autocast_dtype(device: torch.device, mixed_precision: str) -> torch.dtype | 
 
 
 class Trainer:
-    """Adam with a cosine schedule, mixed precision (`autocast_dtype`; gradient scaling for
-    float16), channels-last weights, progress with ETA on stderr, and a resumable checkpoint per
-    stage (module, optimiser, schedule, random state)."""
+    """Adam with a cosine schedule (AdamW's decoupled `weight_decay` on the weights of two or more
+    dimensions, not on biases and normalisation; 0: Adam's very steps), mixed precision
+    (`autocast_dtype`; gradient scaling for float16), channels-last weights, progress with ETA on
+    stderr, and a resumable checkpoint per stage (module, optimiser, schedule, random state)."""
 
     def __init__(self, device: torch.device, seed: int, checkpoints: Path | None = None, checkpoint_seconds: float = 120.0,
-                 mixed_precision: str = "auto") -> None:
+                 mixed_precision: str = "auto", weight_decay: float = 0.0) -> None:
         self.device = device
+        self.weight_decay = weight_decay
         self.autocast = autocast_dtype(device, mixed_precision)
         self.rng = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
@@ -175,7 +177,8 @@ class Trainer:
         extra_state = extra_state or {}
         checkpoint = checkpoint or self.checkpoint_path(name)
         params = [p for p in module.parameters() if p.requires_grad]
-        optimiser = torch.optim.Adam(params, lr=lr)
+        optimiser = torch.optim.AdamW([{"params": [p for p in params if p.dim() > 1], "weight_decay": self.weight_decay},
+                                       {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}], lr=lr)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast == torch.float16)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(steps, 1))
         first, running = 1, None
@@ -342,6 +345,10 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
         x = torch.stack([e.images[i].float() for e, i in chosen]).to(t.device)  # float16 into autocast: .float() first
         x, grid = augment(x, aug, t.generator)
         y = torch.stack([e.slice_labels[i] for e, i in chosen]).to(t.device)
+        pooled_end = len(chosen) - len(run)  # a run stays unmixed: its scan score is trained
+        mixing = Mixing.draw(pooled_end, aug.mixup, t.rng) if aug.mixup > 0 else None
+        if mixing is not None:
+            x[:pooled_end], y[:pooled_end] = mixing(x[:pooled_end]), mixing(y[:pooled_end])
         fmap = cnn.encoder(x)
         logits, _ = cnn.classify(fmap)
         if hard:  # after the focus part and the pooled part's bleeding slices (_balanced_slices)
@@ -350,10 +357,15 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
         total = F.binary_cross_entropy_with_logits(logits.float(), y, weight=_label_weights(t.device))
         if run:
             total = total + scan_score_loss(logits[-len(run):].float(), y[-len(run):], top_k)
-        known = [k for k, (e, _) in enumerate(chosen) if e.lesion is not None]
+        warped = [k for k, (e, _) in enumerate(chosen) if e.lesion is not None]
+        known = warped if mixing is None else [  # a blend's mask is known where both slices' are
+            k for k in warped if k >= pooled_end or chosen[int(mixing.partner[k])][0].lesion is not None]
         if known:
-            lesion = warp_masks(torch.stack([chosen[k][0].lesion[chosen[k][1]] for k in known]).to(t.device), grid[known])
-            fraction = F.adaptive_avg_pool2d(lesion[:, None], fmap.shape[-2:])
+            lesion = torch.zeros((len(chosen), *x.shape[-2:]), device=t.device)
+            lesion[warped] = warp_masks(torch.stack([chosen[k][0].lesion[chosen[k][1]] for k in warped]).to(t.device), grid[warped])
+            if mixing is not None:
+                lesion[:pooled_end] = mixing(lesion[:pooled_end])
+            fraction = F.adaptive_avg_pool2d(lesion[known][:, None], fmap.shape[-2:])
             total = total + F.binary_cross_entropy_with_logits(cnn.lesion_head(fmap[known]).float(), fraction)
         return total
 
@@ -597,7 +609,7 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
     others stay as initialised, and explained variance is 0 without the BiLSTM."""
     ensemble = Ensemble(cfg.ensemble()).to(device)
     stages, aug = cfg.stages, cfg.augmentation()
-    t = Trainer(device, cfg.run.seed, checkpoints, cfg.run.checkpoint_seconds, cfg.run.mixed_precision)
+    t = Trainer(device, cfg.run.seed, checkpoints, cfg.run.checkpoint_seconds, cfg.run.mixed_precision, stages.weight_decay)
     general = [e for e in data.train if e.lesion is not None] + data.slices  # no CT-ICH patient
     patients = [e for e in data.train if e.lesion is None]  # real scans: phantoms carry voxel masks
     focus = [e for e in patients if is_child(e.age_years)] if stages.cnn_focus == "children" else patients
@@ -610,7 +622,7 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
     for replica, cnn in enumerate(ensemble.slice_cnns, start=1):  # a bag: a seed each
         channels = cnn.encoder.channels
         trainer = t if replica == 1 else Trainer(device, cfg.run.seed + replica - 1, checkpoints,
-                                                 cfg.run.checkpoint_seconds, cfg.run.mixed_precision)
+                                                 cfg.run.checkpoint_seconds, cfg.run.mixed_precision, stages.weight_decay)
         if replica > 1 and stages.cnn_bag_pretraining == "per_cnn":
             suffix = f"cnn_{replica}"
         else:

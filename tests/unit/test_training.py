@@ -395,6 +395,106 @@ def test_slice_cnn_batches_end_with_a_run_of_adjacent_slices_of_one_focus_scan(m
     assert all(len(batch) == 8 and batch[-4:] not in runs for batch in seen)
 
 
+def test_mixup_blends_each_fine_tuning_slice_and_its_labels_with_one_partner_and_leaves_pretraining_unmixed(monkeypatch):
+    """With [augment] mixup, the CNN sees each slice blended with another of its batch and is
+    trained on the same blend of their labels; the pre-training's augmentation does not mix."""
+    import training.train as train
+    from training.augment import AugmentConfig
+    from worker.detector.members import SliceCNN
+    from worker.detector.ensemble import EnsembleConfig
+
+    n = 12
+    bleeding = (torch.arange(n) % 3 == 0).float()
+    images = bleeding[:, None, None, None].expand(n, 3, 32, 32)  # a slice's pixels are its label
+    labels = bleeding[:, None].expand(n, 6).clone()
+    scan = train.Example("s", "s", images.half(), torch.ones(6), labels, None, None, 0.0,
+                         torch.ones(n, 32, 32, dtype=torch.bool))
+    monkeypatch.setattr(train, "augment", lambda x, aug, generator: (x, None))
+    seen = []
+    real_bce = train.F.binary_cross_entropy_with_logits
+    monkeypatch.setattr(train.F, "binary_cross_entropy_with_logits",
+                        lambda logits, target, **kw: seen.append(target.detach().clone()) or real_bce(logits, target, **kw))
+    cnn = SliceCNN(EnsembleConfig().cnn, 0.0)
+    encoded = []
+    real_encoder = cnn.encoder.forward
+    monkeypatch.setattr(cnn.encoder, "forward", lambda x: encoded.append(x[:, 0, 0, 0].clone()) or real_encoder(x))
+    trainer = train.Trainer(torch.device("cpu"), seed=3, mixed_precision="off")
+    train.train_slice_cnn("t", cnn, [scan], trainer, 4, 8, 1e-3, AugmentConfig(mixup=0.4))
+    assert len(encoded) == len(seen) == 4
+    for pixels, target in zip(encoded, seen):
+        assert torch.allclose(target[:, 0], pixels, atol=1e-6) and torch.allclose(target, target[:, :1].expand_as(target))
+    blended = torch.cat(encoded)
+    assert ((blended > 0.01) & (blended < 0.99)).any()
+    assert AugmentConfig(mixup=0.4).for_pretraining().mixup == 0.0
+
+
+def test_mixup_trains_the_lesion_map_only_on_blends_of_two_slices_with_known_masks(monkeypatch):
+    """A phantom slice blended with a real patient's (mask unknown) has no lesion target: its
+    blended map would count the unknown mask as empty."""
+    import training.train as train
+    from training.augment import AugmentConfig, Mixing
+    from worker.detector.members import SliceCNN
+    from worker.detector.ensemble import EnsembleConfig
+
+    def example(scan_id: str, masked: bool) -> train.Example:
+        labels = torch.zeros(8, 6)
+        labels[::2] = 1
+        return train.Example(scan_id, scan_id, torch.rand(8, 3, 32, 32).half(), torch.ones(6), labels,
+                             torch.ones(8, 32, 32) if masked else None, None, 0.0, torch.ones(8, 32, 32, dtype=torch.bool))
+
+    monkeypatch.setattr(train, "augment", lambda x, aug, generator: (x, torch.zeros(len(x), 32, 32, 2)))
+    monkeypatch.setattr(train, "warp_masks", lambda masks, grid: masks)
+    draws, targets = [], []
+    real_draw = Mixing.draw
+    monkeypatch.setattr(train.Mixing, "draw", classmethod(lambda cls, *a: draws.append(real_draw(*a)) or draws[-1]))
+    real_bce = train.F.binary_cross_entropy_with_logits
+    monkeypatch.setattr(train.F, "binary_cross_entropy_with_logits",
+                        lambda logits, target, **kw: targets.append(target.detach().clone()) or real_bce(logits, target, **kw))
+    chosen_batches = []
+    real_balanced = train._balanced_slices
+    monkeypatch.setattr(train, "_balanced_slices", lambda *a, **kw: chosen_batches.append(real_balanced(*a, **kw)) or chosen_batches[-1])
+    trainer = train.Trainer(torch.device("cpu"), seed=5, mixed_precision="off")
+    train.train_slice_cnn("t", SliceCNN(EnsembleConfig().cnn, 0.0), [example("phantom", True), example("patient", False)],
+                          trainer, 6, 8, 1e-3, AugmentConfig(mixup=0.4))
+    chosen = [c for c in chosen_batches if c]  # the focus part is empty
+    lesion_targets = [t for t in targets if t.dim() == 4]
+    assert len(chosen) == len(draws) == 6
+    expected = [[k for k, (e, _) in enumerate(batch) if e.lesion is not None and batch[int(m.partner[k])][0].lesion is not None]
+                for batch, m in zip(chosen, draws)]
+    assert sum(map(len, expected)) > 0 and len(lesion_targets) == sum(1 for k in expected if k)
+    assert [len(t) for t in lesion_targets] == [len(k) for k in expected if k]
+    assert all(torch.allclose(t, torch.ones_like(t)) for t in lesion_targets)
+
+
+def test_weight_decay_zero_takes_adams_very_steps_and_otherwise_shrinks_weights_but_not_biases():
+    """Weight decay 0 must reproduce the weights trained before it existed (plain Adam); decay
+    acts on weights alone (a loss without gradient leaves only the decay)."""
+    import training.train as train
+
+    def trained(weight_decay: float | None, gradient: bool = True) -> torch.nn.Module:
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+        loss = lambda: module(x).square().mean() * float(gradient)  # noqa: E731
+        if weight_decay is None:  # the reference: Adam and the cosine schedule by hand
+            adam = torch.optim.Adam(module.parameters(), lr=0.01)
+            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(adam, 5)
+            for _ in range(5):
+                adam.zero_grad()
+                loss().backward()
+                adam.step()
+                schedule.step()
+        else:
+            train.Trainer(torch.device("cpu"), seed=1, mixed_precision="off", weight_decay=weight_decay).run(
+                "t", module, 5, 0.01, loss)
+        return module
+
+    for a, z in zip(trained(None).parameters(), trained(0.0).parameters()):
+        assert torch.equal(a, z)
+    for start, decayed in zip(trained(None, gradient=False).parameters(), trained(5.0, gradient=False).parameters()):
+        assert (decayed.norm() < 0.9 * start.norm()) if start.dim() > 1 else torch.equal(start, decayed)
+
+
 def test_the_batch_shares_may_not_exceed_one_batch():
     from training.config import load_training_config
 
