@@ -6,8 +6,8 @@ training device, one random draw per image:
 - window and level jitter (contrast and brightness of each image);
 - Gaussian noise, Gaussian blur, and a down-and-up resampling (reconstruction and lossy
   compression softness);
-- channel dropout: the window channels past BRAIN_CHANNELS are zeroed, as for brain-window-only
-  sources, so one model learns from RSNA's PNG slices and from full-HU volumes; context dropout
+- channel dropout: the window channels past BRAIN_CHANNELS (and the bone window) are zeroed, as
+  for brain-window-only sources, so one model learns from RSNA's PNG slices and from full-HU volumes; context dropout
   zeroes the neighbouring slices' channels, as for slices that stand alone.
 `mixup` (fine-tuning only) blends pairs of augmented slices and their labels.
 A channel that is all zero in the input (not available) stays zero.
@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.nn import functional as F
 
-from worker.detector.preprocess import BRAIN_CHANNELS, WINDOW_CHANNELS
+from worker.detector.preprocess import BONE_CHANNEL, BRAIN_CHANNELS, WINDOW_CHANNELS
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,10 @@ def _augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
         x[resampled] = F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
     noise = torch.randn(x.shape, generator=generator).to(device) * (u[:, 5] * cfg.noise)[:, None, None, None]
     x = (x + noise).clamp(0.0, 1.0)
-    present[u[:, 6] < cfg.channel_dropout, BRAIN_CHANNELS:WINDOW_CHANNELS] = 0
-    present[u[:, 7] < cfg.context_dropout, WINDOW_CHANNELS:] = 0
+    dropped = u[:, 6] < cfg.channel_dropout
+    present[dropped, BRAIN_CHANNELS:WINDOW_CHANNELS] = 0
+    present[dropped, BONE_CHANNEL:] = 0
+    present[u[:, 7] < cfg.context_dropout, WINDOW_CHANNELS:BONE_CHANNEL] = 0
     return x * present, grid
 
 

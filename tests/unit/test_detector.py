@@ -22,6 +22,7 @@ from worker.detector.members import (
     UNet,
 )
 from worker.detector.preprocess import (
+    BONE_CHANNEL,
     CHANNELS,
     CONTEXT_CHANNELS,
     CROP_MARGIN,
@@ -124,12 +125,28 @@ def test_crop_resample_round_trip_keeps_geometry():
     assert not back[[0, 2, 3]].any()
 
 
-def test_prepare_gives_window_and_context_channels_at_working_size():
+def test_prepare_gives_window_context_and_bone_channels_at_working_size():
     prepared = prepare(head(slices=3), 32, slice_mm=5.0)
-    assert prepared.images.shape == (3, CHANNELS, 32, 32) and CHANNELS == 5
+    assert prepared.images.shape == (3, CHANNELS, 32, 32) and CHANNELS == 6
     assert 0.0 <= float(prepared.images.min()) and float(prepared.images.max()) <= 1.0
     centre = prepared.images[0, 0, 16, 16]
     assert centre == pytest.approx((35 - 0) / 80, abs=0.05)  # brain window at 35 HU
+
+
+def test_the_bone_window_shows_the_skull_that_every_other_window_shows_flat_white():
+    """Skull (1200 HU) against its 900-HU partial-volume edge: one white in the windows, apart in the
+    bone window; a brain-window-only source has no bone window (zeros, 'not available')."""
+    hu = skull_head(slices=2)
+    edge = hu.copy()
+    edge[hu == 1200.0] = 900.0
+    images, edge_images = prepare(hu, 64, slice_mm=5.0).images, prepare(edge, 64, slice_mm=5.0).images
+    bone = images[:, BONE_CHANNEL]
+    skull = bone == bone.amax()  # the middle of the ring, at the working size
+    for c in range(WINDOW_CHANNELS):
+        assert bool((images[:, c][skull] == 1).all()) and bool((edge_images[:, c][skull] == 1).all())
+    assert float(bone.amax()) == pytest.approx((1200 + 800) / 2800, abs=0.01)
+    assert float(edge_images[:, BONE_CHANNEL][skull].mean()) == pytest.approx((900 + 800) / 2800, abs=0.01)
+    assert not prepare(hu, 64, slice_mm=5.0, brain_window_only=True).images[:, BONE_CHANNEL].any()
 
 
 @pytest.mark.parametrize("slice_mm, offset", [(5.0, 1), (2.5, 2), (0.625, 8), (10.0, 1)])
@@ -143,7 +160,8 @@ def test_context_channels_are_the_brain_window_about_5_mm_below_and_above(slice_
     assert torch.equal(below[offset:], brain[:-offset]) and not below[:offset].any()
     assert torch.equal(above[:-offset], brain[offset:]) and not above[-offset:].any()
     alone = prepare(hu[:1], 32, slice_mm=slice_mm).images
-    assert torch.equal(alone[:, :WINDOW_CHANNELS], images[:1, :WINDOW_CHANNELS]) and not alone[:, WINDOW_CHANNELS:].any()
+    assert torch.equal(alone[:, :WINDOW_CHANNELS], images[:1, :WINDOW_CHANNELS])
+    assert not alone[:, WINDOW_CHANNELS:BONE_CHANNEL].any()
 
 
 def test_context_channels_show_the_subdural_window_when_the_model_asks_for_it():
@@ -279,25 +297,26 @@ def test_a_bag_of_slice_cnns_averages_their_logits_and_grad_cams_and_gives_the_f
     assert torch.allclose(cam, (each[0][2] + each[1][2]) / 2, atol=1e-6)
     assert torch.equal(features, each[0][1])
     # the second CNN reads the context channels, the first does not
-    other_context = torch.cat([x[:, :WINDOW_CHANNELS], torch.rand(3, CONTEXT_CHANNELS, 32, 32)], dim=1)
+    other_context = torch.cat([x[:, :WINDOW_CHANNELS], torch.rand(3, CONTEXT_CHANNELS, 32, 32), x[:, BONE_CHANNEL:]], dim=1)
     assert torch.equal(Ensemble.mirrored(bag.cnn, other_context)[0], each[0][0])
     assert not torch.allclose(Ensemble.mirrored(bag.cnn_bag[0], other_context)[0], each[1][0])
     # one CNN (every shipped model before the bag): the weight files keep their keys
     assert not any(k.startswith("cnn_bag") for k in Ensemble(TINY).state_dict())
-    with pytest.raises(ValueError, match="cnn_bag_channels: 6 input channels"):
-        EnsembleConfig.from_dict({"cnn_bag_channels": [3, 6]})
+    with pytest.raises(ValueError, match="cnn_bag_channels: 7 input channels"):
+        EnsembleConfig.from_dict({"cnn_bag_channels": [3, 7]})
     from_toml = EnsembleConfig.from_dict({"cnn_bag_channels": [5]})  # a TOML array
     assert from_toml.cnn_bag_channels == (5,) and hash(from_toml)  # fold bags compare configs in a set
 
 
-def test_prepare_makes_the_context_channels_only_for_a_model_that_reads_them():
+def test_prepare_makes_the_context_and_bone_channels_only_for_a_model_that_reads_them():
     hu = head(slices=4)
-    assert not TINY.reads_context and replace(TINY, cnn_bag_channels=(CHANNELS,)).reads_context
-    assert replace(TINY, mil=replace(TINY.mil, channels=CHANNELS)).reads_context
-    with_context = prepare(hu, 32, slice_mm=5.0).images
-    windows_only = prepare(hu, 32, slice_mm=5.0, context=False).images
-    assert with_context.shape[1] == CHANNELS and windows_only.shape[1] == WINDOW_CHANNELS
-    assert torch.equal(with_context[:, :WINDOW_CHANNELS], windows_only)
+    assert TINY.cnn.channels <= WINDOW_CHANNELS and TINY.input_channels == WINDOW_CHANNELS
+    assert replace(TINY, cnn_bag_channels=(BONE_CHANNEL,)).input_channels == BONE_CHANNEL
+    assert replace(TINY, mil=replace(TINY.mil, channels=CHANNELS)).input_channels == CHANNELS
+    everything = prepare(hu, 32, slice_mm=5.0).images
+    for channels in (WINDOW_CHANNELS, BONE_CHANNEL):
+        fewer = prepare(hu, 32, slice_mm=5.0, channels=channels).images
+        assert fewer.shape[1] == channels and torch.equal(everything[:, :channels], fewer)
 
 
 def test_unet_maps_average_each_slice_with_its_mirror_image():

@@ -185,11 +185,11 @@ def test_augmentation_drops_windows_and_context_and_keeps_missing_channels_missi
     """Channel and context dropout zero their channels; a channel absent from the input (RSNA's
     subdural window, a lone slice's neighbours) stays zero through contrast, noise and blur."""
     from training.augment import AugmentConfig, augment
-    from worker.detector.preprocess import CHANNELS, WINDOW_CHANNELS
+    from worker.detector.preprocess import BONE_CHANNEL, CHANNELS, WINDOW_CHANNELS
 
     images = torch.rand(6, CHANNELS, 32, 32) * 0.5 + 0.25
-    images[:3, 1:WINDOW_CHANNELS] = 0  # brain window only
-    images[3:, WINDOW_CHANNELS:] = 0  # slices that stand alone
+    images[:3, 1:WINDOW_CHANNELS] = images[:3, BONE_CHANNEL] = 0  # brain window only
+    images[3:, WINDOW_CHANNELS:BONE_CHANNEL] = 0  # slices that stand alone
 
     def present(cfg: AugmentConfig) -> torch.Tensor:
         x, _ = augment(images, cfg, torch.Generator().manual_seed(0))
@@ -199,6 +199,12 @@ def test_augmentation_drops_windows_and_context_and_keeps_missing_channels_missi
     assert torch.equal(kept, images.amax(dim=(2, 3)) > 0)
     dropped = present(AugmentConfig(channel_dropout=1.0, context_dropout=1.0))
     assert dropped[:, 0].all() and not dropped[:, 1:].any()
+    windows_dropped = present(AugmentConfig(channel_dropout=1.0, context_dropout=0.0))  # the bone window with them
+    assert torch.equal(windows_dropped[:, WINDOW_CHANNELS:BONE_CHANNEL], kept[:, WINDOW_CHANNELS:BONE_CHANNEL])
+    assert not windows_dropped[:, 1:WINDOW_CHANNELS].any() and not windows_dropped[:, BONE_CHANNEL].any()
+    context_dropped = present(AugmentConfig(channel_dropout=0.0, context_dropout=1.0))
+    assert torch.equal(context_dropped[:, BONE_CHANNEL], kept[:, BONE_CHANNEL]) and kept[3:, BONE_CHANNEL].all()
+    assert not context_dropped[:, WINDOW_CHANNELS:BONE_CHANNEL].any()
     assert torch.equal(present(AugmentConfig().for_pretraining()), dropped)
 
 

@@ -98,14 +98,14 @@ class EnsembleConfig:
         return [self.cnn, *(replace(self.cnn, channels=c) for c in self.cnn_bag_channels)]
 
     @property
-    def reads_context(self) -> bool:
-        """Whether a member reads the context channels (so `prepare` must make them)."""
-        return max(c.channels for c in [*self.slice_cnn_configs, self.mil]) > WINDOW_CHANNELS
+    def input_channels(self) -> int:
+        """The most leading channels any member reads (so `prepare` makes those and no more)."""
+        return max(WINDOW_CHANNELS, *(c.channels for c in [*self.slice_cnn_configs, self.mil]))
 
     def prepare(self, hu: np.ndarray, slice_mm: float, brain_window_only: bool = False) -> Prepared:
-        """`preprocess.prepare` with this model's working size, context and crop: the one call
+        """`preprocess.prepare` with this model's working size, channels and crop: the one call
         that training and inference share, so both prepare a volume alike."""
-        return prepare(hu, self.working_size, slice_mm, brain_window_only, self.reads_context, self.head_crop,
+        return prepare(hu, self.working_size, slice_mm, brain_window_only, self.input_channels, self.head_crop,
                        self.context_window)
 
     @classmethod

@@ -5,11 +5,12 @@ same scale; `HEAD_CROPS` says around what) -> in-plane resampling to a fixed wor
 (brain 40/80, subdural 80/200, soft tissue 40/380, as in paper 004), then two context channels:
 one window (CONTEXT_WINDOWS: the brain window unless the model says otherwise) of the slices about
 CONTEXT_MM below and above (2.5D input, paper 004's adjacent slices; at the series' ends, and for
-sources whose slices stand alone, zeros). Sources that hold
-only the brain window (RSNA PNG slices) get the subdural and soft-tissue channels as zeros, the
+sources whose slices stand alone, zeros), then the bone window (BONE_WINDOW: the skull and its
+fractures, which every other channel shows as flat white). Sources that hold
+only the brain window (RSNA PNG slices) get the subdural, soft-tissue and bone channels as zeros, the
 same "not available" that training's channel dropout shows the members on full-HU volumes. Each
 member reads the leading channels it was built for (`ResNeXtConfig.channels`; the U-Nets the
-three windows). :meth:`HeadCrop.to_volume`
+three windows), and `prepare` makes only as many as asked. :meth:`HeadCrop.to_volume`
 is the inverse mapping: maps at working size go back to the volume's own (rows, columns) grid.
 :func:`intracranial_mask` is where heatmaps and lesion masks may be non-zero, and where the
 U-Nets' scan-level scores look.
@@ -34,7 +35,10 @@ CONTEXT_CHANNELS = 2  # below, above
 #: The windows the context channels may show, by name, in the order of WINDOWS: the subdural window
 #: keeps blood apart from the bone beside it, where the brain window shows both near white.
 CONTEXT_WINDOWS = ("brain", "subdural")
-CHANNELS = WINDOW_CHANNELS + CONTEXT_CHANNELS
+#: (centre, width) in HU of the last channel: bone from its marrow to the cortex' densest
+BONE_WINDOW = (600.0, 2800.0)
+BONE_CHANNEL = WINDOW_CHANNELS + CONTEXT_CHANNELS
+CHANNELS = BONE_CHANNEL + 1
 AIR_HU = -1024.0
 HEAD_THRESHOLD_HU = -300.0  # skin and skull are above, air and most pillow foam below
 CROP_MARGIN = 0.05  # fraction of the head's extent added on each side
@@ -51,10 +55,14 @@ MIN_INTERIOR_FRACTION = 0.15  # of the head's non-bone area, for a skull ring to
 _IN_PLANE = np.array([np.zeros((3, 3)), ndimage.generate_binary_structure(2, 1), np.zeros((3, 3))], bool)
 
 
+def _window(hu: torch.Tensor, centre: float, width: float) -> torch.Tensor:
+    return ((hu - (centre - width / 2)) / width).clamp(0.0, 1.0)
+
+
 def window_channels(hu: torch.Tensor, brain_window_only: bool = False) -> torch.Tensor:
     """(slices, rows, cols) HU -> (slices, 3, rows, cols) float32 in 0..1; with brain_window_only
     the channels past BRAIN_CHANNELS are zero (the source clipped HU to the brain window)."""
-    channels = [((hu - (c - w / 2)) / w).clamp(0.0, 1.0) for c, w in WINDOWS]
+    channels = [_window(hu, c, w) for c, w in WINDOWS]
     if brain_window_only:
         channels[BRAIN_CHANNELS:] = [torch.zeros_like(hu) for _ in channels[BRAIN_CHANNELS:]]
     return torch.stack(channels, dim=1).float()
@@ -172,27 +180,34 @@ class Prepared:
     """A volume ready for the members: window channels at working size, the crop to go back, and
     the intracranial region on both grids (scan scores look only inside it, masks stay inside it)."""
 
-    images: torch.Tensor  # (slices, CHANNELS or WINDOW_CHANNELS, size, size) float32 0..1: windows, then context
+    images: torch.Tensor  # (slices, up to CHANNELS, size, size) float32 0..1: windows, context, bone
     crop: HeadCrop
     inside: np.ndarray  # (slices, rows, cols) bool: intracranial_mask on the volume grid
     inside_working: torch.Tensor  # (slices, size, size) bool: the same at working size
 
 
 def prepare(hu: np.ndarray, size: int, slice_mm: float, brain_window_only: bool = False,
-            context: bool = True, head_crop: str = "footprint", context_window: str = "brain") -> Prepared:
-    """HU volume (slices, rows, cols) -> window and context channels of the head at size x size.
+            channels: int = CHANNELS, head_crop: str = "footprint", context_window: str = "brain") -> Prepared:
+    """HU volume (slices, rows, cols) -> window, context and bone channels of the head at size x size.
 
     slice_mm: the gap between slices (Volume.spacing_mm[0]), which places the context channels;
     brain_window_only: the volume's HU were clipped to the brain window (see window_channels);
-    context: add the context channels (False for models that read the windows alone, whose
-    prepared images are then two fifths smaller); head_crop: one of HEAD_CROPS; context_window: one
-    of CONTEXT_WINDOWS, what the context channels show."""
+    channels: the most any member reads: the three windows always, the context channels when it is
+    past them, the bone window when it is CHANNELS (a model that reads fewer keeps its prepared
+    images that much smaller); head_crop: one of HEAD_CROPS; context_window: one of CONTEXT_WINDOWS,
+    what the context channels show."""
     crop = HeadCrop.find(hu, head_crop)
     working_hu = crop.to_working(torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32)), size, AIR_HU)
     inside = intracranial_mask(hu)
     inside_working = crop.to_working(torch.from_numpy(inside.astype(np.float32)), size, 0.0) >= 0.5
     windows = window_channels(working_hu, brain_window_only)
-    images = torch.cat([windows, context_channels(windows, slice_mm, context_window)], dim=1) if context else windows
+    parts = [windows]
+    if channels > WINDOW_CHANNELS:
+        parts.append(context_channels(windows, slice_mm, context_window))
+    if channels > BONE_CHANNEL:
+        bone = torch.zeros_like(working_hu) if brain_window_only else _window(working_hu, *BONE_WINDOW)
+        parts.append(bone[:, None])
+    images = torch.cat(parts, dim=1)
     return Prepared(images=images, crop=crop, inside=inside, inside_working=inside_working)
 
 
