@@ -7,8 +7,8 @@ training device, one random draw per image:
 - Gaussian noise, Gaussian blur, and a down-and-up resampling (reconstruction and lossy
   compression softness);
 - channel dropout: the window channels past BRAIN_CHANNELS (and the bone window) are zeroed, as
-  for brain-window-only sources, so one model learns from RSNA's PNG slices and from full-HU volumes; context dropout
-  zeroes the neighbouring slices' channels, as for slices that stand alone.
+  for brain-window-only sources, so one model learns from RSNA's PNG slices and from full-HU
+  volumes; context dropout zeroes the neighbouring slices' channels, as for slices that stand alone.
 `mixup` (fine-tuning only) blends pairs of augmented slices and their labels.
 A channel that is all zero in the input (not available) stays zero.
 Masks warped with images use the same geometry (`warp_masks`).
