@@ -73,6 +73,11 @@ class StagesSection(_Section):
     # The fine-tuned slice CNN is the exponential moving average of its weights over the steps,
     # with this decay per step (0.995: about the last 200 steps); 0: the last step's weights.
     cnn_ema_decay: float = Field(default=0.0, ge=0, lt=1)
+    # The fine-tuned slice CNNs' batch-norm statistics: the running averages of the last fine-tuning
+    # batches ("training": phantoms, brain-window-only slices with zeroed channels, half of them
+    # bleeding), or re-estimated in one pass over every slice of the real patients' scans of `[data]
+    # train`, prepared as inference prepares a series ("patients"). The weights are the same either way.
+    cnn_batch_norm: Literal["training", "patients"] = "training"
     lstm_steps: int = Field(default=300, ge=0)
     mil_steps: int = Field(default=300, ge=0)
     unet_steps: int = Field(default=300, ge=0)

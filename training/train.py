@@ -8,7 +8,8 @@ Stages (the training scans are `[data] train`; single slices `[data] slices` fee
    slices, the same draw the U-Nets start from), and each further
    CNN of the bag (`[model] cnn_bag_channels`) the same way from the pre-training of its input
    (stage 0 runs once per number of input channels), or from its own (`[stages]
-   cnn_bag_pretraining = "per_cnn"`);
+   cnn_bag_pretraining = "per_cnn"`); with `[stages] cnn_batch_norm = "patients"` each CNN's
+   batch-norm statistics are then re-estimated on the real patients' slices (`reestimate_batch_norm`);
 2. PCA of the CNN features, then the BiLSTM over whole scans (slice labels, or the scan label
    against the max over slices when a scan has no slice labels);
 3. attention MIL on scan labels only (from report text through training.labels when asked);
@@ -374,6 +375,31 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
 
 
 @torch.no_grad()
+def reestimate_batch_norm(cnn: SliceCNN, scans: Sequence[Example], device: torch.device, batch: int, seed: int) -> int:
+    """Replaces the batch-norm running statistics of `cnn` with their average over every slice of
+    `scans` as prepared for inference (no augmentation, every channel), in shuffled batches of
+    `batch` so that a batch spans patients; the weights stay as trained. Returns the slice count.
+
+    Why: the fine-tuning batches that leave the running averages hold phantoms, brain-window-only
+    slices and half bleeding slices, none of which is what a forwarded series looks like."""
+    norms = [m for m in cnn.modules() if isinstance(m, torch.nn.BatchNorm2d)]  # the CNN's only normalisation
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+    slices = [(e, i) for e in scans for i in range(len(e.images))]
+    order = torch.randperm(len(slices), generator=torch.Generator().manual_seed(seed)).tolist()
+    cnn.train()
+    for start in range(0, len(order), batch):
+        chosen = [slices[k] for k in order[start:start + batch]]
+        cnn(torch.stack([e.images[i].float() for e, i in chosen]).to(device))
+    cnn.eval()
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return len(slices)
+
+
+@torch.no_grad()
 def cnn_features(ensemble: Ensemble, e: Example, device: torch.device, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     feats, probs = [], []
     for chunk in torch.split(e.images, batch):
@@ -642,6 +668,10 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
                         run_share=stages.cnn_run_share, top_k=ensemble.cfg.slice_top_k,
                         hard_negative_share=stages.cnn_hard_negative_share, ema_decay=stages.cnn_ema_decay,
                         bleeding_share=stages.cnn_bleeding_share)
+        if stages.cnn_batch_norm == "patients":
+            count = reestimate_batch_norm(cnn, patients, device, stages.batch, cfg.run.seed + replica - 1)
+            log.info("slice CNN %d: batch-norm statistics re-estimated on %d slices of %d patients' scans",
+                     replica, count, len(patients))
     explained = 0.0
     if "cnn_lstm" in members:
         explained = train_sequence(ensemble, data.train, t, stages.lstm_steps, stages.lr, stages.batch)

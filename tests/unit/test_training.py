@@ -627,3 +627,56 @@ def test_the_moving_average_of_the_weights_ends_the_stage_and_survives_a_resume(
         late = {k: decay * late[k] + (1 - decay) * state[k] for k in late}
     assert torch.allclose(averaged(4, first_decay=0.0).state_dict()["0.weight"], late["0.weight"], atol=1e-6)
     assert not torch.allclose(late["0.weight"], expected["0.weight"], atol=1e-3)
+
+
+def test_batch_norm_statistics_are_re_estimated_on_the_patients_slices_and_the_weights_kept():
+    """`reestimate_batch_norm` makes the first normalisation's running mean and variance those of the
+    stem convolution over the given slices (not the last training batches'), leaves every weight
+    and the momentum as they were, and the CNN in eval mode."""
+    import training.train as train
+    from worker.detector.members import ResNeXtConfig, SliceCNN
+
+    torch.manual_seed(0)
+    cnn = SliceCNN(ResNeXtConfig(channels=2, widths=(4, 4, 4, 4), blocks=(1, 1, 1, 1), groups=2, stem=4))
+    cnn.train()
+    cnn(torch.randn(8, 2, 32, 32) * 5 + 3)  # running statistics of other data
+    weights = {k: v.clone() for k, v in cnn.state_dict().items() if "running" not in k and "num_batches" not in k}
+    images = torch.rand(3, 5, 2, 32, 32)
+    scans = [train.Example(f"s{k}", f"p{k}", images[k].half(), torch.zeros(6), None, None, None, 0.0,
+                           torch.ones(5, 32, 32, dtype=torch.bool)) for k in range(3)]
+    assert train.reestimate_batch_norm(cnn, scans, torch.device("cpu"), batch=15, seed=1) == 15
+
+    stem_conv, stem_norm = cnn.encoder.layers[0][0], cnn.encoder.layers[0][1]
+    with torch.no_grad():
+        out = stem_conv(images.reshape(15, 2, 32, 32).half().float())
+    assert torch.allclose(stem_norm.running_mean, out.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(stem_norm.running_var, out.var(dim=(0, 2, 3)), rtol=1e-3)
+    assert stem_norm.momentum == 0.1 and not cnn.training
+    for k, v in cnn.state_dict().items():
+        if k in weights:
+            assert torch.equal(v, weights[k]), k
+
+
+@pytest.mark.parametrize("setting, expected", [("training", []), ("patients", [(1, ["p"]), (2, ["p"])])])
+def test_each_fine_tuned_cnn_of_a_bag_re_estimates_its_batch_norm_on_the_real_patients_alone(monkeypatch, setting, expected):
+    """`cnn_batch_norm = "patients"`: after its fine-tuning, each CNN of the bag re-estimates its
+    statistics on the real patients' scans (not the phantoms, which carry masks, nor single slices)."""
+    import training.train as train
+    from training.config import load_training_config
+
+    cfg = load_training_config(ROOT / "config" / "training" / "demo.toml", [
+        "model.working_size=32", "model.cnn={ widths = [8, 8, 8, 8], groups = 2, stem = 8 }",
+        "model.mil={ widths = [8, 8, 8, 8], groups = 2, stem = 8 }", "model.cnn_bag_channels=[5]",
+        f"stages.cnn_batch_norm={setting!r}", "run.checkpoints=''",
+    ])
+    patient = train.Example("p", "p", torch.rand(4, 5, 32, 32).half(), torch.zeros(6), torch.zeros(4, 6), None, None, 0.0,
+                            torch.ones(4, 32, 32, dtype=torch.bool))
+    phantom = train.replace(patient, scan_id="phantom", patient_id="phantom", lesion=torch.zeros(4, 32, 32))
+    calls = []
+    monkeypatch.setattr(train, "train_slice_cnn", lambda *a, **k: None)
+    monkeypatch.setattr(train, "reestimate_batch_norm", lambda cnn, scans, device, batch, seed: calls.append(
+        (seed - cfg.run.seed + 1, [e.scan_id for e in scans])) or 0)
+    data = train.TrainingData(train=[patient, phantom], slices=[train.replace(patient, scan_id="slice")], validation=[],
+                              mil_labels={})
+    train.train_ensemble(cfg, data, torch.device("cpu"), None, members=("slice_cnn",))
+    assert calls == expected
