@@ -73,6 +73,10 @@ class StagesSection(_Section):
     # The fine-tuned slice CNN is the exponential moving average of its weights over the steps,
     # with this decay per step (0.995: about the last 200 steps); 0: the last step's weights.
     cnn_ema_decay: float = Field(default=0.0, ge=0, lt=1)
+    # Weight of an auxiliary loss in the slice CNN's fine-tuning: a head used in training only
+    # predicts, from the pooled features, the skull-fracture label that CT-ICH records for each
+    # slice (Scan.slice_fracture; slices without one do not count); 0: none. Inference never sees it.
+    cnn_fracture_weight: float = Field(default=0.0, ge=0)
     # The fine-tuned slice CNNs' batch-norm statistics: the running averages of the last fine-tuning
     # batches ("training": phantoms, brain-window-only slices with zeroed channels, half of them
     # bleeding), or re-estimated in one pass over every slice of the real patients' scans of `[data]

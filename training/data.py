@@ -27,3 +27,4 @@ class Scan:
     derivation: str | None = None  # how the HU were obtained, when not read from a scanner's DICOM
     brain_window_only: bool = False  # HU known only inside the brain window (RSNA PNG slices)
     age_years: float | None = None  # the patient's age at the scan, where the source records it
+    slice_fracture: np.ndarray | None = None  # (slices,) 0/1: a skull fracture on the slice, where known (CT-ICH)

@@ -188,6 +188,7 @@ def ctich_scans(root: Path = SHARED_DATA / "ct-ich", patients: Sequence[int] | N
             raise ValueError(f"CT-ICH patient {number}: slice numbers are not 1..n")
         hu = np.stack([_ctich_slice(folder, s) for s in numbers])
         slice_labels = np.zeros((len(numbers), len(LABELS)), dtype=np.int64)
+        fracture = np.array([int(slice_rows[s]["Fracture_Yes_No"]) for s in numbers], dtype=np.int64)
         for i, s in enumerate(numbers):
             row = slice_rows[s]
             for column, subtype in CTICH_COLUMNS.items():
@@ -202,6 +203,7 @@ def ctich_scans(root: Path = SHARED_DATA / "ct-ich", patients: Sequence[int] | N
             slice_labels=slice_labels,
             derivation=CTICH_DERIVATION,
             age_years=ages.get(number),
+            slice_fracture=fracture,
         ))
     return scans
 

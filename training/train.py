@@ -5,7 +5,8 @@ Stages (the training scans are `[data] train`; single slices `[data] slices` fee
    cross-validation folds share it);
 1. slice CNN on every slice label (balanced positive/negative slices, augmented; with
    `[stages] cnn_synthetic_bleeds`, also on that many bleeds synthesised into real bleed-free
-   slices, the same draw the U-Nets start from), and each further
+   slices, the same draw the U-Nets start from; with `cnn_fracture_weight`, also a training-only
+   head on the skull-fracture label CT-ICH gives each slice), and each further
    CNN of the bag (`[model] cnn_bag_channels`) the same way from the pre-training of its input
    (stage 0 runs once per number of input channels), or from its own (`[stages]
    cnn_bag_pretraining = "per_cnn"`); with `[stages] cnn_batch_norm = "patients"` each CNN's
@@ -79,6 +80,7 @@ class Example:
     inside: torch.Tensor  # (slices, s, s) bool: the intracranial region, where scan scores look
     full_hu: bool = True  # False: brain window only, the later channels are zero
     age_years: float | None = None  # the patient's, where the source records it (Scan.age_years)
+    slice_fracture: torch.Tensor | None = None  # (slices,) 0/1 skull fracture, where known (Scan.slice_fracture)
 
 
 def make_example(scan: Scan, model: EnsembleConfig) -> Example:
@@ -110,6 +112,7 @@ def make_example(scan: Scan, model: EnsembleConfig) -> Example:
     return Example(
         scan.scan_id, scan.patient_id, prepared.images.half(), labels, slice_labels, lesion, subtype, lesion_ml,
         prepared.inside_working, not scan.brain_window_only, scan.age_years,
+        None if scan.slice_fracture is None else torch.as_tensor(np.asarray(scan.slice_fracture, dtype=np.float32)),
     )
 
 
@@ -305,9 +308,11 @@ def _slice_pool(data: list[Example]) -> tuple[list, list]:
 def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, steps: int, batch: int, lr: float,
                     aug: AugmentConfig, checkpoint: Path | None = None, focus: Sequence[Example] = (),
                     focus_share: float = 0.0, run_share: float = 0.0, top_k: int = 1,
-                    hard_negative_share: float = 0.0, ema_decay: float = 0.0, bleeding_share: float = 0.5) -> None:
+                    hard_negative_share: float = 0.0, ema_decay: float = 0.0, bleeding_share: float = 0.5,
+                    fracture_weight: float = 0.0) -> None:
     """Slice labels (augmented, channel dropout), plus the auxiliary lesion-fraction map on slices
-    whose masks are known. `focus_share` of each batch comes from the slices of `focus` (the
+    whose masks are known, and with `fracture_weight` > 0 a training-only head's skull-fracture
+    label (`fracture_loss`) on slices that have one. `focus_share` of each batch comes from the slices of `focus` (the
     patients the model is for), the rest from all of `data`; `bleeding_share` of each part
     bleeding slices, the rest clean.
 
@@ -327,6 +332,8 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
     pooled = batch - from_focus - from_run
     from_hard = round((pooled - _bleeding_share(pooled, pos, bleeding_share)) * hard_negative_share) if neg else 0
     hard_negatives = HardNegatives(len(neg), t.generator)
+    fracture_head = torch.nn.Linear(cnn.feature_dim, 1).to(t.device) if fracture_weight > 0 else None
+    trained = cnn if fracture_head is None else torch.nn.ModuleDict({"cnn": cnn, "fracture_head": fracture_head})
     log.info("%s: %d positive and %d negative slices; %d of each batch from %d + %d focus slices, %d a run of one scan, "
              "%d hard negatives", name, len(pos), len(neg), from_focus, len(focus_pos), len(focus_neg), from_run, from_hard)
 
@@ -351,13 +358,15 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
         if mixing is not None:
             x[:pooled_end], y[:pooled_end] = mixing(x[:pooled_end]), mixing(y[:pooled_end])
         fmap = cnn.encoder(x)
-        logits, _ = cnn.classify(fmap)
+        logits, features = cnn.classify(fmap)
         if hard:  # after the focus part and the pooled part's bleeding slices (_balanced_slices)
             first_hard = from_focus + _bleeding_share(batch - from_focus - len(run), pos, bleeding_share)
             hard_negatives.update(hard, logits[first_hard:first_hard + len(hard), 0])
         total = F.binary_cross_entropy_with_logits(logits.float(), y, weight=_label_weights(t.device))
         if run:
             total = total + scan_score_loss(logits[-len(run):].float(), y[-len(run):], top_k)
+        if fracture_head is not None:
+            total = total + fracture_weight * fracture_loss(fracture_head, features, chosen, mixing, pooled_end)
         warped = [k for k, (e, _) in enumerate(chosen) if e.lesion is not None]
         known = warped if mixing is None else [  # a blend's mask is known where both slices' are
             k for k in warped if k >= pooled_end or chosen[int(mixing.partner[k])][0].lesion is not None]
@@ -370,8 +379,23 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
             total = total + F.binary_cross_entropy_with_logits(cnn.lesion_head(fmap[known]).float(), fraction)
         return total
 
-    t.run(name, cnn, steps, lr, loss, checkpoint,
+    t.run(name, trained, steps, lr, loss, checkpoint,
           {"hard_negative_probability": hard_negatives.probability} if from_hard else None, ema_decay)
+
+
+def fracture_loss(head: torch.nn.Module, features: torch.Tensor, chosen: Sequence[tuple[Example, int]],
+                  mixing: Mixing | None, pooled_end: int) -> torch.Tensor:
+    """Binary cross-entropy of `head`'s fracture logit on the batch rows whose slice has a fracture
+    label (a blend's label counts only where both slices have one); 0 when none has."""
+    known = torch.tensor([float(e.slice_fracture is not None) for e, _ in chosen], device=features.device)
+    target = torch.tensor([float(e.slice_fracture[i]) if e.slice_fracture is not None else 0.0 for e, i in chosen],
+                          device=features.device)
+    if mixing is not None:
+        known[:pooled_end], target[:pooled_end] = mixing(known[:pooled_end]), mixing(target[:pooled_end])
+    rows = known > 1 - 1e-6
+    if not rows.any():
+        return features.new_zeros(())
+    return F.binary_cross_entropy_with_logits(head(features[rows]).float()[:, 0], target[rows])
 
 
 @torch.no_grad()
@@ -667,7 +691,7 @@ def train_ensemble(cfg: TrainingConfig, data: TrainingData, device: torch.device
                         stages.cnn_steps, stages.batch, stages.lr, aug, focus=focus, focus_share=stages.cnn_patient_share,
                         run_share=stages.cnn_run_share, top_k=ensemble.cfg.slice_top_k,
                         hard_negative_share=stages.cnn_hard_negative_share, ema_decay=stages.cnn_ema_decay,
-                        bleeding_share=stages.cnn_bleeding_share)
+                        bleeding_share=stages.cnn_bleeding_share, fracture_weight=stages.cnn_fracture_weight)
         if stages.cnn_batch_norm == "patients":
             count = reestimate_batch_norm(cnn, patients, device, stages.batch, cfg.run.seed + replica - 1)
             log.info("slice CNN %d: batch-norm statistics re-estimated on %d slices of %d patients' scans",

@@ -154,6 +154,8 @@ def test_ctich_pseudo_hu_order_and_labels():
     assert np.array_equal(bleed.slice_labels[:, 0], bleed.slice_labels[:, 1:].any(axis=1))
     assert bleed.slice_labels[:, 0].sum() == 9
     assert (bleed.age_years, clean.age_years) == (35.0, 26.0)  # patient_demographics.csv
+    assert (bleed.slice_fracture.sum(), clean.slice_fracture.sum()) == (14, 0)  # Fracture_Yes_No
+    assert bleed.slice_fracture[[13, 14, 19, 30]].all() and not bleed.slice_fracture[[12, 15, 31]].any()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -680,3 +680,46 @@ def test_each_fine_tuned_cnn_of_a_bag_re_estimates_its_batch_norm_on_the_real_pa
                               mil_labels={})
     train.train_ensemble(cfg, data, torch.device("cpu"), None, members=("slice_cnn",))
     assert calls == expected
+
+
+def test_the_fracture_loss_counts_only_slices_with_a_fracture_label_and_blends_of_two_such_slices():
+    """Rows from sources without fracture labels (RSNA, phantoms) add nothing; a mixup blend counts
+    only where both of its slices have a label, against the blended label."""
+    import training.train as train
+    from training.augment import Mixing
+
+    def example(fracture):
+        return train.Example("s", "p", torch.zeros(2, 1, 4, 4).half(), torch.zeros(6), torch.zeros(2, 6), None, None, 0.0,
+                             torch.ones(2, 4, 4, dtype=torch.bool), slice_fracture=fracture)
+
+    labelled, unlabelled = example(torch.tensor([1.0, 0.0])), example(None)
+    head = torch.nn.Linear(3, 1)
+    features = torch.randn(4, 3)
+    chosen = [(labelled, 0), (unlabelled, 0), (labelled, 1), (unlabelled, 1)]
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    with torch.no_grad():
+        logits = head(features)[:, 0]
+        assert torch.allclose(train.fracture_loss(head, features, chosen, None, 4), bce(logits[[0, 2]], torch.tensor([1.0, 0.0])))
+        assert train.fracture_loss(head, features, [(unlabelled, 0)], None, 1) == 0
+        mixing = Mixing(torch.tensor([2, 0, 0, 3]), torch.tensor([0.25, 0.5, 0.75, 1.0]))  # rows 0, 2: two labelled slices
+        expected = bce(logits[[0, 2]], torch.tensor([0.25, 0.25]))  # 0.25 of 1 and 0.75 of 0; 0.75 of 0 and 0.25 of 1
+        assert torch.allclose(train.fracture_loss(head, features, chosen, mixing, 4), expected)
+
+
+def test_fine_tuning_with_a_fracture_weight_trains_and_checkpoints_the_head_beside_the_cnn(tmp_path):
+    """The fracture head is trained with the CNN and kept in the stage's checkpoint, so a resumed run
+    finds it; the CNN itself keeps its own state-dict keys (the saved model has no fracture head)."""
+    import training.train as train
+    from training.augment import AugmentConfig
+    from worker.detector.members import ResNeXtConfig, SliceCNN
+
+    torch.manual_seed(0)
+    cnn = SliceCNN(ResNeXtConfig(channels=1, widths=(4, 4, 4, 4), blocks=(1, 1, 1, 1), groups=2, stem=4))
+    keys = set(cnn.state_dict())
+    scan = train.Example("s", "p", torch.rand(4, 1, 32, 32).half(), torch.ones(6), torch.tensor([[1.0] * 6, [0.0] * 6] * 2),
+                         None, None, 0.0, torch.ones(4, 32, 32, dtype=torch.bool), slice_fracture=torch.tensor([1.0, 0, 1, 0]))
+    trainer = train.Trainer(torch.device("cpu"), seed=1, checkpoints=tmp_path, mixed_precision="off")
+    train.train_slice_cnn("slice CNN", cnn, [scan], trainer, 2, 4, 0.01, AugmentConfig(), fracture_weight=1.0)
+    state = torch.load(trainer.checkpoint_path("slice CNN"), weights_only=False)["module"]
+    assert {k.removeprefix("cnn.") for k in state if k.startswith("cnn.")} == keys
+    assert {"fracture_head.weight", "fracture_head.bias"} <= set(state) and set(cnn.state_dict()) == keys
