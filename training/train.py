@@ -312,9 +312,9 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
                     fracture_weight: float = 0.0) -> None:
     """Slice labels (augmented, channel dropout), plus the auxiliary lesion-fraction map on slices
     whose masks are known, and with `fracture_weight` > 0 a training-only head's skull-fracture
-    label (`fracture_loss`) on slices that have one. `focus_share` of each batch comes from the slices of `focus` (the
-    patients the model is for), the rest from all of `data`; `bleeding_share` of each part
-    bleeding slices, the rest clean.
+    label (`fracture_loss`) on slices that have one. `focus_share` of each batch comes from the
+    slices of `focus` (the patients the model is for), the rest from all of `data`;
+    `bleeding_share` of each part bleeding slices, the rest clean.
 
     `run_share` of each batch is instead a run of adjacent slices of one `focus` scan, whose scan
     score (`scan_score_loss`) is trained too: this trains what ranks patients, a clean scan's
