@@ -368,8 +368,7 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
         if fracture_head is not None:
             total = total + fracture_weight * fracture_loss(fracture_head, features, chosen, mixing, pooled_end)
         warped = [k for k, (e, _) in enumerate(chosen) if e.lesion is not None]
-        known = warped if mixing is None else [  # a blend's mask is known where both slices' are
-            k for k in warped if k >= pooled_end or chosen[int(mixing.partner[k])][0].lesion is not None]
+        known = _known_rows(chosen, lambda e: e.lesion is not None, mixing, pooled_end)
         if known:
             lesion = torch.zeros((len(chosen), *x.shape[-2:]), device=t.device)
             lesion[warped] = warp_masks(torch.stack([chosen[k][0].lesion[chosen[k][1]] for k in warped]).to(t.device), grid[warped])
@@ -383,18 +382,27 @@ def train_slice_cnn(name: str, cnn: SliceCNN, data: list[Example], t: Trainer, s
           {"hard_negative_probability": hard_negatives.probability} if from_hard else None, ema_decay)
 
 
+def _known_rows(chosen: Sequence[tuple[Example, int]], has_label: Callable[[Example], bool], mixing: Mixing | None,
+                pooled_end: int) -> list[int]:
+    """The batch rows whose slice has the label; a blend (a row before `pooled_end` when mixed) only
+    where both of its slices have it."""
+    rows = [k for k, (e, _) in enumerate(chosen) if has_label(e)]
+    if mixing is None:
+        return rows
+    return [k for k in rows if k >= pooled_end or has_label(chosen[int(mixing.partner[k])][0])]
+
+
 def fracture_loss(head: torch.nn.Module, features: torch.Tensor, chosen: Sequence[tuple[Example, int]],
                   mixing: Mixing | None, pooled_end: int) -> torch.Tensor:
     """Binary cross-entropy of `head`'s fracture logit on the batch rows whose slice has a fracture
-    label (a blend's label counts only where both slices have one); 0 when none has."""
-    known = torch.tensor([float(e.slice_fracture is not None) for e, _ in chosen], device=features.device)
+    label (`_known_rows`), against the label blended as the slices were; 0 when no row has one."""
+    rows = _known_rows(chosen, lambda e: e.slice_fracture is not None, mixing, pooled_end)
+    if not rows:
+        return features.new_zeros(())
     target = torch.tensor([float(e.slice_fracture[i]) if e.slice_fracture is not None else 0.0 for e, i in chosen],
                           device=features.device)
     if mixing is not None:
-        known[:pooled_end], target[:pooled_end] = mixing(known[:pooled_end]), mixing(target[:pooled_end])
-    rows = known > 1 - 1e-6
-    if not rows.any():
-        return features.new_zeros(())
+        target[:pooled_end] = mixing(target[:pooled_end])
     return F.binary_cross_entropy_with_logits(head(features[rows]).float()[:, 0], target[rows])
 
 
