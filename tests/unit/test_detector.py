@@ -233,6 +233,23 @@ def test_a_2_5d_cnn_reads_the_neighbouring_slices_and_a_3_window_cnn_does_not():
         assert not torch.allclose(with_context(images)[0], with_context(other_neighbours)[0])
 
 
+def test_a_symmetric_cnn_sees_bilateral_asymmetry_and_nothing_where_the_head_is_symmetric():
+    torch.manual_seed(0)
+    symmetric = SliceCNN(replace(TINY_NET, symmetric=True)).eval()
+    assert symmetric.feature_dim == 2 * SliceCNN(TINY_NET).feature_dim
+    assert symmetric.state_dict().keys() == SliceCNN(TINY_NET).state_dict().keys()  # pre-trained weights load alike
+    left = torch.rand(2, 3, 32, 16)
+    mirror_image = torch.cat([left, left.flip(-1)], dim=-1)
+    one_sided = mirror_image.clone()
+    one_sided[:, :, 10:14, 4:8] += 1.0  # a dense spot on one side only
+    with torch.no_grad():
+        half = symmetric.feature_dim // 2
+        assert not symmetric.encoder(mirror_image)[:, half:].any()
+        assert float(symmetric.encoder(one_sided)[:, half:].amax()) > 0
+        _, _, cam = symmetric.grad_cam(one_sided)
+    assert cam.shape == (2, 32, 32)
+
+
 def test_brain_window_cnn_reads_the_brain_window_alone():
     """channels = 1: a brain-window-only slice (RSNA) and the same slice with full HU give the same logits."""
     torch.manual_seed(0)

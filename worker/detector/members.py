@@ -37,6 +37,10 @@ class ResNeXtConfig:
     #: leading input channels read (worker.detector.preprocess): 1 the brain window alone, as every
     #: source has it; 3 the three windows; 5 also the brain window of the slices below and above (2.5D)
     channels: int = 3
+    #: the last feature map also carries the bilateral asymmetry |E(x) - E(mirror x)|: zero where the
+    #: head is left-right symmetric (skull base, sinuses, falx), large where one side differs, as most
+    #: bleeds make it; twice the encoder's work
+    symmetric: bool = False
 
 
 class Bottleneck(nn.Module):
@@ -64,7 +68,8 @@ class Bottleneck(nn.Module):
 
 
 class ResNeXtEncoder(nn.Module):
-    """Images (n, c, h, w) -> last feature map (n, widths[-1], h/16, w/16) (h/32 with stem_pool).
+    """Images (n, c, h, w) -> last feature map (n, widths[-1], h/16, w/16) (h/32 with stem_pool);
+    with `cfg.symmetric` the asymmetry map follows it (2 * widths[-1] channels).
 
     Only the first `cfg.channels` channels are read: with 1, the encoder sees the brain
     window alone, identical for brain-window-only slices (RSNA) and full-HU volumes (CT-ICH, DICOM).
@@ -73,6 +78,7 @@ class ResNeXtEncoder(nn.Module):
     def __init__(self, cfg: ResNeXtConfig) -> None:
         super().__init__()
         self.channels = cfg.channels
+        self.symmetric = cfg.symmetric
         stem: list[nn.Module] = [
             nn.Conv2d(cfg.channels, cfg.stem, 7, stride=2, padding=3, bias=False),
             nn.BatchNorm2d(cfg.stem),
@@ -87,10 +93,16 @@ class ResNeXtEncoder(nn.Module):
                 layers.append(Bottleneck(cin, width, stride, cfg.groups, cfg.bottleneck))
                 cin = width
         self.layers = nn.Sequential(*layers)
-        self.out_dim = cin
+        self.out_dim = 2 * cin if cfg.symmetric else cin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x[:, : self.channels])
+        x = x[:, : self.channels]
+        if not self.symmetric:
+            return self.layers(x)
+        # one pass over both (batch norm sees both in training); the mirror's map is not mirrored
+        # back: at each place it holds the other side of the head as this side would look
+        direct, mirrored = self.layers(torch.cat([x, x.flip(-1)])).chunk(2)
+        return torch.cat([direct, (direct - mirrored).abs()], dim=1)
 
 
 class SliceCNN(nn.Module):
