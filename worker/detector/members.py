@@ -38,8 +38,8 @@ class ResNeXtConfig:
     #: source has it; 3 the three windows; 5 also the brain window of the slices below and above (2.5D)
     channels: int = 3
     #: the last feature map also carries the bilateral asymmetry |E(x) - E(mirror x)|: zero where the
-    #: head is left-right symmetric (skull base, sinuses, falx), large where one side differs, as most
-    #: bleeds make it; twice the encoder's work
+    #: image is left-right symmetric (the head crop centres the head; skull base, sinuses, falx), large
+    #: where one side differs, as most bleeds make it; twice the encoder's work
     symmetric: bool = False
 
 
