@@ -15,11 +15,13 @@ from worker.detector.ensemble import SCAN_MEMBERS, Ensemble, EnsembleConfig, Fol
 from worker.detector.members import (
     AttentionMIL,
     Combiner,
+    MIRROR_AXES,
     PixelWeightFusion,
     ResNeXtConfig,
     SliceCNN,
     SliceSequenceModel,
     UNet,
+    head_midline_reflection,
 )
 from worker.detector.preprocess import (
     BONE_CHANNEL,
@@ -248,6 +250,47 @@ def test_a_symmetric_cnn_sees_bilateral_asymmetry_and_nothing_where_the_head_is_
         assert float(symmetric.encoder(one_sided)[:, half:].amax()) > 0
         _, _, cam = symmetric.grad_cam(one_sided)
     assert cam.shape == (2, 32, 32)
+
+
+def _tilted_head(tilt_degrees: float, centre: tuple[float, float], size: int = 64) -> torch.Tensor:
+    """(1, 3, size, size): an elliptic head leaning `tilt_degrees` from the vertical, mirror-symmetric
+    about its own long axis (two dense spots, one each side), off the image's centre."""
+    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    t = torch.tensor(tilt_degrees).deg2rad()
+    along = (xs - centre[0]) * torch.sin(t) + (ys - centre[1]) * torch.cos(t)
+    across = (xs - centre[0]) * torch.cos(t) - (ys - centre[1]) * torch.sin(t)
+    head = ((along / 22) ** 2 + (across / 15) ** 2 <= 1).float() * 0.5
+    spots = ((across.abs() - 7) ** 2 + (along - 4) ** 2 <= 9).float() * 0.5
+    return (head + spots).expand(1, 3, size, size).clone()
+
+
+def test_head_midline_reflection_maps_a_tilted_symmetric_head_onto_itself():
+    head = _tilted_head(15.0, centre=(28.0, 34.0))
+    reflected = head_midline_reflection(head)
+    image_flip = head.flip(-1)
+    assert float((reflected - head).abs().mean()) < 0.2 * float((image_flip - head).abs().mean())
+    one_sided = head.clone()
+    one_sided[..., 20:26, 36:42] += 1.0
+    assert float((head_midline_reflection(one_sided) - one_sided).abs()[..., 20:26, 36:42].mean()) > 0.5
+    # upright and centred, the head midline is the image's
+    upright = _tilted_head(0.0, centre=(31.5, 31.5))
+    assert torch.allclose(head_midline_reflection(upright), upright.flip(-1), atol=1e-4)
+
+
+def test_a_head_midline_cnn_finds_less_asymmetry_in_a_tilted_symmetric_head():
+    torch.manual_seed(0)
+    by_image, by_head = (SliceCNN(replace(TINY_NET, symmetric=True, mirror_axis=axis)).eval() for axis in MIRROR_AXES)
+    by_head.load_state_dict(by_image.state_dict())
+    head = _tilted_head(15.0, centre=(28.0, 34.0))
+    half = by_image.feature_dim // 2
+    with torch.no_grad():
+        asymmetry = [float(cnn.encoder(head)[:, half:].mean()) for cnn in (by_image, by_head)]
+    assert asymmetry[1] < 0.5 * asymmetry[0]
+
+
+def test_mirror_axis_is_checked():
+    with pytest.raises(ValueError, match="mirror_axis"):
+        ResNeXtConfig(mirror_axis="diagonal")
 
 
 def test_brain_window_cnn_reads_the_brain_window_alone():
