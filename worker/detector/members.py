@@ -23,8 +23,9 @@ N_LABELS = len(LABELS)
 LESION_PRIOR = 0.01  # a U-Net's lesion probability before training
 MIRROR_AXES = ("image", "head")
 HEAD_LEVEL = 0.02  # brain-window level above which a pixel is head (skin, brain, CSF, bone), not air or fat
-MAX_TILT_DEGREES = 30.0  # a head midline further from the image's vertical is taken for a misfit
-MIN_ELONGATION = 1.05  # major / minor axis of a head rounder than this gives no direction: the vertical is used
+MAX_TILT_DEGREES = 30.0  # the head midlines searched lean up to this far from the image's vertical
+TILT_STEPS = 25  # 2.5 degrees apart
+SEARCH_SIZE = 64  # pixels across at which the midline is searched
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class ResNeXtConfig:
     #: where one side differs, as most bleeds make it; twice the encoder's work
     symmetric: bool = False
     #: the mirror line of `symmetric`, one of MIRROR_AXES: "image" the image's vertical midline; "head"
-    #: each slice's own head midline (:func:`head_midline_reflection`), so a tilted head is not asymmetric
+    #: each slice's own head midline (:func:`head_midline_reflection`), so a tilted or off-centre head
+    #: is not asymmetric
     mirror_axis: str = "image"
 
     def __post_init__(self) -> None:
@@ -54,41 +56,52 @@ class ResNeXtConfig:
             raise ValueError(f"mirror_axis: {self.mirror_axis!r}; one of {', '.join(MIRROR_AXES)}")
 
 
-def head_midline_reflection(x: torch.Tensor) -> torch.Tensor:
-    """Images (n, c, h, w) reflected about each image's head midline: the long axis of the head
-    (pixels above HEAD_LEVEL in the brain window, channel 0) through its centroid, from the
-    footprint's second moments. A head rounder than MIN_ELONGATION, or whose axis leans more than
-    MAX_TILT_DEGREES, is reflected about the vertical through its centroid; an image with no head,
-    about the image's vertical midline."""
+def _reflection(x: torch.Tensor, centre: torch.Tensor, tilt: torch.Tensor) -> torch.Tensor:
+    """Images (n, c, h, w) reflected about the line through `centre` (n, 2: x, y in pixels) leaning
+    `tilt` (n, radians) from the vertical."""
     n, _, h, w = x.shape
-    weight = (x[:, 0] > HEAD_LEVEL).to(x.dtype)
-    ys = torch.arange(h, dtype=x.dtype, device=x.device).view(1, h, 1)
-    xs = torch.arange(w, dtype=x.dtype, device=x.device).view(1, 1, w)
-    mass = weight.sum(dim=(1, 2))
-    has_head = mass > 0
-    mass = mass.clamp(min=1)
-    cx = torch.where(has_head, (weight * xs).sum(dim=(1, 2)) / mass, torch.full_like(mass, (w - 1) / 2))
-    cy = torch.where(has_head, (weight * ys).sum(dim=(1, 2)) / mass, torch.full_like(mass, (h - 1) / 2))
-    dx, dy = xs - cx.view(n, 1, 1), ys - cy.view(n, 1, 1)
-    sxx, syy, sxy = ((weight * d).sum(dim=(1, 2)) / mass for d in (dx * dx, dy * dy, dx * dy))
-    # the major axis, as an angle from the vertical (image y)
-    tilt = 0.5 * torch.atan2(2 * sxy, syy - sxx)
-    spread = torch.sqrt((sxx - syy) ** 2 + 4 * sxy**2)
-    major, minor = (sxx + syy + spread) / 2, ((sxx + syy - spread) / 2).clamp(min=1e-6)
-    usable = has_head & (major >= MIN_ELONGATION**2 * minor) & (tilt.abs() <= math.radians(MAX_TILT_DEGREES))
-    tilt = torch.where(usable, tilt, torch.zeros_like(tilt))
-    # the midline's direction u (pixels, x then y); reflection p -> c + (2 u u^T - I)(p - c)
     ux, uy = torch.sin(tilt), torch.cos(tilt)
+    # p -> c + (2 u u^T - I)(p - c), in pixels, then in grid_sample's coordinates (align_corners
+    # False: q = s * p + t); a reflection is its own inverse, so it is also the sampling grid
     a = torch.stack([torch.stack([2 * ux * ux - 1, 2 * ux * uy], -1), torch.stack([2 * ux * uy, 2 * uy * uy - 1], -1)], -2)
-    centre = torch.stack([cx, cy], -1)
     b = centre - (a @ centre.unsqueeze(-1)).squeeze(-1)
-    # to grid_sample's normalised coordinates (align_corners=False): q = s * p + t
     s = torch.tensor([2 / w, 2 / h], dtype=x.dtype, device=x.device)
     t = torch.tensor([1 / w - 1, 1 / h - 1], dtype=x.dtype, device=x.device)
     a_norm = a * s.view(1, 2, 1) / s.view(1, 1, 2)
     b_norm = s * b + t - (a_norm @ t.view(1, 2, 1)).squeeze(-1)
-    grid = F.affine_grid(torch.cat([a_norm, b_norm.unsqueeze(-1)], -1), list(x.shape), align_corners=False)
+    grid = F.affine_grid(torch.cat([a_norm, b_norm.unsqueeze(-1)], -1), [n, x.shape[1], h, w], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def head_midline_reflection(x: torch.Tensor) -> torch.Tensor:
+    """Images (n, c, h, w) reflected about each image's head midline: the line through the head's
+    centroid (pixels above HEAD_LEVEL in the brain window, channel 0) whose reflection matches the
+    brain window best, among tilts of up to MAX_TILT_DEGREES from the vertical (TILT_STEPS of them,
+    searched at SEARCH_SIZE pixels). The footprint's own axis is no guide: at the skull base the
+    face and neck bend it. An image with no head is reflected about its vertical midline."""
+    n, _, h, w = x.shape
+    head = (x[:, 0] > HEAD_LEVEL).to(x.dtype)
+    ys = torch.arange(h, dtype=x.dtype, device=x.device).view(1, h, 1)
+    xs = torch.arange(w, dtype=x.dtype, device=x.device).view(1, 1, w)
+    mass = head.sum(dim=(1, 2))
+    has_head = mass > 0
+    mass = mass.clamp(min=1)
+    centre = torch.stack([
+        torch.where(has_head, (head * xs).sum(dim=(1, 2)) / mass, torch.full_like(mass, (w - 1) / 2)),
+        torch.where(has_head, (head * ys).sum(dim=(1, 2)) / mass, torch.full_like(mass, (h - 1) / 2)),
+    ], -1)
+    with torch.no_grad():
+        scale = min(1.0, SEARCH_SIZE / max(h, w))
+        small = F.interpolate(x[:, :1], scale_factor=scale, mode="area") if scale < 1 else x[:, :1]
+        inside = (small > HEAD_LEVEL).to(x.dtype)
+        tilts = torch.linspace(-math.radians(MAX_TILT_DEGREES), math.radians(MAX_TILT_DEGREES), TILT_STEPS,
+                               dtype=x.dtype, device=x.device)
+        mismatch = torch.stack([
+            ((small - _reflection(small, centre * scale + (scale - 1) / 2, tilt.expand(n))).abs() * inside).sum(dim=(1, 2, 3))
+            for tilt in tilts
+        ], -1)
+        tilt = torch.where(has_head, tilts[mismatch.argmin(-1)], torch.zeros_like(mass))
+    return _reflection(x, centre, tilt)
 
 
 class Bottleneck(nn.Module):
