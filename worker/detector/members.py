@@ -94,10 +94,11 @@ def head_midline_reflection(x: torch.Tensor) -> torch.Tensor:
         scale = min(1.0, SEARCH_SIZE / max(h, w))
         small = F.interpolate(x[:, :1], scale_factor=scale, mode="area") if scale < 1 else x[:, :1]
         inside = (small > HEAD_LEVEL).to(x.dtype)
+        small_centre = centre * scale + (scale - 1) / 2  # the same point in the small image's pixels
         tilts = torch.linspace(-math.radians(MAX_TILT_DEGREES), math.radians(MAX_TILT_DEGREES), TILT_STEPS,
                                dtype=x.dtype, device=x.device)
         mismatch = torch.stack([
-            ((small - _reflection(small, centre * scale + (scale - 1) / 2, tilt.expand(n))).abs() * inside).sum(dim=(1, 2, 3))
+            ((small - _reflection(small, small_centre, tilt.expand(n))).abs() * inside).sum(dim=(1, 2, 3))
             for tilt in tilts
         ], -1)
         tilt = torch.where(has_head, tilts[mismatch.argmin(-1)], torch.zeros_like(mass))
